@@ -1,0 +1,264 @@
+"""Prompts: the tokenizer, Ovis-U1's Qwen3 chat format with image placeholders, and the scripts' prompt strings.
+
+Facts from the official Ovis-U1 code: the special ids and `Qwen3ConversationFormatter` (configuration_ovis_u1.py),
+`preprocess_inputs` and `construct_image_placeholders` (modeling_ovis_u1.py), and the prompt strings of
+test_img_to_txt.py, test_multi_img_to_txt.py, test_txt_to_img.py and test_img_edit.py.
+
+A turn is tokenized on its own, each `<image>` becoming [-301, -300, -302]; the model later swaps -301/-302 for
+indicator embeddings and -300 for the image's visual tokens. Labels are IGNORE_ID except the assistant answer.
+"""
+import json
+from pathlib import Path
+
+import tokenizers
+import torch
+from PIL import Image
+
+from ovis_min.config import PreprocessConfig
+from ovis_min.preprocess import preprocess_images
+
+IGNORE_ID = -100  # label of positions that carry no loss
+IMAGE_TOKEN = "<image>"
+IMAGE_ATOM_ID = -300  # replaced by the image's visual embeddings
+IMAGE_INDICATOR_IDS = (-301, -302, -303, -304)  # -301/-302 open/close an image; -303/-304 were meant for video
+IMAGE_PLACEHOLDER_IDS = (IMAGE_INDICATOR_IDS[0], IMAGE_ATOM_ID, IMAGE_INDICATOR_IDS[1])
+
+# Qwen3 chat markup, as the official formatter writes it.
+ROLE_PREFIXES = {
+    "system": "<|im_start|>system\n",
+    "human": "<|im_start|>user\n",
+    "gpt": "<|im_start|>assistant\n",
+    "ignored_gpt": "<|im_start|>assistant\n",  # an assistant turn that is never a training target
+}
+ROLE_ALIASES = {"user": "human", "assistant": "gpt"}  # chat-template spellings of the same roles
+IM_END = "<|im_end|>\n"
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # prefilled in every assistant turn unless thinking is enabled
+
+# Prompt strings of the official scripts.
+# test_img_to_txt.py: "<image>\n" + question.
+UNDERSTANDING_PREFIX = IMAGE_TOKEN + "\n"
+# test_txt_to_img.py: this prefix + the caption, asked about a blank white image.
+T2I_PREFIX = ("<image>\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+              "and spatial relationships of the objects:")
+# test_txt_to_img.py / test_img_edit.py: the unconditional prompt, with the blank image or the input image.
+UNCONDITIONAL_PROMPT = "<image>\nGenerate an image."
+# test_img_edit.py: "<image>\n" + instruction.strip().
+EDIT_PREFIX = IMAGE_TOKEN + "\n"
+
+
+def understanding_prompt(question: str) -> str:
+    return UNDERSTANDING_PREFIX + question
+
+
+def multi_image_prompt(question: str, num_images: int) -> str:
+    """test_multi_img_to_txt.py: one "Image k: <image>" line per image, then the question."""
+    lines = [f"Image {k + 1}: {IMAGE_TOKEN}" for k in range(num_images)]
+    return "\n".join(lines) + "\n" + question
+
+
+def t2i_prompt(caption: str) -> str:
+    return T2I_PREFIX + caption
+
+
+def edit_prompt(instruction: str) -> str:
+    return EDIT_PREFIX + instruction.strip()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------------------------------------------
+def _special_token_names(directory: Path) -> dict[str, str]:
+    """Special-token strings from tokenizer_config.json, overridden by special_tokens_map.json (HF's order)."""
+    names = {}
+    for file_name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = directory / file_name
+        if not path.is_file():
+            continue
+        entries = json.loads(path.read_text())
+        for key in ("eos_token", "pad_token"):
+            value = entries.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if value:
+                names[key] = value
+    return names
+
+
+class Tokenizer:
+    """The checkpoint's `tokenizer.json` (byte-level BPE), used as HF's fast tokenizer would be.
+
+    `encode` never adds special tokens (the chat markup is written out as text) and never truncates or pads.
+    """
+
+    def __init__(self, directory: "str | Path"):
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer.json not found in {directory}: point to the checkpoint directory "
+                                    "that holds tokenizer.json (and tokenizer_config.json)")
+        self.directory = directory
+        self.backend = tokenizers.Tokenizer.from_file(str(path))
+        # HF switches off any truncation/padding stored in the file unless asked for.
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        names = _special_token_names(directory)
+        self.eos_token = names.get("eos_token", "<|im_end|>")
+        self.pad_token = names.get("pad_token", "<|endoftext|>")
+        self.eos_token_id = self.token_id(self.eos_token)
+        self.pad_token_id = self.token_id(self.pad_token)
+        self.im_start_id = self.token_id("<|im_start|>")
+
+    def token_id(self, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"token {token!r} is not in {self.directory / 'tokenizer.json'}")
+        return token_id
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: "list[int] | torch.Tensor", skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversation format
+# ---------------------------------------------------------------------------------------------------------------
+def _as_turns(text_or_conversation: "str | list[dict]") -> list[tuple[str, str]]:
+    """A question string or a list of turns ({"from", "value"} or {"role", "content"}) -> [(role, text)]."""
+    if isinstance(text_or_conversation, str):
+        return [("human", text_or_conversation)]
+    if not isinstance(text_or_conversation, (list, tuple)):
+        raise ValueError(f"expected a string or a list of turns, got {type(text_or_conversation).__name__}")
+    if not text_or_conversation:
+        raise ValueError("the conversation is empty: give at least one turn")
+    turns = []
+    for k, turn in enumerate(text_or_conversation):
+        if not isinstance(turn, dict):
+            raise ValueError(f"turn {k} must be a dict, got {type(turn).__name__}")
+        role = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        role = ROLE_ALIASES.get(role, role)
+        if role not in ROLE_PREFIXES or not isinstance(text, str):
+            raise ValueError(f"turn {k} must have a role in {sorted(ROLE_PREFIXES) + sorted(ROLE_ALIASES)} "
+                             f"('from' or 'role') and a text ('value' or 'content'), got {turn!r}")
+        turns.append((role, text))
+    return turns
+
+
+def _turn_texts(text_or_conversation: "str | list[dict]", generation_preface: str | None,
+                enable_thinking: bool) -> list[tuple[str, str]]:
+    """[(role, formatted text of the turn)]. A non-None `generation_preface` opens a final, unfinished assistant
+    turn (inference); with None every turn is closed by <|im_end|>\\n (generation conditions, training)."""
+    turns = _as_turns(text_or_conversation)
+    if generation_preface is not None:
+        turns.append(("gpt", generation_preface))
+    texts = []
+    for k, (role, message) in enumerate(turns):
+        text = ROLE_PREFIXES[role]
+        if role == "gpt" and not enable_thinking:
+            text += EMPTY_THINK
+        text += message
+        if k < len(turns) - 1 or generation_preface is None:
+            text += IM_END
+        texts.append((role, text))
+    return texts
+
+
+def format_prompt(text_or_conversation: "str | list[dict]", generation_preface: str | None = "",
+                  enable_thinking: bool = False) -> str:
+    """The prompt as text, `<image>` markers left in place.
+
+    generation_preface: "" for understanding (the assistant turn is opened, ready to answer), None for the
+    generation conditions and for training conversations (no open assistant turn).
+    """
+    return "".join(text for _, text in _turn_texts(text_or_conversation, generation_preface, enable_thinking))
+
+
+def _encode_with_images(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Tokens of `text`, each `<image>` replaced by the placeholder ids; text between markers is encoded apart."""
+    ids = []
+    for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if k > 0:
+            ids.extend(IMAGE_PLACEHOLDER_IDS)
+        ids.extend(tokenizer.encode(chunk))
+    return ids
+
+
+def build_input_ids(tokenizer: Tokenizer, text_or_conversation: "str | list[dict]",
+                    generation_preface: str | None = "",
+                    enable_thinking: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids (L,) long, labels (L,) long) exactly as the official formatter + preprocess_inputs build them.
+
+    Labels are IGNORE_ID except, when generation_preface is None, the tokens of each assistant ("gpt") answer
+    and its <|im_end|>; the prefilled "<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n" is not a target, and
+    the "\\n" after the last <|im_end|> is dropped altogether.
+    """
+    answer_start = len(tokenizer.encode(ROLE_PREFIXES["gpt"] + ("" if enable_thinking else EMPTY_THINK)))
+    input_ids, labels = [], []
+    turns = _turn_texts(text_or_conversation, generation_preface, enable_thinking)
+    for role, text in turns:
+        ids = _encode_with_images(tokenizer, text)
+        turn_labels = [IGNORE_ID] * len(ids)
+        if role == "gpt" and generation_preface is None:
+            # The final "\n" after <|im_end|> is not worth learning, so [:-1].
+            turn_labels[answer_start:-1] = [t if t >= 0 else IGNORE_ID for t in ids[answer_start:-1]]
+        input_ids += ids
+        labels += turn_labels
+    if turns[-1][0] == "gpt" and generation_preface is None:
+        # A training sample ends right after the answer's <|im_end|>.
+        input_ids.pop()
+        labels.pop()
+    return torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks and the whole official `preprocess_inputs`
+# ---------------------------------------------------------------------------------------------------------------
+def count_images(text_or_conversation: "str | list[dict]") -> int:
+    """Number of `<image>` markers in a prompt or conversation."""
+    return sum(text.count(IMAGE_TOKEN) for _, text in _as_turns(text_or_conversation))
+
+
+def check_image_count(text_or_conversation: "str | list[dict]", num_images: int) -> None:
+    """The official code silently ignores extra images and, in the scripts, replaces missing ones with a mock
+    image; here both are errors."""
+    markers = count_images(text_or_conversation)
+    if markers != num_images:
+        raise ValueError(f"the prompt has {markers} {IMAGE_TOKEN} marker(s) but {num_images} image(s) were given: "
+                         f"put one {IMAGE_TOKEN} in the text where each image belongs, in order")
+
+
+def check_length(input_ids: torch.Tensor, grid_thws: torch.Tensor | None, hidden_stride: int,
+                 max_length: int) -> int:
+    """Length of the sequence the LLM will see (each -300 replaced by t*h*w/stride^2 visual tokens); an error if
+    it exceeds `max_length` (the official code would silently cut it to multimodal_max_length)."""
+    visual = 0 if grid_thws is None else int(grid_thws.prod(dim=-1).sum()) // hidden_stride ** 2
+    atoms = int((input_ids == IMAGE_ATOM_ID).sum())
+    length = input_ids.numel() - atoms + visual
+    if length > max_length:
+        raise ValueError(f"prompt is {length} tokens long with its images ({visual} visual tokens), more than "
+                         f"max_length={max_length}: shorten the text, or lower max_pixels to use fewer image tokens")
+    return length
+
+
+def preprocess_inputs(tokenizer: Tokenizer, text_or_conversation: "str | list[dict]", images: list[Image.Image],
+                      cfg: PreprocessConfig, generation_preface: str | None = "", min_pixels: int | None = None,
+                      max_pixels: int | None = None, max_length: int | None = None, enable_thinking: bool = False,
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(input_ids (L,), labels (L,), pixel_values (N, D) or None, grid_thws (num_images, 3) or None).
+
+    The official `preprocess_inputs`: images are matched to the `<image>` markers in order and packed one
+    after the other. `max_length` (e.g. multimodal_max_length) bounds the length with visual tokens.
+    """
+    check_image_count(text_or_conversation, len(images))
+    input_ids, labels = build_input_ids(tokenizer, text_or_conversation, generation_preface, enable_thinking)
+    pixel_values, grid_thws = preprocess_images(images, cfg, min_pixels, max_pixels)
+    if max_length is not None:
+        check_length(input_ids, grid_thws, cfg.hidden_stride, max_length)
+    return input_ids, labels, pixel_values, grid_thws

@@ -1,0 +1,87 @@
+"""Golden check of the `preprocess` case: image preprocessing, prompt ids/labels and the generation-side image prep.
+
+Every setting (image files, prompt texts, generation prefaces, expected sizes, the full-size constants) is read
+from the case JSON, so another golden directory in the same format runs unchanged.
+"""
+import re
+from dataclasses import replace
+
+import torch
+
+from ovis_min.prompt import Tokenizer, build_input_ids, check_image_count, format_prompt
+from ovis_min.preprocess import (edit_target_size, condition_images, load_image, preprocess_image,
+                                 preprocess_images, resize_for_edit, smart_resize)
+
+
+def _entry(mapping: dict, prefix: str):
+    """The value whose key starts with `prefix` (the JSON keys carry a description after the name)."""
+    matches = [value for key, value in mapping.items() if key.startswith(prefix)]
+    assert len(matches) == 1, f"expected one key starting with {prefix!r} in {sorted(mapping)}"
+    return matches[0]
+
+
+def _full_size_setting(description: str):
+    """The `fullconst.*` settings as the case description records them: image file and the four constants."""
+    match = re.search(r"fullconst\.\*'?\s*=.*?patch (\d+), stride (\d+), min_pixels (\d+), max_pixels (\d+)\).*?"
+                      r"on (\S+\.png)", description)
+    assert match, "the preprocess description no longer states the fullconst settings"
+    patch, stride, min_pixels, max_pixels = (int(v) for v in match.groups()[:4])
+    return match.group(5), patch, stride, min_pixels, max_pixels
+
+
+def check_preprocess(case):
+    cfg = case.config().preprocess
+    tokenizer = Tokenizer(case.tokenizer_dir)
+    assert len(tokenizer) == case.meta["tokenizer_len"]
+    assert tokenizer.pad_token_id == case.meta["pad_token_id"]
+    assert tokenizer.eos_token_id == case.meta["eos_token_id"]
+
+    def image(file_name):
+        return load_image(case.dir / file_name)
+
+    # Single images with the checkpoint's preprocessor settings.
+    for k, spec in enumerate(case.meta["images"]):
+        img = image(spec["file"])
+        assert list(img.size) == spec["size_wh"]
+        assert list(smart_resize(img.height, img.width, cfg.patch_size * cfg.hidden_stride, cfg.min_pixels,
+                                 cfg.max_pixels)) == spec["smart_resize_hw"]
+        pixel_values, grid_thws = preprocess_image(img, cfg)
+        case.expect(f"img{k}.pixel_values", pixel_values)
+        case.expect(f"img{k}.grid_thws", grid_thws)
+
+    # Prompts: ids, labels, and the packed pixels of their images.
+    for name, spec in case.meta["prompts"].items():
+        conversation = spec["conversations"] if "conversations" in spec else spec["text"]
+        preface = spec["generation_preface"]
+        assert format_prompt(conversation, preface) == spec["formatted_prompt"], name
+        input_ids, labels = build_input_ids(tokenizer, conversation, preface)
+        assert input_ids.tolist() == spec["input_ids"], name
+        if "labels" in spec:
+            assert labels.tolist() == spec["labels"], name
+        case.expect(f"{name}.input_ids", input_ids)
+        case.expect(f"{name}.labels", labels)
+        check_image_count(conversation, len(spec["images"]))
+        if f"out.{name}.pixel_values" in case.tensors:
+            pixel_values, grid_thws = preprocess_images([image(f) for f in spec["images"]], cfg)
+            case.expect(f"{name}.pixel_values", pixel_values)
+            case.expect(f"{name}.grid_thws", grid_thws)
+
+    # The full-size Ovis-U1-3B constants.
+    file_name, patch, stride, min_pixels, max_pixels = _full_size_setting(case.meta["description"])
+    full = replace(cfg, patch_size=patch, hidden_stride=stride, min_pixels=min_pixels, max_pixels=max_pixels)
+    pixel_values, grid_thws = preprocess_image(image(file_name), full)
+    case.expect("fullconst.pixel_values", pixel_values)
+    case.expect("fullconst.grid_thws", grid_thws)
+
+    # Generation-side prep as in the official edit script: target size, resize, cover/crop, [-1, 1] pixels.
+    genprep = case.meta["genprep"]
+    source = image(genprep["source"])
+    width, height = edit_target_size(source.width, source.height)
+    assert [height, width] == _entry(genprep, "edit_target_hw")
+    und_image, vae_pixel_values = condition_images(resize_for_edit(source), height, width, cfg)
+    assert [und_image.height, und_image.width] == _entry(genprep, "understanding_resize_hw")
+    case.expect("genprep.vae_pixel_values", vae_pixel_values)
+    case.skip_output("genprep.cond_img_ids_before_time",
+                     "process_image_aspectratio also returns latent position ids, which the official pipeline "
+                     "discards (compute_vae_encodings makes them again); ovis-min builds them only there "
+                     "(checked as vae.cond_ids / e2e_edit.vae_cond_ids)")
