@@ -1,8 +1,10 @@
 """Golden checks of the generation side: the VAE (`vae` case) and the sampler (`sampler_*` cases)."""
-import pytest
 import torch
 
-from ovis_min.flow import latent_position_ids, pack_latents, unpack_latents
+from ovis_min.flow import (edit_guidance, latent_position_ids, pack_latents, text_guidance, time_schedule,
+                           unpack_latents)
+from ovis_min.mmdit import MMDiT
+from ovis_min.pipeline import Condition, decode_latents, sample_latents
 from ovis_min.vae import AutoencoderKL, to_uint8
 
 
@@ -34,6 +36,42 @@ def check_vae(case):
 
 
 # -- sampler ---------------------------------------------------------------------------------------
-# Placeholder: `check_sampler` (the sampler_* cases: MMDiT + ovis_min.flow) replaces this stub.
 def check_sampler(case):
-    pytest.skip("check_sampler is not written yet")
+    """The official `generate_image` from given conditions: noise -> Euler with guidance -> VAE decode."""
+    config = case.config()
+    meta = case.meta
+    mm = config.mmdit
+    decoder = MMDiT(mm, config.refiner).eval()
+    decoder.load_state_dict(case.state_dict("visual_generator.backbone."), strict=True)
+    vae = AutoencoderKL(config.vae).eval()
+    vae.load_state_dict(case.state_dict("visual_generator.vae."), strict=True)
+    height, width = meta["height"], meta["width"]
+
+    noise = case.input("noise")
+    img_tokens = pack_latents(noise)
+    case.expect("img_tokens_init", img_tokens)
+    rows, cols = noise.shape[-2] // 2, noise.shape[-1] // 2
+    case.expect("img_ids", latent_position_ids(rows, cols, batch=noise.shape[0]))
+    timesteps = time_schedule(meta["num_steps"], img_tokens.shape[1], shift=meta["timestep_shift"],
+                              base_shift=meta.get("base_shift", mm.base_shift),
+                              max_shift=meta.get("max_shift", mm.max_shift))
+    assert torch.allclose(torch.tensor(timesteps), torch.tensor(meta["timesteps"]), atol=1e-7, rtol=0)
+
+    def branch(name, cond_img=None):
+        tokens, cls = decoder.encode_text(case.input(name))
+        return Condition(tokens, cls, cond_img)
+
+    with torch.no_grad():
+        if meta["variant"] == "edit":
+            image_tokens = case.input("vae_cond_tokens")  # drawn by the official code from torch's global RNG
+            branches = [branch("cond_txt", image_tokens), branch("no_txt_txt", image_tokens), branch("no_both_txt")]
+            combine = lambda v: edit_guidance(v[0], v[1], v[2], meta["img_cfg"], meta["txt_cfg"])
+        else:
+            branches = [branch("cond_txt"), branch("no_both_txt")]
+            combine = lambda v: text_guidance(v[0], v[1], meta["txt_cfg"])
+        final = sample_latents(decoder, noise, timesteps, branches, combine)
+        case.expect("final_latent_tokens", final)
+        case.expect("vae_decode_in", vae.from_latent_space(unpack_latents(final, height, width)))
+        decoded = decode_latents(vae, final, height, width)
+        case.expect("decoded", decoded)
+        case.expect("image_uint8_hwc", to_uint8(decoded))

@@ -1,0 +1,158 @@
+"""Ovis-U1 as one module: the blocks of the report's Figure 2 wired together.
+
+    image ─► VisionEncoder (vit.py) ─► VisualHead (adapter.py) ─► probabilities ─► VisualEmbedding (adapter.py) ─┐
+    text  ─► token embeddings (llm.py) ──────────────────────────────────────────────────────────────────────────┴► merge
+    merged embeddings ─► Qwen3 (llm.py) ─► answer text                               (understanding)
+                                        └► [last, second-to-last] hidden states ─► TokenRefiner (refiner.py)
+                                           ─► MMDiT (mmdit.py) + flow matching (flow.py) ─► SDXL VAE (vae.py)    (generation)
+
+Attribute names follow the official checkpoint (`llm`, `visual_tokenizer.backbone`, `visual_tokenizer.head`,
+`vte`, `visual_generator.backbone`, `visual_generator.vae`), so `state_dict()` keys are the official names.
+"""
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .adapter import VisualEmbedding, VisualHead
+from .config import OvisConfig
+from .llm import Qwen3
+from .mmdit import MMDiT
+from .prompt import IGNORE_ID, IMAGE_ATOM_ID, IMAGE_INDICATOR_IDS
+from .vae import AutoencoderKL
+from .vit import VisionEncoder
+
+
+class VisualTokenizer(nn.Module):
+    """Encoder + head: pixels to a probability distribution over the visual vocabulary per 2x2 patch group."""
+
+    def __init__(self, config: OvisConfig):
+        super().__init__()
+        self.backbone = VisionEncoder(config.vit)
+        self.head = VisualHead(config.adapter)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
+        # (N_patches, C*p*p) -> (N_patches / 4, V)
+        features = self.backbone(pixel_values, grid_thws).hidden_states[-1]
+        return self.head.probabilities(features)
+
+
+class VisualGenerator(nn.Module):
+    """The image decoder (with its text refiner) and the VAE whose latent space it works in."""
+
+    def __init__(self, config: OvisConfig):
+        super().__init__()
+        self.backbone = MMDiT(config.mmdit, config.refiner)
+        self.vae = AutoencoderKL(config.vae)
+
+
+class MergedInputs(NamedTuple):
+    embeds: torch.Tensor  # (B, L, D) text embeddings with visual embeddings spliced in
+    attention_mask: torch.Tensor  # (B, L) bool, False on padding
+    labels: torch.Tensor  # (B, L) long, IGNORE_ID except supervised answer tokens
+    image_mask: torch.Tensor  # (B, L) long, 1 where a position holds a visual embedding
+
+
+class OvisU1(nn.Module):
+    def __init__(self, config: OvisConfig):
+        super().__init__()
+        self.config = config
+        self.llm = Qwen3(config.llm)
+        self.visual_tokenizer = VisualTokenizer(config)
+        self.vte = VisualEmbedding(config.adapter)
+        self.visual_generator = VisualGenerator(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vte.weight.device
+
+    def visual_embeddings(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> list[torch.Tensor]:
+        """One (N_i, D) tensor of visual embeddings per image in the packed batch."""
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        probs = self.visual_tokenizer(pixel_values, grid_thws.to(self.device))  # (sum N_i, V), float32
+        embeds = self.vte(probs.to(self.dtype))  # (sum N_i, D)
+        tokens_per_image = (grid_thws.prod(-1) // self.config.adapter.hidden_stride ** 2).tolist()
+        return list(embeds.split(tokens_per_image, dim=0))
+
+    def merge_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     pixel_values: torch.Tensor | None, grid_thws: torch.Tensor | None,
+                     labels: torch.Tensor | None = None, left_padding: bool = True) -> MergedInputs:
+        """Splice the images into the text: each IMAGE_ATOM_ID becomes that image's visual embeddings.
+
+        `input_ids` (B, L) may hold the negative placeholder ids; images are consumed in order across the batch.
+        Unlike the official code, a row without an image does not consume one (the official eval path does,
+        which misaligns the images of the rows after it).
+        """
+        device = self.device
+        input_ids = input_ids.to(device)
+        attention_mask = attention_mask.to(device).bool()
+        labels = torch.full_like(input_ids, IGNORE_ID) if labels is None else labels.to(device)
+        num_atoms = int((input_ids == IMAGE_ATOM_ID).sum())
+        num_images = 0 if grid_thws is None else len(grid_thws)
+        if num_atoms != num_images:
+            raise ValueError(f"the prompts hold {num_atoms} image placeholders but {num_images} images were given")
+        images = self.visual_embeddings(pixel_values, grid_thws) if num_images else []
+        indicators = self.vte.indicator_embeddings().to(self.dtype)  # (5, D)
+
+        # negative placeholder ids have no row in the text table: embed them as id 0, then overwrite
+        text_embeds = self.llm.model.embed_tokens(input_ids.clamp(min=0))  # (B, L, D)
+        for i, indicator_id in enumerate(IMAGE_INDICATOR_IDS):
+            text_embeds[input_ids == indicator_id] = indicators[i]
+
+        rows, next_image = [], 0
+        for ids, embeds, mask, row_labels in zip(input_ids, text_embeds, attention_mask, labels):
+            parts = {"embeds": [], "mask": [], "labels": [], "image": []}
+            start = 0
+            for atom in (ids == IMAGE_ATOM_ID).nonzero().flatten().tolist() + [len(ids)]:
+                parts["embeds"].append(embeds[start:atom])
+                parts["mask"].append(mask[start:atom])
+                parts["labels"].append(row_labels[start:atom])
+                parts["image"].append(torch.zeros_like(row_labels[start:atom]))
+                if atom < len(ids):
+                    image = images[next_image]
+                    next_image += 1
+                    n = len(image)
+                    parts["embeds"].append(image)
+                    parts["mask"].append(torch.ones(n, dtype=torch.bool, device=device))
+                    parts["labels"].append(torch.full((n,), IGNORE_ID, dtype=torch.long, device=device))
+                    parts["image"].append(torch.ones(n, dtype=torch.long, device=device))
+                start = atom + 1
+            rows.append({k: torch.cat(v) for k, v in parts.items()})
+
+        longest = max(len(r["mask"]) for r in rows)
+        if longest > self.config.multimodal_max_length:
+            raise ValueError(f"the prompt is {longest} tokens long with its images, more than the model's maximum "
+                             f"of {self.config.multimodal_max_length}; shorten the text or use smaller images")
+        return MergedInputs(
+            embeds=pad_rows([r["embeds"] for r in rows], 0.0, left_padding),
+            attention_mask=pad_rows([r["mask"] for r in rows], False, left_padding),
+            labels=pad_rows([r["labels"] for r in rows], IGNORE_ID, left_padding),
+            image_mask=pad_rows([r["image"] for r in rows], 0, left_padding),
+        )
+
+    @torch.no_grad()
+    def generation_condition(self, input_ids, attention_mask, pixel_values, grid_thws) -> torch.Tensor:
+        """The text condition of the image decoder: (B, L, 2*D_llm).
+
+        The official code concatenates the last hidden state (after the final norm) with the raw output of the
+        second-to-last layer; the prompt is left padded and positions run 0..L-1 as in the official call.
+        """
+        merged = self.merge_inputs(input_ids, attention_mask, pixel_values, grid_thws, left_padding=True)
+        last, second_last = self.llm.condition_states(merged.embeds, merged.attention_mask)
+        return torch.cat([last, second_last], dim=-1)
+
+
+def pad_rows(rows: list[torch.Tensor], value, left_padding: bool) -> torch.Tensor:
+    """Stack variable-length rows into (B, L_max, ...), padding on the left or the right."""
+    longest = max(len(r) for r in rows)
+    out = rows[0].new_full((len(rows), longest, *rows[0].shape[1:]), value)
+    for i, row in enumerate(rows):
+        if left_padding:
+            out[i, longest - len(row):] = row
+        else:
+            out[i, :len(row)] = row
+    return out

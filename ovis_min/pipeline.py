@@ -1,0 +1,252 @@
+"""The three tasks end to end: understanding, text-to-image and editing, as the official test scripts run them.
+
+`Ovis` holds the model and the tokenizer. Prompts, blank images, guidance branches and sizes follow the official
+`test_img_to_txt.py`, `test_txt_to_img.py` and `test_img_edit.py`. Sampling does once what does not change with
+the step: the refiner output and CLS vector of every condition and the RoPE tables of the grid.
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from . import flow
+from .mmdit import MMDiT
+from .model import OvisU1
+from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
+from .vae import AutoencoderKL, to_uint8
+from .prompt import (UNCONDITIONAL_PROMPT, Tokenizer, edit_prompt, multi_image_prompt, preprocess_inputs,
+                     t2i_prompt, understanding_prompt)
+
+Progress = Callable[[int, int], None] | None  # called as progress(step_done, total_steps)
+
+
+@dataclass
+class Condition:
+    """The text condition of one guidance branch, refined once per generation."""
+    tokens: torch.Tensor  # (1, L, H) refined text tokens
+    cls: torch.Tensor  # (1, H) global text vector
+    cond_img: torch.Tensor | None = None  # (1, N, 16) VAE tokens of the image being edited, if this branch sees it
+
+
+def round_to_16(size: int) -> int:
+    """The official sampler floors the image size to a multiple of 16 (8x VAE, then 2x2 packing)."""
+    return 16 * (size // 16)
+
+
+def decode_latents(vae: AutoencoderKL, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, 16) packed latent tokens -> (B, 3, H, W) pixels, nominally in [-1, 1] (not clamped yet)."""
+    latents = flow.unpack_latents(tokens.float(), height, width)  # (B, 4, H/8, W/8)
+    latents = vae.from_latent_space(latents.to(next(vae.parameters()).dtype))
+    return vae.decode(latents).float()
+
+
+def encode_image_tokens(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None = None,
+                        noise: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 3, H, W) pixels in [-1, 1] -> (B, N, 16) packed latent tokens sampled from the VAE posterior."""
+    weight = next(vae.parameters())
+    mean, logvar = vae.encode(pixels.to(weight.device, weight.dtype))
+    latents = vae.to_latent_space(vae.sample_latent(mean, logvar, generator=generator, noise=noise))
+    return flow.pack_latents(latents)
+
+
+@torch.no_grad()
+def sample_latents(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float], branches: list[Condition],
+                   combine: Callable[[list[torch.Tensor]], torch.Tensor], progress: Progress = None) -> torch.Tensor:
+    """Euler-integrate the guided velocity from `noise` (B, 4, h, w) over `timesteps`; returns (B, N, 16) tokens.
+
+    Each step runs the decoder once per guidance branch and `combine`s their velocities (text guidance for
+    T2I, image + text guidance for editing).
+    """
+    batch, _, h, w = noise.shape
+    img = flow.pack_latents(noise)  # (B, N, 16)
+    img_ids = flow.latent_position_ids(h // 2, w // 2, batch=1).to(img.device)  # (1, N, 3)
+    pe_cache = {}
+    for branch in branches:
+        key = (branch.tokens.shape[1], branch.cond_img is not None)
+        if key not in pe_cache:
+            ids = [torch.zeros(1, branch.tokens.shape[1], 3, device=img.device), img_ids]
+            if branch.cond_img is not None:
+                ids.append(flow.latent_position_ids(h // 2, w // 2, time_index=1, batch=1).to(img.device))
+            pe_cache[key] = decoder.rope(torch.cat(ids, dim=1))
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        t_vec = torch.full((batch,), t, dtype=x.dtype, device=x.device)
+        outputs = []
+        for branch in branches:
+            pe = pe_cache[(branch.tokens.shape[1], branch.cond_img is not None)]
+            expand = lambda z: None if z is None else z.expand(batch, *z.shape[1:])
+            outputs.append(decoder.predict_velocity(x, expand(branch.tokens), expand(branch.cls), pe, t_vec,
+                                                    cond_img=expand(branch.cond_img)))
+        return combine(outputs)
+
+    return flow.denoise(velocity, img, timesteps, progress=progress)
+
+
+class Ovis:
+    """Ovis-U1 with its tokenizer: `answer`, `text_to_image` and `edit`."""
+
+    def __init__(self, model: OvisU1, tokenizer: Tokenizer, model_id: str = ""):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+
+    @property
+    def config(self):
+        return self.model.config
+
+    # -- understanding ------------------------------------------------------------------------------------------
+    def prepare_prompts(self, prompts: list[str], images: list[list[Image.Image]], generation_preface: str | None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Left-padded (B, L) ids and mask, and all images of the batch packed in one (N, D) tensor."""
+        rows, pixels, grids = [], [], []
+        for prompt, row_images in zip(prompts, images):
+            ids, _, pixel_values, grid_thws = preprocess_inputs(
+                self.tokenizer, prompt, [load_image(im) for im in row_images], self.config.preprocess,
+                generation_preface=generation_preface, max_length=self.config.multimodal_max_length)
+            rows.append(ids)
+            if pixel_values is not None:
+                pixels.append(pixel_values)
+                grids.append(grid_thws)
+        pad = self.tokenizer.pad_token_id
+        longest = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, longest - len(row):] = row
+        attention_mask = input_ids != pad  # the negative image placeholders count as real tokens
+        if not pixels:
+            return input_ids, attention_mask, None, None
+        return input_ids, attention_mask, torch.cat(pixels), torch.cat(grids)
+
+    @torch.no_grad()
+    def answer(self, questions: str | list[str], images=None, max_new_tokens: int = 512,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               on_text: Callable[[str], None] | None = None) -> str | list[str]:
+        """Answer one question (str) or a batch (list). `images`: for one question a list of images (paths or
+        PIL), for a batch a list of such lists. Without an `<image>` marker in the question, one is put in front
+        of it per image, as the official scripts do. Greedy when temperature is 0.
+        `on_text(piece)` streams the text of the first row as it is generated."""
+        single = isinstance(questions, str)
+        questions = [questions] if single else list(questions)
+        images = [images or []] if single else [row or [] for row in (images or [[]] * len(questions))]
+        if len(images) != len(questions):
+            raise ValueError(f"got {len(questions)} questions but {len(images)} image lists")
+        prompts = [q if "<image>" in q else (understanding_prompt(q) if len(im) == 1 else
+                                             multi_image_prompt(q, len(im)) if im else q)
+                   for q, im in zip(questions, images)]
+        input_ids, attention_mask, pixel_values, grid_thws = self.prepare_prompts(prompts, images, "")
+        merged = self.model.merge_inputs(input_ids, attention_mask, pixel_values, grid_thws, left_padding=True)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(self.model.device).manual_seed(seed)
+        streamer = TextStreamer(self.tokenizer, on_text) if on_text else None
+        new_ids = self.model.llm.generate(
+            merged.embeds, merged.attention_mask, max_new_tokens=max_new_tokens,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            temperature=temperature, top_p=top_p, generator=generator,
+            on_token=streamer.push if streamer else None)
+        if streamer:
+            streamer.flush()
+        answers = [self.tokenizer.decode([t for t in row.tolist() if t != self.tokenizer.pad_token_id])
+                   for row in new_ids]
+        return answers[0] if single else answers
+
+    # -- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def condition(self, prompt: str, image: Image.Image, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(txt (1, L, 2*D_llm), VAE pixels (1, 3, H, W)) of one guidance branch, as the official `build_inputs`."""
+        encoder_image, vae_pixels = condition_images(image, height, width, self.config.preprocess)
+        input_ids, _, pixel_values, grid_thws = preprocess_inputs(
+            self.tokenizer, prompt, [encoder_image], self.config.preprocess, generation_preface=None,
+            max_length=self.config.multimodal_max_length)
+        input_ids = input_ids[None]
+        txt = self.model.generation_condition(input_ids, input_ids != self.tokenizer.pad_token_id,
+                                              pixel_values, grid_thws)
+        return txt, vae_pixels[None]
+
+    def refine(self, txt: torch.Tensor, cond_img: torch.Tensor | None = None) -> Condition:
+        tokens, cls = self.model.visual_generator.backbone.encode_text(txt)
+        return Condition(tokens, cls, cond_img)
+
+    def initial_noise(self, num_images: int, height: int, width: int, seed: int) -> torch.Tensor:
+        return flow.initial_noise(num_images, height, width, seed=seed, device=self.model.device,
+                                  dtype=self.model.dtype)
+
+    def schedule(self, steps: int, height: int, width: int) -> list[float]:
+        mm = self.config.mmdit
+        return flow.time_schedule(steps, (height // 16) * (width // 16), shift=mm.timestep_shift,
+                                  base_shift=mm.base_shift, max_shift=mm.max_shift)
+
+    @torch.no_grad()
+    def text_to_image(self, prompt: str, width: int = 1024, height: int = 1024, steps: int = 50,
+                      txt_cfg: float = 5.0, seed: int = 42, num_images: int = 1,
+                      progress: Progress = None) -> list[Image.Image]:
+        height, width = check_size(height, width)
+        blank = blank_image(width, height)
+        cond_txt, _ = self.condition(t2i_prompt(prompt), blank, height, width)
+        uncond_txt, _ = self.condition(UNCONDITIONAL_PROMPT, blank, height, width)
+        # The official script also VAE-encodes the blank image here and never uses the result: skipped.
+        branches = [self.refine(cond_txt), self.refine(uncond_txt)]
+        noise = self.initial_noise(num_images, height, width, seed)
+        tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width), branches,
+                                lambda v: flow.text_guidance(v[0], v[1], txt_cfg), progress)
+        return to_pil(decode_latents(self.model.visual_generator.vae, tokens, height, width))
+
+    @torch.no_grad()
+    def edit(self, image, instruction: str, steps: int = 50, txt_cfg: float = 6.0, img_cfg: float = 1.5,
+             seed: int = 42, num_images: int = 1, width: int | None = None, height: int | None = None,
+             progress: Progress = None) -> list[Image.Image]:
+        """Edit `image` following `instruction`. The output size is the input size rounded to multiples of 32
+        (the official edit script's smart_resize), unless width/height are given."""
+        image = load_image(image)
+        if width is None or height is None:
+            width, height = edit_target_size(image.width, image.height)
+            image = resize_for_edit(image)
+        height, width = check_size(height, width)
+        cond_txt, vae_pixels = self.condition(edit_prompt(instruction), image, height, width)
+        no_txt_txt, _ = self.condition(UNCONDITIONAL_PROMPT, image, height, width)
+        no_both_txt, _ = self.condition(UNCONDITIONAL_PROMPT, blank_image(width, height), height, width)
+        generator = torch.Generator(self.model.device).manual_seed(seed)
+        image_tokens = encode_image_tokens(self.model.visual_generator.vae, vae_pixels, generator=generator)
+        branches = [self.refine(cond_txt, image_tokens), self.refine(no_txt_txt, image_tokens),
+                    self.refine(no_both_txt)]
+        noise = self.initial_noise(num_images, height, width, seed)
+        tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width), branches,
+                                lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg), progress)
+        return to_pil(decode_latents(self.model.visual_generator.vae, tokens, height, width))
+
+
+def check_size(height: int, width: int, minimum: int = 32) -> tuple[int, int]:
+    if height < minimum or width < minimum:
+        raise ValueError(f"image size {width}x{height} is too small: width and height must be at least {minimum}")
+    return round_to_16(height), round_to_16(width)
+
+
+def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) pixels -> PIL images, with the official clamp and truncating uint8 conversion."""
+    return [Image.fromarray(array) for array in to_uint8(pixels).cpu().numpy()]
+
+
+class TextStreamer:
+    """Turns generated token ids into text pieces as soon as they decode to whole characters."""
+
+    def __init__(self, tokenizer: Tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.printed = 0
+
+    def push(self, step_ids: torch.Tensor):
+        token = int(step_ids[0])
+        if token in (self.tokenizer.eos_token_id, self.tokenizer.pad_token_id):
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait until a multi-byte character is complete
+            self.on_text(text[self.printed:])
+            self.printed = len(text)
+
+    def flush(self):
+        text = self.tokenizer.decode(self.ids)
+        if len(text) > self.printed:
+            self.on_text(text[self.printed:])
+        self.printed = len(text)
