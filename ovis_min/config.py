@@ -163,3 +163,64 @@ def from_official(config: dict, preprocessor: dict | None = None) -> OvisConfig:
     return OvisConfig(vit=vit, adapter=adapter, llm=llm, refiner=refiner, mmdit=mmdit, vae=vae,
                       preprocess=preprocess,
                       multimodal_max_length=config.get("multimodal_max_length", 2048))
+
+
+def to_official(config: OvisConfig) -> dict:
+    """An official `config.json` dict for `config`: the inverse of `from_official` (preprocessing excluded,
+    it lives in preprocessor_config.json). Only the fields the official classes and ovis-min read are written."""
+    llm, vit, adapter, mmdit, vae = config.llm, config.vit, config.adapter, config.mmdit, config.vae
+    refiner = config.refiner
+    if ((refiner.context_in_dim, refiner.hidden_size, refiner.num_heads, refiner.mlp_ratio)
+            != (mmdit.context_in_dim, mmdit.hidden_size, 2 * mmdit.num_heads, mmdit.mlp_ratio)):
+        raise ValueError("the official config.json has no refiner section: its sizes follow the decoder's "
+                         "(same width and mlp_ratio, twice the heads), so a config that differs cannot be written")
+    llm_config = {
+        "model_type": "qwen3", "vocab_size": llm.vocab_size, "hidden_size": llm.hidden_size,
+        "intermediate_size": llm.intermediate_size, "num_hidden_layers": llm.num_layers,
+        "num_attention_heads": llm.num_heads, "num_key_value_heads": llm.num_kv_heads, "head_dim": llm.head_dim,
+        "rope_theta": llm.rope_theta, "rms_norm_eps": llm.rms_norm_eps,
+        "max_position_embeddings": llm.max_position_embeddings, "tie_word_embeddings": llm.tie_word_embeddings,
+        "hidden_act": "silu", "attention_bias": False,
+    }
+    backbone_config = {
+        "model_type": "aimv2", "hidden_size": vit.hidden_size, "intermediate_size": vit.intermediate_size,
+        "num_hidden_layers": vit.num_layers, "num_attention_heads": vit.num_heads,
+        "num_channels": vit.num_channels, "patch_size": vit.patch_size, "image_size": vit.image_size,
+        "temporal_patch_size": vit.temporal_patch_size, "hidden_stride": vit.hidden_stride,
+        "window_size": vit.window_size, "fullatt_block_indexes": (None if vit.fullatt_block_indexes is None
+                                                            else list(vit.fullatt_block_indexes)),
+        "preserve_original_pe": vit.preserve_original_pe, "interpolate_pe_method": vit.interpolate_pe_method,
+        "disable_rope": vit.disable_rope, "rms_norm_eps": vit.rms_norm_eps, "qkv_bias": vit.qkv_bias,
+        "use_bias": vit.use_bias,
+    }
+    visual_tokenizer_config = {
+        "model_type": "aimv2_visual_tokenizer", "vocab_size": adapter.visual_vocab_size,
+        "tokenize_function": "softmax", "hidden_stride": adapter.hidden_stride,
+        "backbone_kwargs": {"hidden_stride": adapter.hidden_stride}, "backbone_config": backbone_config,
+    }
+    vae_config = {
+        "_class_name": "AutoencoderKL", "in_channels": vae.in_channels, "out_channels": vae.out_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * len(vae.block_out_channels),
+        "up_block_types": ["UpDecoderBlock2D"] * len(vae.block_out_channels),
+        "block_out_channels": list(vae.block_out_channels), "layers_per_block": vae.layers_per_block,
+        "act_fn": "silu", "latent_channels": vae.latent_channels, "norm_num_groups": vae.norm_num_groups,
+        "scaling_factor": vae.scaling_factor, "shift_factor": vae.shift_factor, "force_upcast": True,
+        "use_quant_conv": vae.use_quant_conv, "use_post_quant_conv": vae.use_post_quant_conv,
+        "mid_block_add_attention": vae.mid_block_add_attention,
+    }
+    visual_generator_config = {
+        "model_type": "yak", "in_channels": mmdit.in_channels, "out_channels": mmdit.out_channels,
+        "vec_in_dim": mmdit.vec_in_dim, "context_in_dim": mmdit.context_in_dim, "hidden_size": mmdit.hidden_size,
+        "mlp_ratio": mmdit.mlp_ratio, "num_heads": mmdit.num_heads, "depth": mmdit.depth,
+        "depth_single_blocks": mmdit.depth_single_blocks, "axes_dim": list(mmdit.axes_dim), "theta": mmdit.theta,
+        "qkv_bias": mmdit.qkv_bias, "guidance_embed": False, "txt_type": "refiner",
+        "timestep_shift": mmdit.timestep_shift, "base_shift": mmdit.base_shift, "max_shift": mmdit.max_shift,
+        "vae_config": vae_config,
+    }
+    return {
+        "model_type": "ovis_u1", "architectures": ["OvisU1"], "hidden_size": llm.hidden_size,
+        "multimodal_max_length": config.multimodal_max_length,
+        "conversation_formatter_class": "Qwen3ConversationFormatter", "tie_word_embeddings": llm.tie_word_embeddings,
+        "llm_config": llm_config, "visual_tokenizer_config": visual_tokenizer_config,
+        "visual_generator_config": visual_generator_config,
+    }

@@ -1,0 +1,130 @@
+"""The official Ovis-U1-3B checkpoint from the command line: download it, check it, make tiny ones, list names.
+
+    python weights.py download                        # AIDC-AI/Ovis-U1-3B into the Hugging Face cache
+    python weights.py download --dir ckpt/ovis-u1     # ... or into a directory
+    python weights.py check ckpt/ovis-u1              # files, names, shapes and sizes against the model
+    python weights.py tiny /tmp/tiny-ovis             # a tiny random checkpoint in the official layout
+    python weights.py manifest --compare tests/golden/full_manifest.json
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ovis_min.checkpoint import (DEFAULT_REPO, HUB_IDS, CheckpointError, build_model, check_checkpoint,
+                                 download_checkpoint, format_counts, match, read_config, resolve_source,
+                                 table1_counts, write_tiny_checkpoint)
+from ovis_min.config import OvisConfig
+
+
+def cmd_download(args) -> int:
+    target = download_checkpoint(args.repo_id, local_dir=args.dir, revision=args.revision, progress=not args.quiet)
+    print(f"downloaded {args.repo_id}@{args.revision} to {target}")
+    print(f"check it with: python weights.py check {target}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    for line in check_checkpoint(resolve_source(args.source, revision=args.revision)):
+        print(line)
+    print("OK: the checkpoint matches the model")
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    directory = write_tiny_checkpoint(args.dir, seed=args.seed, shards=args.shards)
+    files = sorted(path.name for path in Path(directory).iterdir())
+    print(f"wrote a tiny random checkpoint (seed {args.seed}) to {directory}: {', '.join(files)}")
+    return 0
+
+
+def cmd_manifest(args) -> int:
+    config = read_config(args.config) if args.config else OvisConfig()
+    model = build_model(config)
+    entries = [{"key": name, "shape": list(tensor.shape), "numel": tensor.numel()}
+               for name, tensor in model.state_dict(keep_vars=True).items()]
+    counts = table1_counts(model)
+    if args.compare:
+        try:
+            reference = json.loads(Path(args.compare).read_text())["keys"]
+            shapes = {entry["key"]: tuple(entry["shape"]) for entry in reference}
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{args.compare}: not a manifest (a JSON object whose 'keys' is a list of "
+                                  f"{{'key', 'shape'}}): {error}") from None
+        mismatch, _ = match(model, shapes)
+        if mismatch:
+            print(f"FAILED: the model differs from {args.compare}: {mismatch.describe()}", file=sys.stderr)
+            return 1
+        print(f"OK: all {len(shapes)} names and shapes of {args.compare} match the model, nothing left over")
+    elif args.json:
+        print(json.dumps({"num_keys": len(entries), "param_counts": counts, "keys": entries}, indent=1))
+        return 0
+    else:
+        width = max(len(entry["key"]) for entry in entries)
+        for entry in entries:
+            print(f"{entry['key']:<{width}}  {' x '.join(map(str, entry['shape']))}")
+    print(f"{len(entries)} names; parameters (tied counted once): {format_counts(counts)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    download = commands.add_parser(
+        "download", help="fetch a checkpoint into a directory or the Hugging Face cache",
+        description="Fetch config.json, the safetensors index and shards, tokenizer.json and "
+                    "preprocessor_config.json (never the repository's Python files). Interrupted files resume. "
+                    "Environment: HF_ENDPOINT (default https://huggingface.co), HF_TOKEN (sent as a Bearer token), "
+                    "HF_HUB_CACHE / HF_HOME (where the cache is).")
+    download.add_argument("repo_id", nargs="?", default=DEFAULT_REPO,
+                          help=f"hub repository (default {DEFAULT_REPO}; also {', '.join(HUB_IDS[1:])})")
+    download.add_argument("--dir", type=Path, help="write the files here instead of the Hugging Face cache")
+    download.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
+    download.add_argument("--quiet", action="store_true", help="no progress bars")
+    download.set_defaults(run=cmd_download)
+
+    check = commands.add_parser(
+        "check", help="verify a checkpoint: files present, names and shapes against the model, sizes",
+        description="Verify a checkpoint without loading it: the required files are present, config.json "
+                    "builds a model, tokenizer.json opens, every shard is as long as its header says, and every "
+                    "tensor name and shape matches the model (nothing missing, nothing left over). "
+                    "Exit status 0 when it is usable, 1 with the problem named otherwise.")
+    check.add_argument("source", help="checkpoint directory, or a hub id found in the Hugging Face cache")
+    check.add_argument("--revision", default="main", help="revision to look up for a hub id (default main)")
+    check.set_defaults(run=cmd_check)
+
+    tiny = commands.add_parser(
+        "tiny", help="write a tiny random checkpoint in exactly the official layout",
+        description="Write a tiny random Ovis-U1 (under 1M parameters, float32) in the official layout: "
+                    "config.json, model-0000i-of-0000n.safetensors + model.safetensors.index.json (or one "
+                    "model.safetensors), a byte-level BPE tokenizer.json with the Qwen special tokens, "
+                    "tokenizer_config.json, special_tokens_map.json and preprocessor_config.json. For smoke tests "
+                    "and for porting ovis-min to other frameworks.")
+    tiny.add_argument("dir", type=Path, help="output directory (created)")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+    tiny.add_argument("--shards", type=int, default=2, help="number of safetensors shards; 1 writes a single "
+                                                            "model.safetensors without index (default 2)")
+    tiny.set_defaults(run=cmd_tiny)
+
+    manifest = commands.add_parser(
+        "manifest", help="print or compare the full-size key/shape manifest",
+        description="Build the model on the meta device (no memory) and print every state-dict name with its "
+                    "shape, then the parameter counts per row of the report's Table 1.")
+    manifest.add_argument("--compare", metavar="FILE", help="compare with a manifest JSON ({'keys': [{'key', "
+                                                           "'shape'}, ...]}); exit 1 on any difference")
+    manifest.add_argument("--json", action="store_true", help="print the manifest as JSON in that format")
+    manifest.add_argument("--config", type=Path, metavar="DIR",
+                          help="build from DIR/config.json instead of the built-in full-size configuration")
+    manifest.set_defaults(run=cmd_manifest)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CheckpointError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
