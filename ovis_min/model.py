@@ -34,7 +34,7 @@ class VisualTokenizer(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
         # (N_patches, C*p*p) -> (N_patches / 4, V)
         features = self.backbone(pixel_values, grid_thws).hidden_states[-1]
-        return self.head.probabilities(features)
+        return self.head.tokenize(features).probs
 
 
 class VisualGenerator(nn.Module):
@@ -73,7 +73,7 @@ class OvisU1(nn.Module):
     def visual_embeddings(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> list[torch.Tensor]:
         """One (N_i, D) tensor of visual embeddings per image in the packed batch."""
         pixel_values = pixel_values.to(self.device, self.dtype)
-        probs = self.visual_tokenizer(pixel_values, grid_thws.to(self.device))  # (sum N_i, V), float32
+        probs = self.visual_tokenizer(pixel_values, grid_thws.to(self.device))  # (sum N_i, V)
         embeds = self.vte(probs.to(self.dtype))  # (sum N_i, D)
         tokens_per_image = (grid_thws.prod(-1) // self.config.adapter.hidden_stride ** 2).tolist()
         return list(embeds.split(tokens_per_image, dim=0))
@@ -96,7 +96,7 @@ class OvisU1(nn.Module):
         if num_atoms != num_images:
             raise ValueError(f"the prompts hold {num_atoms} image placeholders but {num_images} images were given")
         images = self.visual_embeddings(pixel_values, grid_thws) if num_images else []
-        indicators = self.vte.indicator_embeddings().to(self.dtype)  # (5, D)
+        indicators = self.vte.indicator_embeds().to(self.dtype)  # (5, D)
 
         # negative placeholder ids have no row in the text table: embed them as id 0, then overwrite
         text_embeds = self.llm.model.embed_tokens(input_ids.clamp(min=0))  # (B, L, D)
