@@ -20,7 +20,9 @@ class VitConfig:
     temporal_patch_size: int = 1
     hidden_stride: int = 2  # 2x2 patches are merged into one visual token by the adapter
     window_size: int = 112  # in pixels: 112/14/2 = 4x4 merged units per attention window
-    fullatt_block_indexes: tuple = ()  # inferred: not published; blocks not listed use window attention
+    # Blocks that attend over whole images; the others attend within windows. None (the official default, and
+    # inferred here: not published) makes every block attend over whole images; () makes every block windowed.
+    fullatt_block_indexes: tuple | None = None
     preserve_original_pe: bool = True  # inferred from the report (interpolated position embeddings)
     interpolate_pe_method: str = "two_dim"  # inferred
     disable_rope: bool = False
@@ -150,7 +152,6 @@ def from_official(config: dict, preprocessor: dict | None = None) -> OvisConfig:
     if llm_dict.get("head_dim") is None:
         llm.head_dim = llm.hidden_size // llm.num_heads
     vit = _pick(VitConfig, vit_dict, {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"})
-    vit.fullatt_block_indexes = tuple(vit_dict.get("fullatt_block_indexes") or ())
     adapter = AdapterConfig(visual_vocab_size=tok_dict["vocab_size"], vision_hidden_size=vit.hidden_size,
                             hidden_stride=tok_dict.get("hidden_stride", vit.hidden_stride),
                             llm_hidden_size=llm.hidden_size)
