@@ -6,9 +6,10 @@ Facts from the official Ovis-U1 code (`modeling_ovis_u1.py`, `Aimv2VisualTokeniz
 * head = Linear(4*D -> V-4, no bias) + LayerNorm(eps 1e-5); its softmax (in float32, cast back) is a
   probability over the V-4 visual words, padded with 4 zero columns to the table size V;
 * the embedding of a visual token is the expectation `probs @ vte.weight` over the (V, llm_hidden) table;
-* the image indicator ids -301..-304 (image start, end, ...) are embedded with table rows V-5..V-2: the official
-  code looks up `vte(arange(V-5, V))` and uses row i for id -301-i. Quirk kept for checkpoint compatibility:
-  row V-5 is therefore ALSO the last real visual word (the head predicts rows 0..V-5), and row V-1 is never used.
+* the indicator ids -301..-304 (-301 opens an image, -302 closes it, -303 brackets a video) are embedded with
+  table rows V-5..V-2: the official code looks up `vte(arange(V-5, V))` and uses row i for id -301-i. Quirk
+  kept for checkpoint compatibility: row V-5 is therefore ALSO the last real visual word (the head predicts
+  rows 0..V-5), and row V-1 is never used.
 """
 from typing import NamedTuple
 

@@ -124,7 +124,7 @@ def pos_embed_resamplers(grid_thws: torch.Tensor, cfg: VitConfig) -> tuple[tuple
             resamplers.append((rows[0, :, :, 0].T, cols[0, :, 0, :].T))  # (h, side), (w, side)
         elif cfg.interpolate_pe_method == "one_dim":
             matrix = F.interpolate(eye[None], size=h * w, mode="linear", align_corners=False)[0].T  # (h*w, P)
-            weights, index = matrix.topk(2, dim=-1)
+            weights, index = matrix.topk(min(2, side * side), dim=-1)
             resamplers.append((index, weights))
         else:
             raise ValueError(f"interpolate_pe_method must be 'one_dim' or 'two_dim', got {cfg.interpolate_pe_method!r}")

@@ -155,3 +155,15 @@ def test_full_size_state_dict_matches_official_manifest():
            for key, value in module.state_dict().items()}
     assert got.keys() == want.keys(), (sorted(got.keys() - want.keys())[:5], sorted(want.keys() - got.keys())[:5])
     assert got == want
+
+
+@torch.no_grad()
+def test_forward_with_precomputed_layout_is_one_graph():
+    # With the layout computed ahead (and cached by the caller) the forward has no host syncs or graph breaks,
+    # so torch.compile / CUDA graphs can take it whole.
+    encoder = _random_encoder(TINY)
+    pixels, grid_thws = _images((6, 10), (4, 4))
+    layout = vision_layout(grid_thws, TINY)
+    compiled = torch.compile(encoder, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(torch.cat(pixels), grid_thws, layout).last_hidden_state,
+                               encoder(torch.cat(pixels), grid_thws, layout).last_hidden_state)
