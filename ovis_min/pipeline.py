@@ -3,14 +3,19 @@
 `Ovis` holds the model and the tokenizer. Prompts, blank images, guidance branches and sizes follow the official
 `test_img_to_txt.py`, `test_txt_to_img.py` and `test_img_edit.py`. Sampling does once what does not change with
 the step: the refiner output and CLS vector of every condition and the RoPE tables of the grid.
+
+A generation runs in three stages, condition (LLM + visual encoder), decoder, VAE; with `offload` only the stage
+in use sits on the accelerator, the others wait in CPU memory.
 """
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 from PIL import Image
 
 from . import flow
+from .checkpoint import DEFAULT_REPO, load_model
 from .mmdit import MMDiT
 from .model import OvisU1
 from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
@@ -19,6 +24,13 @@ from .prompt import (UNCONDITIONAL_PROMPT, Tokenizer, edit_prompt, multi_image_p
                      t2i_prompt, understanding_prompt)
 
 Progress = Callable[[int, int], None] | None  # called as progress(step_done, total_steps)
+
+# The submodules of OvisU1 each stage needs, in the order a generation uses them.
+STAGES = {
+    "condition": ("llm", "visual_tokenizer", "vte"),
+    "decoder": ("visual_generator.backbone",),
+    "vae": ("visual_generator.vae",),
+}
 
 
 @dataclass
@@ -86,10 +98,44 @@ def sample_latents(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float], 
 class Ovis:
     """Ovis-U1 with its tokenizer: `answer`, `text_to_image` and `edit`."""
 
-    def __init__(self, model: OvisU1, tokenizer: Tokenizer, model_id: str = ""):
+    def __init__(self, model: OvisU1, tokenizer: Tokenizer, model_id: str = "",
+                 device: torch.device | str | None = None, offload: bool = False):
+        """`device`: where the computation runs (default: where the model is). `offload`: the model stays in CPU
+        memory and each stage is moved to `device` only while it runs."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
+        self.device = torch.device(device) if device is not None else model.device
+        self.offload = offload
+        self.decode_step = None  # the LLM's one-token step, replaced by a compiled one in compile()
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path = DEFAULT_REPO, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.bfloat16, offload: bool = False, download: bool = True,
+                        revision: str = "main") -> "Ovis":
+        """The official checkpoint from a directory or a hub id (Hugging Face cache, downloaded if missing)."""
+        loaded = load_model(source, dtype=dtype, device="cpu" if offload else device, revision=revision,
+                            download=download)
+        return cls(loaded.model, Tokenizer(loaded.directory), str(source), device=device, offload=offload)
+
+    def use(self, stage: str) -> None:
+        """With offload, bring `stage`'s modules to the device and send the other stages back to the CPU."""
+        if not self.offload:
+            return
+        for name, modules in STAGES.items():  # free the device first, so two stages never sit on it together
+            if name != stage:
+                for module in modules:
+                    self.model.get_submodule(module).to("cpu")
+        for module in STAGES[stage]:
+            self.model.get_submodule(module).to(self.device)
+
+    def compile(self) -> None:
+        """torch.compile what runs many times: each decoder block (once per step and guidance branch) and the
+        LLM's one-token decode step. The first call of each shape pays the compilation."""
+        decoder = self.model.visual_generator.backbone
+        for block in (*decoder.double_blocks, *decoder.single_blocks):
+            block.compile()
+        self.decode_step = torch.compile(self.model.llm.decode_step)
 
     @property
     def config(self):
@@ -121,11 +167,13 @@ class Ovis:
     @torch.no_grad()
     def answer(self, questions: str | list[str], images=None, max_new_tokens: int = 512,
                temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-               on_text: Callable[[str], None] | None = None) -> str | list[str]:
+               on_text: Callable[[str], None] | None = None,
+               on_token: Callable[[int], None] | None = None) -> str | list[str]:
         """Answer one question (str) or a batch (list). `images`: for one question a list of images (paths or
         PIL), for a batch a list of such lists. Without an `<image>` marker in the question, one is put in front
         of it per image, as the official scripts do. Greedy when temperature is 0.
-        `on_text(piece)` streams the text of the first row as it is generated."""
+        `on_text(piece)` streams the text of the first row as it is generated; `on_token(id)` gets each token id
+        of the first row (its end-of-turn token included, e.g. to count tokens per second)."""
         single = isinstance(questions, str)
         questions = [questions] if single else list(questions)
         images = [images or []] if single else [row or [] for row in (images or [[]] * len(questions))]
@@ -135,16 +183,23 @@ class Ovis:
                                              multi_image_prompt(q, len(im)) if im else q)
                    for q, im in zip(questions, images)]
         input_ids, attention_mask, pixel_values, grid_thws = self.prepare_prompts(prompts, images, "")
+        self.use("condition")
         merged = self.model.merge_inputs(input_ids, attention_mask, pixel_values, grid_thws, left_padding=True)
         generator = None
         if seed is not None:
-            generator = torch.Generator(self.model.device).manual_seed(seed)
+            generator = torch.Generator(self.device).manual_seed(seed)
         streamer = TextStreamer(self.tokenizer, on_text) if on_text else None
+
+        def push(step_ids: torch.Tensor) -> None:  # (B,) the ids of one decoding step
+            if streamer:
+                streamer.push(step_ids)
+            if on_token:
+                on_token(int(step_ids[0]))
         new_ids = self.model.llm.generate(
             merged.embeds, merged.attention_mask, max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             temperature=temperature, top_p=top_p, generator=generator,
-            on_token=streamer.push if streamer else None)
+            on_token=push if streamer or on_token else None, step=self.decode_step)
         if streamer:
             streamer.flush()
         answers = [self.tokenizer.decode([t for t in row.tolist() if t != self.tokenizer.pad_token_id])
@@ -169,7 +224,7 @@ class Ovis:
         return Condition(tokens, cls, cond_img)
 
     def initial_noise(self, num_images: int, height: int, width: int, seed: int) -> torch.Tensor:
-        return flow.initial_noise(num_images, height, width, seed=seed, device=self.model.device,
+        return flow.initial_noise(num_images, height, width, seed=seed, device=self.device,
                                   dtype=self.model.dtype)
 
     def schedule(self, steps: int, height: int, width: int) -> list[float]:
@@ -183,13 +238,16 @@ class Ovis:
                       progress: Progress = None) -> list[Image.Image]:
         height, width = check_size(height, width)
         blank = blank_image(width, height)
+        self.use("condition")
         cond_txt, _ = self.condition(t2i_prompt(prompt), blank, height, width)
         uncond_txt, _ = self.condition(UNCONDITIONAL_PROMPT, blank, height, width)
         # The official script also VAE-encodes the blank image here and never uses the result: skipped.
+        self.use("decoder")
         branches = [self.refine(cond_txt), self.refine(uncond_txt)]
         noise = self.initial_noise(num_images, height, width, seed)
         tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width), branches,
                                 lambda v: flow.text_guidance(v[0], v[1], txt_cfg), progress)
+        self.use("vae")
         return to_pil(decode_latents(self.model.visual_generator.vae, tokens, height, width))
 
     @torch.no_grad()
@@ -203,20 +261,27 @@ class Ovis:
             width, height = edit_target_size(image.width, image.height)
             image = resize_for_edit(image)
         height, width = check_size(height, width)
+        self.use("condition")
         cond_txt, vae_pixels = self.condition(edit_prompt(instruction), image, height, width)
         no_txt_txt, _ = self.condition(UNCONDITIONAL_PROMPT, image, height, width)
         no_both_txt, _ = self.condition(UNCONDITIONAL_PROMPT, blank_image(width, height), height, width)
-        generator = torch.Generator(self.model.device).manual_seed(seed)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        self.use("vae")
         image_tokens = encode_image_tokens(self.model.visual_generator.vae, vae_pixels, generator=generator)
+        self.use("decoder")
         branches = [self.refine(cond_txt, image_tokens), self.refine(no_txt_txt, image_tokens),
                     self.refine(no_both_txt)]
         noise = self.initial_noise(num_images, height, width, seed)
         tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width), branches,
                                 lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg), progress)
+        self.use("vae")
         return to_pil(decode_latents(self.model.visual_generator.vae, tokens, height, width))
 
 
-def check_size(height: int, width: int, minimum: int = 32) -> tuple[int, int]:
+MIN_SIZE = 32  # pixels per side: at least 2x2 packed latent tokens (one token covers 16x16 pixels)
+
+
+def check_size(height: int, width: int, minimum: int = MIN_SIZE) -> tuple[int, int]:
     if height < minimum or width < minimum:
         raise ValueError(f"image size {width}x{height} is too small: width and height must be at least {minimum}")
     return round_to_16(height), round_to_16(width)

@@ -1,0 +1,499 @@
+"""Ovis-U1 from the command line: image understanding, text-to-image and image editing with one model.
+
+The flags say which task to run:
+
+    python sample.py --prompt "a red cube on a wooden table"                 # text-to-image
+    python sample.py --image photo.jpg --prompt "make the sky purple"        # edit an image
+    python sample.py --image photo.jpg --ask "What is in this picture?"      # understanding (answer streamed)
+    python sample.py --image a.jpg b.jpg --ask "What differs between them?"  # ... about several images
+    python sample.py --ask "Write a haiku about autumn."                     # text chat
+    python sample.py --from-png outputs/t2i-0001.png                         # re-make an image from its metadata
+
+--weights is a checkpoint directory or a hub id. The default, AIDC-AI/Ovis-U1-3B, is read from the Hugging Face
+cache, or downloaded into it on first use (about 7.3 GB; `python weights.py download` does the same up front).
+Images are PNGs that carry their settings (prompt, seed, steps, guidance, size, model) in their text metadata;
+files are never replaced, new ones get the next free number. The same flags and seed on the same device give
+the same image, byte for byte.
+"""
+import argparse
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+from ovis_min.checkpoint import CheckpointError, download_checkpoint, hub_cache_dir, resolve_source
+from ovis_min.pipeline import MIN_SIZE, Ovis, round_to_16
+from ovis_min.preprocess import ImageError, edit_target_size, load_image
+
+DEFAULT_WEIGHTS = "AIDC-AI/Ovis-U1-3B"
+DEFAULT_SIZE = 1024
+DEFAULT_STEPS = 50
+DEFAULT_TXT_CFG = {"t2i": 5.0, "edit": 6.0}  # the official test_txt_to_img.py and test_img_edit.py
+DEFAULT_IMG_CFG = 1.5
+DEFAULT_MAX_NEW_TOKENS = 4096  # the official test_img_to_txt.py
+DEFAULT_OUT = "outputs"
+TASK_NAMES = {"t2i": "text-to-image", "edit": "editing", "understanding": "understanding", "chat": "text chat"}
+
+# Flags that belong to one kind of task: giving them to the other kind is a mistake worth reporting.
+GENERATION_FLAGS = ("width", "height", "steps", "txt_cfg", "img_cfg", "num_images", "out")
+ANSWER_FLAGS = ("max_new_tokens", "temperature", "top_p")
+# The settings an image's PNG metadata records, and --from-png restores unless the command line sets them.
+RECORDED = ("task", "prompt", "seed", "steps", "txt_cfg", "img_cfg", "width", "height", "model", "source")
+
+
+class UsageError(Exception):
+    """Flags that cannot work together, or a value out of range. Exit status 2, like argparse."""
+
+
+class RunError(Exception):
+    """Something outside the flags stops the run: a missing file, an unwritable folder. Exit status 1."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    # Every default is None here and filled in by `settle`: the right default depends on the task (--txt-cfg,
+    # the edit size), and --from-png must know which flags the command line really set.
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    task = parser.add_argument_group("what to do")
+    task.add_argument("--prompt", metavar="TEXT",
+                      help="make an image from this text; with --image, edit that image as it says")
+    task.add_argument("--ask", metavar="TEXT",
+                      help="answer this question (about the --image files, if given); streamed to stdout")
+    task.add_argument("--image", nargs="+", action="extend", metavar="FILE",
+                      help="input image: the image to edit (--prompt), or one or more images to ask about (--ask)")
+    task.add_argument("--from-png", type=Path, metavar="FILE",
+                      help="re-make an image made by this script from the settings in its PNG metadata; flags "
+                           "given as well override them")
+
+    gen = parser.add_argument_group("image generation (--prompt)")
+    gen.add_argument("--width", type=int, metavar="PX",
+                     help=f"image width, rounded down to a multiple of 16 (default {DEFAULT_SIZE}; editing: the "
+                          "input's width rounded to 32, as the official edit script does)")
+    gen.add_argument("--height", type=int, metavar="PX", help="image height, as --width")
+    gen.add_argument("--steps", type=int, metavar="N", help=f"denoising steps (default {DEFAULT_STEPS})")
+    gen.add_argument("--txt-cfg", type=float, metavar="SCALE",
+                     help=f"text guidance scale (default {DEFAULT_TXT_CFG['t2i']:g} for text-to-image, "
+                          f"{DEFAULT_TXT_CFG['edit']:g} for editing)")
+    gen.add_argument("--img-cfg", type=float, metavar="SCALE",
+                     help=f"image guidance scale of editing (default {DEFAULT_IMG_CFG:g})")
+    gen.add_argument("--seed", type=int, metavar="N",
+                     help="random seed (default: a random one, always printed); image i of --num-images uses "
+                          "seed + i. With --ask and --temperature > 0 it seeds the sampling")
+    gen.add_argument("--num-images", type=int, metavar="N", help="how many images to make (default 1)")
+    gen.add_argument("--out", metavar="PATH",
+                     help=f"a folder, or a .png file name (default {DEFAULT_OUT}/); existing files are never "
+                          "replaced: new names get the next free number")
+
+    ans = parser.add_argument_group("answers (--ask)")
+    ans.add_argument("--max-new-tokens", type=int, metavar="N",
+                     help=f"longest answer in tokens (default {DEFAULT_MAX_NEW_TOKENS}, as the official script)")
+    ans.add_argument("--temperature", type=float, metavar="T",
+                     help="sampling temperature; 0 = greedy, as the official script (default 0)")
+    ans.add_argument("--top-p", type=float, metavar="P",
+                     help="nucleus sampling: keep the most likely tokens up to this total probability (default 1; "
+                          "needs --temperature > 0)")
+
+    run = parser.add_argument_group("model and runtime")
+    run.add_argument("--weights", metavar="DIR_OR_ID",
+                     help=f"checkpoint directory or hub id (default {DEFAULT_WEIGHTS}: from the Hugging Face cache, "
+                          "or downloaded on first use)")
+    run.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: cuda if available, then mps, then cpu)")
+    run.add_argument("--dtype", choices=("bf16", "fp32"),
+                     help="weights and compute (default bf16 on a GPU, fp32 on the CPU)")
+    run.add_argument("--offload", action="store_true",
+                     help="keep the model in CPU memory and move only the stage in use to the GPU (condition: "
+                          "LLM + visual encoder, then the decoder, then the VAE): slower, and the GPU holds the "
+                          "largest stage instead of the whole model")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the decoder blocks and the LLM decode step (the first run compiles)")
+    return parser
+
+
+def choose_task(args: argparse.Namespace) -> str:
+    """t2i, edit, understanding or chat, from which flags are present; mistakes are reported, not guessed."""
+    if args.prompt is not None and args.ask is not None:
+        raise UsageError("--prompt (make or edit an image) and --ask (answer a question) are different tasks; "
+                         "give one of them")
+    if args.prompt is not None:
+        task = "edit" if args.image else "t2i"
+    elif args.ask is not None:
+        task = "understanding" if args.image else "chat"
+    else:
+        raise UsageError("nothing to do: give --prompt TEXT to make an image (with --image FILE: edit it), "
+                         "or --ask TEXT to ask a question; see python sample.py --help")
+    if task in ("t2i", "edit"):
+        wrong, right = [flag(n) for n in ANSWER_FLAGS if getattr(args, n) is not None], "answers (--ask)"
+    else:
+        wrong, right = [flag(n) for n in GENERATION_FLAGS if getattr(args, n) is not None], "images (--prompt)"
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} for {right}, not for "
+                         f"{TASK_NAMES[task]}")
+    if task == "t2i" and args.img_cfg is not None:
+        raise UsageError("--img-cfg is the image guidance of editing: it needs --image FILE (the image to edit)")
+    if task == "edit" and len(args.image) > 1:
+        raise UsageError(f"editing takes one --image, got {len(args.image)}: {' '.join(args.image)}")
+    return task
+
+
+def read_png_settings(path: Path) -> dict[str, str]:
+    """The settings an image of this script carries in its PNG text metadata."""
+    try:
+        with Image.open(path) as image:
+            text = dict(getattr(image, "text", {}))
+    except FileNotFoundError:
+        raise RunError(f"--from-png {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise RunError(f"--from-png {path}: not a readable PNG ({error})") from None
+    if text.get("task") not in ("t2i", "edit"):
+        raise RunError(f"--from-png {path}: no ovis-min settings in its metadata (was it made by sample.py?)")
+    return {key: text[key] for key in RECORDED if key in text}
+
+
+def apply_png_settings(args: argparse.Namespace, settings: dict[str, str]) -> None:
+    """Fill every flag the command line left unset from the PNG's settings."""
+    if args.ask is not None:
+        raise UsageError("--from-png re-makes an image; it cannot be combined with --ask")
+    convert = {"seed": int, "steps": int, "width": int, "height": int, "txt_cfg": float, "img_cfg": float}
+    for key, value in settings.items():
+        name = {"model": "weights", "source": "image"}.get(key, key)
+        if key == "task" or getattr(args, name) is not None:
+            continue
+        try:
+            setattr(args, name, [value] if name == "image" else convert.get(key, str)(value))
+        except ValueError:
+            raise RunError(f"--from-png {args.from_png}: its {key} {value!r} is not a number") from None
+    if settings["task"] == "edit" and not args.image:
+        raise RunError(f"--from-png {args.from_png}: an edit without its source image in the metadata")
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; use cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: torch sees no CUDA GPU (torch {torch.__version__}, built for CUDA "
+                         f"{torch.version.cuda or 'none: a CPU-only build'})")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise UsageError(f"--device {name}: sample.py runs on cuda, mps or cpu")
+    return device
+
+
+def check_range(args: argparse.Namespace) -> None:
+    for name, low in (("steps", 1), ("num_images", 1), ("max_new_tokens", 1), ("seed", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise UsageError(f"{flag(name)} {value}: must be at least {low}")
+    if args.seed is not None and args.seed >= 2 ** 63:
+        raise UsageError(f"--seed {args.seed}: must be below 2**63")
+    if args.temperature is not None and args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature:g}: must be 0 (greedy) or more")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p {args.top_p:g}: must be in (0, 1]")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and value < MIN_SIZE:
+            raise UsageError(f"{flag(name)} {value}: too small; width and height must be at least {MIN_SIZE} pixels")
+
+
+def image_size(args: argparse.Namespace, task: str, source: Image.Image | None) -> tuple[int, int]:
+    """(width, height) of the images to make, with a note for every value that was changed."""
+    width, height = args.width, args.height
+    if task == "edit":
+        edit_width, edit_height = edit_target_size(source.width, source.height)
+        if width is None and height is None:
+            log(f"note: editing at {edit_width}x{edit_height}: the input's {source.width}x{source.height} rounded to "
+                "multiples of 32, as the official edit script does (--width/--height to change)")
+            return edit_width, edit_height
+        if width is None:  # one side given: keep the input's aspect ratio
+            width = max(MIN_SIZE, round(height * source.width / source.height))
+        elif height is None:
+            height = max(MIN_SIZE, round(width * source.height / source.width))
+    width = DEFAULT_SIZE if width is None else width
+    height = DEFAULT_SIZE if height is None else height
+    for name, value in (("width", width), ("height", height)):
+        if value % 16:
+            log(f"note: {name} {value} rounded down to {round_to_16(value)}: the model works in 16x16-pixel "
+                "latent tokens")
+    return round_to_16(width), round_to_16(height)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output files
+# ---------------------------------------------------------------------------------------------------------------
+
+def output_paths(out: str, task: str, count: int) -> list[Path]:
+    """`count` PNG paths for --out (a folder, or a .png file name) that do not exist yet.
+
+    A free file name is used as it is; otherwise names are numbered on from the highest number already there
+    (outputs/t2i-0003.png, cat-0001.png), so earlier images are never replaced.
+    """
+    path = Path(out).expanduser()
+    named_file = bool(path.suffix) and not path.is_dir()
+    if named_file and path.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: images are saved as PNG (their settings travel in the metadata); give "
+                         "a .png file name or a folder")
+    folder, stem = (path.parent, path.stem) if named_file else (path, task)
+    writable_folder(folder)
+    if named_file and count == 1 and not path.exists():
+        return [path]
+    numbered = re.compile(re.escape(stem) + r"-(\d+)\.png")
+    taken = [int(m.group(1)) for p in folder.iterdir() if (m := numbered.fullmatch(p.name))]
+    first = max(taken, default=0) + 1
+    paths = [folder / f"{stem}-{n:04d}.png" for n in range(first, first + count)]
+    if named_file:
+        log(f"note: {path} exists: writing {paths[0]}" if count == 1 else
+            f"note: {count} images: writing {paths[0].name} ... {paths[-1].name} in {folder}")
+    return paths
+
+
+def writable_folder(folder: Path) -> None:
+    """Create `folder` if needed and make sure a file can be created in it, before any time is spent."""
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"cannot write images into {folder}: it is a file, not a folder; choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".sample-write-test-{os.getpid()}"
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    except OSError as error:
+        raise RunError(f"cannot write images into {folder} ({error.strerror or error}); choose another --out") from None
+
+
+def save_png(image: Image.Image, path: Path, settings: dict) -> None:
+    """Write `image` with `settings` as PNG text chunks. Exclusive create: an existing file is never replaced."""
+    info = PngImagePlugin.PngInfo()
+    for key in RECORDED:
+        if settings.get(key) is not None:
+            info.add_text(key, str(settings[key]))  # non-Latin-1 text (most prompts' scripts) becomes iTXt
+    info.add_text("Software", "ovis-min sample.py")
+    try:
+        with open(path, "xb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+    except FileExistsError:
+        raise RunError(f"{path} appeared while this ran; not replacing it") from None
+    except OSError as error:
+        raise RunError(f"cannot write {path} ({error.strerror or error})") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------------------------
+
+class ProgressBar:
+    """Denoising steps on stderr: redrawn in place on a terminal, one line when done otherwise (logs, pipes)."""
+
+    def __init__(self, label: str):
+        self.label, self.start, self.drawn = label, time.perf_counter(), 0.0
+        self.live = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if not (done == total or (self.live and now - self.drawn > 0.1)):
+            return
+        self.drawn = now
+        filled = 30 * done // total
+        line = (f"{self.label}[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} steps "
+                f"{now - self.start:6.1f} s")
+        end = "\n" if done == total else ""
+        sys.stderr.write(("\r" if self.live else "") + line + end)
+        sys.stderr.flush()
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+    if device.type == "mps":
+        return f"MPS memory {torch.mps.driver_allocated_memory() / 2 ** 30:.2f} GiB"
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "peak memory unknown"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return f"peak process memory {peak * (1 if sys.platform == 'darwin' else 1024) / 2 ** 30:.2f} GiB"
+
+
+def find_weights(source: str) -> Path:
+    """The checkpoint directory of --weights: a directory, or a hub id from the cache, downloaded if missing."""
+    try:
+        return resolve_source(source)
+    except CheckpointError:
+        if Path(source).expanduser().exists() or not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source):
+            raise  # a path, not a hub id: the message says how to get the weights
+    log(f"{source} is not in the Hugging Face cache ({hub_cache_dir()}): downloading it")
+    return download_checkpoint(source)
+
+
+def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Ovis:
+    start = time.perf_counter()
+    directory = find_weights(args.weights)
+    log(f"loading {directory} ({str(dtype).removeprefix('torch.')} on {device}"
+        f"{', offloaded to CPU between stages' if args.offload else ''})")
+    ovis = Ovis.from_pretrained(directory, device=device, dtype=dtype, offload=args.offload, download=False)
+    # The metadata names the model as the user did: a hub id stays a hub id, a directory becomes absolute.
+    ovis.model_id = args.weights if not Path(args.weights).expanduser().is_dir() else str(directory.resolve())
+    if args.compile:
+        ovis.compile()
+    log(f"loaded in {time.perf_counter() - start:.1f} s")
+    return ovis
+
+
+def generate(ovis: Ovis, args: argparse.Namespace, task: str, source: Image.Image | None,
+             size: tuple[int, int], paths: list[Path], device: torch.device) -> None:
+    width, height = size
+    # At the edit script's own size the official path first resizes the input to exactly that size; passing no
+    # size keeps that path (and keeps a --from-png re-run identical).
+    default_edit_size = task == "edit" and size == edit_target_size(source.width, source.height)
+    settings = {"task": task, "prompt": args.prompt, "steps": args.steps, "txt_cfg": args.txt_cfg,
+                "img_cfg": args.img_cfg if task == "edit" else None, "width": width, "height": height,
+                "model": ovis.model_id, "source": str(Path(args.image[0]).resolve()) if task == "edit" else None}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for i, path in enumerate(paths):
+        seed = args.seed + i
+        label = f"image {i + 1}/{len(paths)} " if len(paths) > 1 else ""
+        if task == "t2i":
+            image, = ovis.text_to_image(args.prompt, width=width, height=height, steps=args.steps,
+                                        txt_cfg=args.txt_cfg, seed=seed, progress=ProgressBar(label))
+        else:
+            image, = ovis.edit(source, args.prompt, steps=args.steps, txt_cfg=args.txt_cfg, img_cfg=args.img_cfg,
+                               seed=seed, width=None if default_edit_size else width,
+                               height=None if default_edit_size else height, progress=ProgressBar(label))
+        save_png(image, path, {**settings, "seed": seed})
+        print(path, flush=True)
+    seconds = time.perf_counter() - start
+    steps = args.steps * len(paths)
+    log(f"{len(paths)} image{'s' if len(paths) > 1 else ''} of {width}x{height}, {steps} steps in {seconds:.1f} s "
+        f"({steps / seconds:.2f} steps/s, condition and VAE included), {peak_memory(device)}")
+
+
+def answer(ovis: Ovis, args: argparse.Namespace, images: list[Image.Image], device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    tokens = []
+    start = time.perf_counter()
+    ovis.answer(args.ask, images, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed if args.temperature > 0 else None,
+                on_text=lambda piece: print(piece, end="", flush=True), on_token=tokens.append)
+    print(flush=True)
+    seconds = time.perf_counter() - start
+    log(f"{len(tokens)} tokens in {seconds:.1f} s ({len(tokens) / seconds:.1f} tokens/s, prompt included), "
+        f"{peak_memory(device)}")
+
+
+def settle(args: argparse.Namespace) -> tuple[str, torch.device, torch.dtype]:
+    """Check the flags, fill in the defaults of the chosen task; returns (task, device, dtype)."""
+    if args.from_png is not None:
+        apply_png_settings(args, read_png_settings(args.from_png))
+    task = choose_task(args)
+    check_range(args)
+    device = pick_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if args.offload and device.type == "cpu":
+        log("note: --offload has no effect on the CPU: the model is in CPU memory anyway")
+        args.offload = False
+    args.weights = args.weights or DEFAULT_WEIGHTS
+    if task in ("t2i", "edit"):
+        args.steps = args.steps or DEFAULT_STEPS
+        args.txt_cfg = DEFAULT_TXT_CFG[task] if args.txt_cfg is None else args.txt_cfg
+        args.img_cfg = DEFAULT_IMG_CFG if args.img_cfg is None else args.img_cfg
+        args.num_images = args.num_images or 1
+        args.out = args.out or DEFAULT_OUT
+    else:
+        args.max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        args.temperature = 0.0 if args.temperature is None else args.temperature
+        args.top_p = 1.0 if args.top_p is None else args.top_p
+        if args.top_p < 1 and args.temperature == 0:
+            log("note: --top-p has no effect with greedy decoding (--temperature 0)")
+    if args.seed is None and (task in ("t2i", "edit") or args.temperature > 0):
+        args.seed = random.SystemRandom().randrange(2 ** 31)
+    return task, device, dtype
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    task, device, dtype = settle(args)
+    # Everything that can fail without the model fails here, before minutes of loading.
+    images = [load_image(path) for path in args.image or []]
+    if task in ("t2i", "edit"):
+        try:
+            size = image_size(args, task, images[0] if images else None)
+        except ValueError as error:  # an input image whose aspect ratio no edit size can hold
+            raise RunError(str(error)) from None
+        paths = output_paths(args.out, task, args.num_images)
+        seeds = f"{args.seed}" if args.num_images == 1 else f"{args.seed}..{args.seed + args.num_images - 1}"
+        log(f"{TASK_NAMES[task]}, seed {seeds}, {size[0]}x{size[1]}, {args.steps} steps, txt_cfg {args.txt_cfg:g}"
+            + (f", img_cfg {args.img_cfg:g}" if task == "edit" else ""))
+    elif args.temperature > 0:
+        log(f"seed {args.seed}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # its timing-based choice of kernels would change the bytes
+        torch.backends.cudnn.deterministic = True
+    ovis = load(args, device, dtype)
+    try:
+        if task in ("t2i", "edit"):
+            generate(ovis, args, task, images[0] if images else None, size, paths, device)
+        else:
+            answer(ovis, args, images, device)
+    except ValueError as error:  # the model's own checks: a prompt too long, <image> markers that do not add up
+        raise RunError(str(error)) from None
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run, turning the errors a user can cause into one line on stderr and a non-zero exit status."""
+    # A model's answer may hold characters the console's encoding lacks: print a stand-in rather than crash.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    try:
+        return run(argv)
+    except UsageError as error:
+        print(f"sample.py: error: {error}", file=sys.stderr)
+        return 2
+    except CheckpointError as error:
+        hint = "" if "weights.py download" in str(error) else \
+            "; get the official weights with: python weights.py download (or pass --weights DIR)"
+        print(f"sample.py: error: {error}{hint}", file=sys.stderr)
+        return 1
+    except (RunError, ImageError) as error:
+        print(f"sample.py: error: {error}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError:
+        print("sample.py: error: out of GPU memory; try --offload, a smaller --width/--height, or fewer "
+              "--max-new-tokens", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nsample.py: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
