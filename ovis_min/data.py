@@ -1,0 +1,388 @@
+"""Training data: JSONL manifests, the three tasks' examples, per-stage mixing and collation.
+
+A manifest is a JSON-lines file, one sample per line; image paths are relative to the manifest's folder (or
+absolute). The task of a row is told by its keys:
+
+    understanding  {"images": ["a.jpg"], "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"},
+                                                           {"from": "gpt", "value": "A red square."}]}
+                   ("image": "a.jpg" for one image; "role"/"content" turns work too; one `<image>` marker per image,
+                   in order; text-only conversations have no images)
+    t2i            {"image": "a.jpg", "caption": "a red square on a white background"}
+    edit           {"source": "a.jpg", "instruction": "make the square blue", "target": "b.jpg"}
+
+Each example is built exactly as the official inference scripts build their inputs (prompt.py, preprocess.py):
+understanding turns through the official chat formatter, whose labels supervise the assistant answers only;
+T2I as the caption prompt about a blank white image; editing as the instruction about the source image, whose VAE
+tokens also go to the decoder. Generation targets are resized to cover `resolution` x `resolution` and
+center-cropped, as the sampler's condition images are.
+
+Classifier-free guidance needs the unconditional branches at sampling time, so conditions are dropped at random:
+T2I prompts become the unconditional prompt (`drop_prompt`); edits lose the instruction but keep the image
+(`drop_prompt`, the sampler's "no text" branch) or lose both (`drop_image`, its "no text, no image" branch).
+
+Rows that cannot be used (malformed JSON or fields, missing or unreadable images, too long for the model, no answer
+to learn) are skipped and counted by reason; they never stop a run.
+"""
+import json
+import math
+import random
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import PreprocessConfig
+from .preprocess import ImageError, blank_image, condition_images, load_image, resize_center_crop
+from .prompt import (IGNORE_ID, UNCONDITIONAL_PROMPT, Tokenizer, check_image_count, check_length, edit_prompt,
+                     preprocess_inputs, t2i_prompt)
+
+TASKS = ("understanding", "t2i", "edit")
+SKIP_REASONS = ("malformed", "missing image", "unreadable image", "too long", "no answer")
+MAX_WARNINGS = 5  # per reason and process: enough to see what is wrong without flooding a long run's log
+
+
+class SkipRow(Exception):
+    """A row that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def task_of(row: dict) -> str:
+    if "conversations" in row:
+        return "understanding"
+    if "caption" in row:
+        return "t2i"
+    if "instruction" in row:
+        return "edit"
+    raise SkipRow("malformed", f"a row needs 'conversations', 'caption' or 'instruction', got keys {sorted(row)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifests
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Manifests:
+    """Where every usable line of the manifests is, grouped by task; lines are parsed again when used."""
+    files: list[Path]
+    rows: dict[str, np.ndarray]  # task -> (n, 2) int64 [file index, byte offset of the line]
+    malformed: int = 0
+
+
+def index_manifests(paths: list[Path | str]) -> Manifests:
+    """Scan the JSONL files once: the byte offset and task of each line. Unparsable lines are counted."""
+    files = [Path(p) for p in paths]
+    rows: dict[str, list[tuple[int, int]]] = {task: [] for task in TASKS}
+    malformed = 0
+    for file_index, path in enumerate(files):
+        if not path.is_file():
+            raise FileNotFoundError(f"manifest not found: {path}")
+        offset = 0
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                        rows[task_of(row)].append((file_index, offset))
+                    except (ValueError, SkipRow, TypeError):
+                        malformed += 1
+                offset += len(line)
+    return Manifests(files, {task: np.asarray(r, dtype=np.int64).reshape(-1, 2) for task, r in rows.items()},
+                     malformed)
+
+
+def read_row(manifests: Manifests, ref: np.ndarray) -> tuple[dict, Path]:
+    """(parsed row, folder its relative paths start from)."""
+    path = manifests.files[int(ref[0])]
+    with open(path, "rb") as f:
+        f.seek(int(ref[1]))
+        return json.loads(f.readline()), path.parent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Examples
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    tokenizer: Tokenizer
+    preprocess: PreprocessConfig
+    max_length: int  # the model's multimodal_max_length
+    resolution: int = 512  # generation targets are resolution x resolution pixels
+    drop_prompt: float = 0.1
+    drop_image: float = 0.05
+
+
+@dataclass
+class Example:
+    task: str
+    input_ids: torch.Tensor  # (L,) with the image placeholder ids
+    labels: torch.Tensor | None  # (L,) understanding only
+    pixel_values: torch.Tensor | None  # (N, C*p*p) encoder patches of the prompt's images
+    grid_thws: torch.Tensor | None  # (num_images, 3)
+    seed: int  # all randomness of this sample (drops, timestep, noise) derives from it
+    target: torch.Tensor | None = None  # (3, R, R) in [-1, 1], the image to generate
+    source: torch.Tensor | None = None  # (3, R, R) in [-1, 1], the image being edited (None: not seen)
+
+
+def _image(base: Path, name) -> Image.Image:
+    if not isinstance(name, str) or not name:
+        raise SkipRow("malformed", f"an image path must be a non-empty string, got {name!r}")
+    path = base / name
+    if not path.is_file():
+        raise SkipRow("missing image", str(path))
+    try:
+        return load_image(path)
+    except ImageError as error:
+        raise SkipRow("unreadable image", str(error)) from None
+    except Exception as error:  # e.g. PIL's DecompressionBombError: one odd file must not end a long run
+        raise SkipRow("unreadable image", f"{path}: {type(error).__name__}: {error}") from None
+
+
+def _text(row: dict, key: str) -> str:
+    value = row.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise SkipRow("malformed", f"'{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _tokenize(cfg: DataConfig, conversation, images: list[Image.Image]):
+    """preprocess_inputs with the length check turned into a skip reason."""
+    try:
+        check_image_count(conversation, len(images))
+        input_ids, labels, pixel_values, grid_thws = preprocess_inputs(
+            cfg.tokenizer, conversation, images, cfg.preprocess, generation_preface=None)
+    except ValueError as error:
+        raise SkipRow("malformed", str(error)) from None
+    try:
+        check_length(input_ids, grid_thws, cfg.preprocess.hidden_stride, cfg.max_length)
+    except ValueError as error:
+        raise SkipRow("too long", str(error)) from None
+    return input_ids, labels, pixel_values, grid_thws
+
+
+def understanding_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
+    names = row.get("images", [row["image"]] if "image" in row else [])
+    if not isinstance(names, list):
+        raise SkipRow("malformed", f"'images' must be a list of paths, got {names!r}")
+    images = [_image(base, name) for name in names]
+    input_ids, labels, pixel_values, grid_thws = _tokenize(cfg, row["conversations"], images)
+    if not (labels != IGNORE_ID).any():
+        raise SkipRow("no answer", "the conversation has no assistant turn to learn")
+    return Example("understanding", input_ids, labels, pixel_values, grid_thws, seed)
+
+
+def t2i_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
+    caption = _text(row, "caption")
+    size = cfg.resolution
+    target = resize_center_crop(_image(base, row.get("image")), size, size)
+    drop = random.Random(seed).random() < cfg.drop_prompt
+    encoder_image, _ = condition_images(blank_image(size, size), size, size, cfg.preprocess)
+    prompt = UNCONDITIONAL_PROMPT if drop else t2i_prompt(caption)
+    input_ids, _, pixel_values, grid_thws = _tokenize(cfg, prompt, [encoder_image])
+    return Example("t2i", input_ids, None, pixel_values, grid_thws, seed, target=target)
+
+
+def edit_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
+    instruction = _text(row, "instruction")
+    size = cfg.resolution
+    source_image = _image(base, row.get("source"))
+    target = resize_center_crop(_image(base, row.get("target")), size, size)
+    u = random.Random(seed).random()
+    if u < cfg.drop_image:  # the sampler's "no text, no image" branch: blank image, no VAE tokens
+        encoder_image, _ = condition_images(blank_image(size, size), size, size, cfg.preprocess)
+        prompt, source = UNCONDITIONAL_PROMPT, None
+    else:
+        encoder_image, source = condition_images(source_image, size, size, cfg.preprocess)
+        prompt = UNCONDITIONAL_PROMPT if u < cfg.drop_image + cfg.drop_prompt else edit_prompt(instruction)
+    input_ids, _, pixel_values, grid_thws = _tokenize(cfg, prompt, [encoder_image])
+    return Example("edit", input_ids, None, pixel_values, grid_thws, seed, target=target, source=source)
+
+
+BUILDERS = {"understanding": understanding_example, "t2i": t2i_example, "edit": edit_example}
+
+
+def load_example(manifests: Manifests, task: str, ref: np.ndarray, seed: int, cfg: DataConfig) -> Example:
+    try:
+        row, base = read_row(manifests, ref)
+        return BUILDERS[task](row, base, seed, cfg)
+    except SkipRow:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # fields of the wrong type or shape
+        raise SkipRow("malformed", f"{type(error).__name__}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collation
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    task: str
+    input_ids: torch.Tensor  # (B, L) right-padded with the pad id
+    attention_mask: torch.Tensor  # (B, L) bool
+    labels: torch.Tensor | None  # (B, L), IGNORE_ID on padding
+    pixel_values: torch.Tensor | None  # (sum N, C*p*p) all images of the batch, in order
+    grid_thws: torch.Tensor | None  # (num_images, 3)
+    seeds: torch.Tensor  # (B,) int64, kept on the CPU: they seed CPU generators
+    target: torch.Tensor | None = None  # (B, 3, R, R)
+    source: torch.Tensor | None = None  # (B, 3, R, R), zeros where has_source is False
+    has_source: torch.Tensor | None = None  # (B,) bool
+
+    def to(self, device: torch.device) -> "Batch":
+        moved = {name: value.to(device) if isinstance(value, torch.Tensor) and name != "seeds" else value
+                 for name, value in self.__dict__.items()}
+        return Batch(**moved)
+
+    def __len__(self) -> int:
+        return len(self.seeds)
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right padding: with causal attention the real tokens then see exactly what they see unpadded."""
+    longest = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(examples), longest, dtype=torch.bool)
+    labels = torch.full((len(examples), longest), IGNORE_ID, dtype=torch.long)
+    for i, e in enumerate(examples):
+        input_ids[i, :len(e.input_ids)] = e.input_ids
+        attention_mask[i, :len(e.input_ids)] = True
+        if e.labels is not None:
+            labels[i, :len(e.labels)] = e.labels
+    with_images = [e for e in examples if e.pixel_values is not None]
+    pixel_values = torch.cat([e.pixel_values for e in with_images]) if with_images else None
+    grid_thws = torch.cat([e.grid_thws for e in with_images]) if with_images else None
+    batch = Batch(examples[0].task, input_ids, attention_mask, labels if examples[0].labels is not None else None,
+                  pixel_values, grid_thws, torch.tensor([e.seed for e in examples], dtype=torch.long))
+    if examples[0].target is not None:
+        batch.target = torch.stack([e.target for e in examples])
+        batch.has_source = torch.tensor([e.source is not None for e in examples])
+        if batch.has_source.any():
+            batch.source = torch.stack([e.source if e.source is not None else torch.zeros_like(e.target)
+                                        for e in examples])
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streams and mixing
+# ---------------------------------------------------------------------------------------------------------------
+def sample_seed(seed: int, task: str, index: int) -> int:
+    """A distinct seed per (run seed, task, stream position)."""
+    return ((seed * 1_000_003 + TASKS.index(task)) * 1_000_000_007 + index) % (2 ** 63)
+
+
+class TaskStream:
+    """The rows of one task in a fresh random order every epoch; rank r of W takes positions r, r+W, r+2W, ...
+
+    The position counter is the whole state, so a resumed run continues with the very next row. With `overfit` n,
+    the stream cycles through the first n rows in order and each row keeps its seed (same noise, same timestep,
+    same drops): a debugging mode in which the loss must fall.
+    """
+
+    def __init__(self, task: str, rows: np.ndarray, seed: int, rank: int, world: int, overfit: int = 0):
+        self.task, self.rows, self.seed, self.rank, self.world = task, rows, seed, rank, world
+        self.overfit = min(overfit, len(rows)) if overfit else 0
+        self.draws = 0  # rows this rank has taken
+        self._epoch, self._order = -1, None
+
+    def next(self) -> tuple[np.ndarray, int]:
+        """(row reference, sample seed) of this rank's next position."""
+        position = self.draws * self.world + self.rank
+        self.draws += 1
+        if self.overfit:
+            index = position % self.overfit
+            return self.rows[index], sample_seed(self.seed, self.task, index)
+        epoch, within = divmod(position, len(self.rows))
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.task, -1 - epoch))
+            self._order, self._epoch = torch.randperm(len(self.rows), generator=generator).numpy(), epoch
+        return self.rows[self._order[within]], sample_seed(self.seed, self.task, position)
+
+
+class Mixture:
+    """Micro-batches of one task at a time, the tasks interleaved deterministically in the given ratios.
+
+    Every rank picks the same task for the same micro-batch (the choice depends only on the counts so far), so
+    the ranks of a data-parallel step run the same kind of forward pass. The task with the largest shortfall
+    against its share goes next: ratios 2:1:1 give A B C A A B C A ..., and the counts never drift.
+    """
+
+    def __init__(self, manifests: Manifests, ratios: dict[str, float], cfg: DataConfig, seed: int = 0,
+                 rank: int = 0, world: int = 1, overfit: int = 0, workers: int = 0):
+        ratios = {task: r for task, r in ratios.items() if r > 0}
+        empty = [task for task in ratios if len(manifests.rows[task]) == 0]
+        if empty or not ratios:
+            raise ValueError(f"no {' or '.join(empty) or 'training'} rows in the manifests: add data for these "
+                             f"tasks or leave them out of the mix (--mix)")
+        self.ratios = {task: r / sum(ratios.values()) for task, r in ratios.items()}
+        self.manifests, self.cfg = manifests, cfg
+        self.streams = {task: TaskStream(task, manifests.rows[task], seed, rank, world, overfit)
+                        for task in self.ratios}
+        self.micro_batches = dict.fromkeys(self.ratios, 0)
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
+
+    def next_task(self) -> str:
+        done = sum(self.micro_batches.values())
+        task = max(self.ratios, key=lambda t: self.ratios[t] * (done + 1) - self.micro_batches[t])
+        self.micro_batches[task] += 1
+        return task
+
+    def _load(self, item):
+        ref, seed, task = item
+        try:
+            return load_example(self.manifests, task, ref, seed, self.cfg)
+        except SkipRow as skip:
+            return skip
+
+    def next_batch(self, size: int) -> Batch:
+        """The next micro-batch of `size` usable examples (bad rows are skipped and counted)."""
+        task = self.next_task()
+        stream, examples, failures = self.streams[task], [], 0
+        while len(examples) < size:
+            items = [(*stream.next(), task) for _ in range(size - len(examples))]
+            results = self.pool.map(self._load, items) if self.pool else map(self._load, items)
+            for result in results:
+                if isinstance(result, SkipRow):
+                    failures += 1
+                    self.skipped[result.reason] += 1
+                    if self.skipped[result.reason] <= MAX_WARNINGS:
+                        more = "; more of these are only counted" if self.skipped[result.reason] == MAX_WARNINGS else ""
+                        print(f"skipping a {task} row ({result}){more}", file=sys.stderr)
+                else:
+                    examples.append(result)
+            if failures > 1000 + 10 * len(stream.rows):
+                raise RuntimeError(f"{failures} {task} rows in a row could not be used; see the messages above")
+        return collate(examples, self.cfg.tokenizer.pad_token_id)
+
+    def state_dict(self) -> dict:
+        return {"micro_batches": dict(self.micro_batches), "skipped": dict(self.skipped),
+                "draws": {task: s.draws for task, s in self.streams.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.micro_batches.update({t: n for t, n in state["micro_batches"].items() if t in self.micro_batches})
+        self.skipped.update(state["skipped"])
+        for task, draws in state["draws"].items():
+            if task in self.streams:
+                self.streams[task].draws = draws
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """"understanding=2,t2i=1,edit=1" -> {"understanding": 2.0, ...}."""
+    ratios = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in TASKS or not value:
+            raise ValueError(f"--mix takes task=ratio pairs with tasks from {TASKS}, got {part!r}")
+        ratios[name] = float(value)
+        if not math.isfinite(ratios[name]) or ratios[name] < 0:
+            raise ValueError(f"--mix ratio of {name} must be a non-negative number, got {value}")
+    return ratios
