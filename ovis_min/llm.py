@@ -10,6 +10,7 @@ Grouped-query attention (16 query heads share 8 KV heads), per-head RMSNorm of q
 theta 1e6, tied input/output embeddings. Decoding uses a static KV cache written in place, so one decode step has
 fixed shapes and `torch.compile` can take `decode_step` whole.
 """
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -78,8 +79,26 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     q = q.reshape(batch, kv_heads, group * q_len, head_dim)
     if mask.shape[2] > 1:  # one mask row per query: repeat it for each folded head (a single row broadcasts)
         mask = mask[:, :, None].expand(batch, 1, group, q_len, k_len).reshape(batch, 1, group * q_len, k_len)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, group*Lq, hd)
+    if q.device.type == "cpu" and q_len > 1:
+        # For a whole prompt PyTorch's fused CPU attention runs at a fraction of its matmul speed: two matmuls
+        # do the same math. (For one query, decoding, the fused kernel is the faster one.)
+        scores = torch.matmul(q * head_dim ** -0.5, k.transpose(-1, -2))  # (B, Hkv, group*Lq, Lk)
+        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, group*Lq, hd)
     return out.view(batch, heads, q_len, head_dim)
+
+
+def matrix_vector_kernels(device: torch.device):
+    """A context for products with one row per weight matrix (decoding) on the CPU: ATen's own kernel streams
+    each bf16 weight matrix once, while oneDNN repacks the matrix for every such product and runs about 1.5x
+    slower. Decoding reads every weight once per token, so its speed is this kernel's."""
+    if device.type != "cpu":
+        return nullcontext()
+    mkldnn = torch.backends.mkldnn  # only `enabled` changes; the other flags are passed back as they are
+    return mkldnn.flags(enabled=False, deterministic=mkldnn.deterministic, allow_tf32=mkldnn.allow_tf32,
+                        fp32_precision=mkldnn.fp32_precision)
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
@@ -299,12 +318,13 @@ class Qwen3(nn.Module):
 
         All shapes are fixed for a given Lk, so `torch.compile(model.decode_step, mode="reduce-overhead")` takes it
         whole (the caches are buffers, mutated in place)."""
-        x = self.model.embed_tokens(input_ids)  # (B, 1, D)
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        mask = attention_bias(key_mask, x.dtype)[:, None, None, :]  # (B, 1, 1, Lk)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache_pos)
-        return self.lm_head(self.model.norm(x[:, -1])).float()
+        with matrix_vector_kernels(input_ids.device):
+            x = self.model.embed_tokens(input_ids)  # (B, 1, D)
+            cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+            mask = attention_bias(key_mask, x.dtype)[:, None, None, :]  # (B, 1, 1, Lk)
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, mask, cache_pos)
+            return self.lm_head(self.model.norm(x[:, -1])).float()
 
     @torch.no_grad()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,

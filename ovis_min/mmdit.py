@@ -10,8 +10,10 @@ Facts from the report (Sec. 2, Table 1: "Vision Decoder" 1046M + "Refiner" 81M) 
 * 3-axis RoPE over (frame, row, col) ids that rotates ADJACENT channel pairs (FLUX layout, not the ViT's
   rotate-half). Text ids are all zero, so text tokens are not rotated; edit-image tokens have frame 1.
 
-The work that does not change during sampling (refining the text, RoPE tables) is split out
-(`encode_text`, `rope`) so a sampler does it once; `forward` is the official one-call form.
+The work that does not change during sampling (refining the text, its CLS vector, RoPE tables) is split out
+(`encode_text`, `text_vector`, `rope`) so a sampler does it once; `forward` is the official one-call form.
+Speed (the maths is the official one): q and k are rotated in the activation dtype with precomputed tables,
+and on the CPU attention runs head by head as two matmuls (`attention_by_head`).
 """
 import math
 
@@ -55,23 +57,55 @@ def rope_rotations(ids: torch.Tensor, axes_dim: tuple, theta: float) -> torch.Te
     return torch.cat(rotations, dim=-3).unsqueeze(1)
 
 
-def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """Rotate the adjacent channel pairs (2i, 2i+1) of x (B, nh, L, D) by pe (B|1, 1, L, D/2, 2, 2).
+def rope_cos_sin(pe: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotations of `rope_rotations` (B, 1, S, D/2, 2, 2) as two full-width tables cos, sin (B, 1, S, D) in
+    `dtype`, the form `apply_rope` uses; made once per generation, so no attention upcasts q and k to float32.
 
-    The rotation is done in pe's float32, as the official code does, and the result cast back once.
+    Pair i holds (cos_i, cos_i) and (-sin_i, sin_i): the signs of the two rows of its rotation matrix.
     """
-    pairs = x.unflatten(-1, (-1, 1, 2))  # (B, nh, L, D/2, 1, 2)
-    rotated = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]  # (B, nh, L, D/2, 2)
-    return rotated.flatten(-2).to(x.dtype)
+    cos = pe[..., 0, 0].repeat_interleave(2, dim=-1)
+    sin = torch.stack([pe[..., 0, 1], pe[..., 1, 0]], dim=-1).flatten(-2)
+    return cos.to(dtype), sin.to(dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor,
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the adjacent channel pairs (2i, 2i+1) of x (B, nh, L, D) by the tables of `rope_cos_sin`:
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), computed in x's dtype."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return torch.addcmul(x * cos, swapped, sin)
+
+
+def attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
+                      block: int = 2048) -> torch.Tensor:
+    """Softmax attention computed one (row, head, block of queries) at a time: the same result as SDPA, for the CPU.
+
+    PyTorch's fused CPU attention runs at a fraction of its matmul speed. Here the two products are plain
+    matmuls and the (block, L) scores stay in cache between them. q, k, v (B, nh, L, hs) -> (B, L, nh*hs).
+    """
+    B, nh, L, hs = q.shape
+    q = q * hs ** -0.5
+    bias = None  # the key mask as an additive (B, L) row, added to the scores by the matmul itself
+    if key_mask is not None:
+        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_mask, float("-inf"))
+    out = q.new_empty(B, L, nh, hs)
+    for b in range(B):
+        for h in range(nh):
+            for start in range(0, L, block):
+                scores = F.linear(q[b, h, start:start + block], k[b, h], None if bias is None else bias[b])
+                out[b, start:start + block, h] = torch.softmax(scores, dim=-1) @ v[b, h]
+    return out.flatten(2)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
               key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """RoPE + softmax attention over all tokens. q, k, v (B, nh, L, hs); key_mask (B, L), True = real token."""
-    q, k = apply_rope(q, pe), apply_rope(k, pe)
-    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L): masks keys only
+    """RoPE + softmax attention over all tokens. q, k, v (B, nh, L, hs); rope = (cos, sin) from `rope_cos_sin`;
+    key_mask (B, L), True = real token (it masks keys only) -> (B, L, nh*hs)."""
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if q.device.type == "cpu":
+        return attention_by_head(q, k, v, key_mask)
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, L, hs)
-    return out.transpose(1, 2).flatten(2)  # (B, L, nh*hs)
+    return out.transpose(1, 2).flatten(2)
 
 
 def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -87,7 +121,12 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)  # x * (1 + scale) + shift in one pass
+
+
+def gated(x: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+    """The gated residual x + gate * update, in one pass."""
+    return torch.addcmul(x, gate, update)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +141,9 @@ class HeadRMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, x.shape[-1:], self.scale, eps=1e-6)
+        # the official float32 formula, written out: F.rms_norm is several times slower on bf16 CPU tensors
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
 
 
 class QKNorm(nn.Module):
@@ -160,9 +201,10 @@ class DoubleBlock(nn.Module):
         self.txt_attn = AttentionWeights(hidden_size, num_heads, qkv_bias)
         self.txt_mlp = mlp(hidden_size, mlp_hidden)
 
-    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
-                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """img (B, N, H), txt (B, L, H), pe over [txt, img], key_mask (B, L+N) -> new (img, txt)."""
+    def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], key_mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """img (B, N, H), txt (B, L, H), rope tables over [txt, img], key_mask (B, L+N) -> new (img, txt)."""
         L = txt.shape[1]
         (img_shift1, img_scale1, img_gate1,  # joint attention
          img_shift2, img_scale2, img_gate2,  # MLP
@@ -173,17 +215,18 @@ class DoubleBlock(nn.Module):
         img_q, img_k, img_v = self.img_attn.heads(modulate(img_normed, img_shift1, img_scale1))
         txt_q, txt_k, txt_v = self.txt_attn.heads(modulate(layer_norm(txt), txt_shift1, txt_scale1))
         joint = attention(torch.cat([txt_q, img_q], dim=2), torch.cat([txt_k, img_k], dim=2),
-                          torch.cat([txt_v, img_v], dim=2), pe, key_mask)  # (B, L+N, H)
+                          torch.cat([txt_v, img_v], dim=2), rope, key_mask)  # (B, L+N, H)
 
         self_q, self_k, self_v = self.img_self_attn.heads(modulate(img_normed, img_shift3, img_scale3))
         img_key_mask = None if key_mask is None else key_mask[:, L:]
-        img_self = attention(self_q, self_k, self_v, pe[:, :, L:], img_key_mask)  # (B, N, H)
+        img_rope = tuple(table[:, :, L:] for table in rope)
+        img_self = attention(self_q, self_k, self_v, img_rope, img_key_mask)  # (B, N, H)
 
-        img = img + img_gate1 * self.img_attn.proj(joint[:, L:])
-        img = img + img_gate3 * self.img_self_attn.proj(img_self)
-        img = img + img_gate2 * self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2))
-        txt = txt + txt_gate1 * self.txt_attn.proj(joint[:, :L])
-        txt = txt + txt_gate2 * self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2))
+        img = gated(img, img_gate1, self.img_attn.proj(joint[:, L:]))
+        img = gated(img, img_gate3, self.img_self_attn.proj(img_self))
+        img = gated(img, img_gate2, self.img_mlp(modulate(layer_norm(img), img_shift2, img_scale2)))
+        txt = gated(txt, txt_gate1, self.txt_attn.proj(joint[:, :L]))
+        txt = gated(txt, txt_gate2, self.txt_mlp(modulate(layer_norm(txt), txt_shift2, txt_scale2)))
         return img, txt
 
 
@@ -199,13 +242,13 @@ class SingleBlock(nn.Module):
         self.norm = QKNorm(hidden_size // num_heads)
         self.modulation = Modulation(hidden_size, 3)
 
-    def forward(self, x: torch.Tensor, vec: torch.Tensor, pe: torch.Tensor,
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         shift, scale, gate = self.modulation(vec)
         qkv, mlp_in = self.linear1(modulate(layer_norm(x), shift, scale)).split(self.split_sizes, dim=-1)
         q, k, v = split_heads(qkv, self.num_heads)
-        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe, key_mask)  # (B, S, H)
-        return x + gate * self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1))
+        attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, rope, key_mask)  # (B, S, H)
+        return gated(x, gate, self.linear2(torch.cat([attn, F.gelu(mlp_in, approximate="tanh")], dim=-1)))
 
 
 class FinalLayer(nn.Module):
@@ -270,39 +313,50 @@ class MMDiT(nn.Module):
         """Position ids (B, S, 3) of the whole sequence [txt, img(, cond_img)] -> pe (B, 1, S, hs/2, 2, 2) float32."""
         return rope_rotations(ids, self.config.axes_dim, self.config.theta)
 
-    def predict_velocity(self, img: torch.Tensor, txt_tokens: torch.Tensor, cls: torch.Tensor, pe: torch.Tensor,
-                         timesteps: torch.Tensor, cond_img: torch.Tensor | None = None,
-                         key_mask: torch.Tensor | None = None, trace: dict | None = None) -> torch.Tensor:
+    def text_vector(self, cls: torch.Tensor) -> torch.Tensor:
+        """The CLS part of the modulation vector, vector_in(cls) (B, H): it does not change with the step."""
+        return self.vector_in(cls)
+
+    def predict_velocity(self, img: torch.Tensor, txt_tokens: torch.Tensor, cls: torch.Tensor | None,
+                         pe: torch.Tensor | tuple[torch.Tensor, torch.Tensor], timesteps: torch.Tensor,
+                         cond_img: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
+                         trace: dict | None = None, txt_vec: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder evaluation -> velocity (B, N, out_channels) for the N noise tokens.
 
         img (B, N, in_channels) noise tokens; txt_tokens, cls from `encode_text`; pe from `rope` over the
-        sequence [txt (L), img (N), cond_img (Nc)], batch B or 1; timesteps (B,) in [0, 1], in the latent dtype
-        as the official sampler passes it; cond_img (B, Nc, in_channels) VAE tokens of the edited image.
+        sequence [txt (L), img (N), cond_img (Nc)], batch B or 1, or already turned into the (cos, sin) tables
+        of `rope_cos_sin` in img's dtype; timesteps (B,) in [0, 1], in the latent dtype as the official sampler
+        passes it; cond_img (B, Nc, in_channels) VAE tokens of the edited image.
         key_mask (B, L+N+Nc) bool, True for real tokens: lets rows with padded text (or without a cond image,
         padded with dummy tokens) share one batch; padded positions are never attended to.
         trace: if a dict is given, it receives the intermediates (vec, double.i.img/txt, single.i, final).
+        txt_vec: `text_vector(cls)`, for a caller that computes it once per generation (cls is then unused).
+        A sampler passes the rope tables and txt_vec, so a step does only the work that changes with the step.
         """
         num_img, L = img.shape[1], txt_tokens.shape[1]
         if cond_img is not None:
             img = torch.cat([img, cond_img], dim=1)  # the edit image attends as extra image tokens
         S = L + img.shape[1]
-        if pe.shape[2] != S:
-            raise ValueError(f"pe covers {pe.shape[2]} tokens but the sequence [txt, img, cond_img] has {S}")
+        rope = pe if isinstance(pe, tuple) else rope_cos_sin(pe, img.dtype)  # (cos, sin), each (B|1, 1, S, hs)
+        if rope[0].shape[2] != S:
+            raise ValueError(f"pe covers {rope[0].shape[2]} tokens but the sequence [txt, img, cond_img] has {S}")
         if key_mask is not None and tuple(key_mask.shape) != (img.shape[0], S):
             raise ValueError(f"key_mask must be (B, L+N+Nc) = {(img.shape[0], S)}, got {tuple(key_mask.shape)}")
 
         img = self.img_in(img)  # (B, N+Nc, H)
-        vec = self.time_in(timestep_embedding(timesteps).to(img.dtype)) + self.vector_in(cls)  # (B, H)
+        if txt_vec is None:
+            txt_vec = self.text_vector(cls)
+        vec = self.time_in(timestep_embedding(timesteps).to(img.dtype)) + txt_vec  # (B, H)
         txt = txt_tokens
         if trace is not None:
             trace["vec"] = vec
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, vec, pe, key_mask)
+            img, txt = block(img, txt, vec, rope, key_mask)
             if trace is not None:
                 trace[f"double.{i}.img"], trace[f"double.{i}.txt"] = img, txt
         x = torch.cat([txt, img], dim=1)  # (B, S, H)
         for i, block in enumerate(self.single_blocks):
-            x = block(x, vec, pe, key_mask)
+            x = block(x, vec, rope, key_mask)
             if trace is not None:
                 trace[f"single.{i}"] = x
         out = self.final_layer(x[:, L:], vec)  # (B, N+Nc, out_channels)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
-from .mmdit import MMDiT
+from .mmdit import MMDiT, rope_cos_sin
 from .model import OvisU1
 from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
 from .vae import AutoencoderKL, to_uint8
@@ -46,20 +47,74 @@ def round_to_16(size: int) -> int:
     return 16 * (size // 16)
 
 
+def channels_last(vae: AutoencoderKL) -> AutoencoderKL:
+    """The VAE's convolution weights in channels_last (NHWC) layout, converted in place the first time: oneDNN
+    and cuDNN convolve fastest in it (about 1.3x on the CPU). Every VAE op keeps its input's memory format."""
+    return vae.to(memory_format=torch.channels_last)
+
+
 def decode_latents(vae: AutoencoderKL, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, N, 16) packed latent tokens -> (B, 3, H, W) pixels, nominally in [-1, 1] (not clamped yet)."""
     latents = flow.unpack_latents(tokens.float(), height, width)  # (B, 4, H/8, W/8)
     latents = vae.from_latent_space(latents.to(next(vae.parameters()).dtype))
-    return vae.decode(latents).float()
+    return channels_last(vae).decode(latents.contiguous(memory_format=torch.channels_last)).float()
 
 
 def encode_image_tokens(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None = None,
                         noise: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] -> (B, N, 16) packed latent tokens sampled from the VAE posterior."""
     weight = next(vae.parameters())
-    mean, logvar = vae.encode(pixels.to(weight.device, weight.dtype))
+    pixels = pixels.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
+    mean, logvar = channels_last(vae).encode(pixels)
     latents = vae.to_latent_space(vae.sample_latent(mean, logvar, generator=generator, noise=noise))
     return flow.pack_latents(latents)
+
+
+def guided_velocity(decoder: MMDiT, branches: list[Condition], combine: Callable[[list[torch.Tensor]], torch.Tensor],
+                    batch: int, rows: int, cols: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """velocity(x, t) for `flow.denoise`: the guided velocity of x (batch, rows*cols, 16) at time t.
+
+    Everything that does not change with the step is done here, once: the CLS vectors, the RoPE tables, and
+    the batching of the branches. Branches that see the same image tokens run as ONE decoder call, their
+    texts right-padded to the longest and masked as keys: the two T2I branches are one call. Editing makes
+    two calls, (cond, no-text) with the edit image and no-both without it: putting no-both in the same batch
+    would spend its compute on as many masked dummy image tokens as the image has.
+    """
+    img_ids = flow.latent_position_ids(rows, cols)  # (1, N, 3)
+    groups = []  # (branch indices, txt (G*B, L, H), txt_vec (G*B, H), cond_img, rope tables, key_mask)
+    for has_cond in (True, False):
+        members = [i for i, branch in enumerate(branches) if (branch.cond_img is not None) == has_cond]
+        if not members:
+            continue
+        lengths = [branches[i].tokens.shape[1] for i in members]
+        L = max(lengths)
+        tokens = torch.cat([F.pad(branches[i].tokens, (0, 0, 0, L - n)) for i, n in zip(members, lengths)])
+        txt_vec = decoder.text_vector(torch.cat([branches[i].cls for i in members]))  # (G, H)
+        device, dtype = tokens.device, tokens.dtype
+        ids = [torch.zeros(1, L, 3), img_ids] + ([flow.latent_position_ids(rows, cols, time_index=1)] if has_cond else [])
+        rope = rope_cos_sin(decoder.rope(torch.cat(ids, dim=1).to(device)), dtype)  # (cos, sin), (1, 1, S, hs)
+        cond_img = torch.cat([branches[i].cond_img for i in members]) if has_cond else None
+        key_mask = None
+        if min(lengths) < L:  # (G, S): the padded text positions are not keys
+            key_mask = torch.ones(len(members), rope[0].shape[2], dtype=torch.bool, device=device)
+            for row, n in enumerate(lengths):
+                key_mask[row, n:L] = False
+        # every branch row is repeated for the `batch` images: row g*batch + i is branch g, image i
+        per_image = lambda z: None if z is None else z.repeat_interleave(batch, dim=0)
+        groups.append((members, per_image(tokens), per_image(txt_vec), per_image(cond_img), rope,
+                       per_image(key_mask)))
+
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        outputs = [None] * len(branches)
+        for members, tokens, txt_vec, cond_img, rope, key_mask in groups:
+            t_vec = torch.full((tokens.shape[0],), t, dtype=x.dtype, device=x.device)
+            v = decoder.predict_velocity(x.repeat(len(members), 1, 1), tokens, None, rope, t_vec, cond_img=cond_img,
+                                         key_mask=key_mask, txt_vec=txt_vec)  # (G*batch, N, 16)
+            for i, branch_v in zip(members, v.split(batch)):
+                outputs[i] = branch_v
+        return combine(outputs)
+
+    return velocity
 
 
 @torch.no_grad()
@@ -67,32 +122,12 @@ def sample_latents(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float], 
                    combine: Callable[[list[torch.Tensor]], torch.Tensor], progress: Progress = None) -> torch.Tensor:
     """Euler-integrate the guided velocity from `noise` (B, 4, h, w) over `timesteps`; returns (B, N, 16) tokens.
 
-    Each step runs the decoder once per guidance branch and `combine`s their velocities (text guidance for
-    T2I, image + text guidance for editing).
+    Each step evaluates every guidance branch (batched, see `guided_velocity`) and `combine`s their velocities
+    (text guidance for T2I, image + text guidance for editing).
     """
     batch, _, h, w = noise.shape
-    img = flow.pack_latents(noise)  # (B, N, 16)
-    img_ids = flow.latent_position_ids(h // 2, w // 2, batch=1).to(img.device)  # (1, N, 3)
-    pe_cache = {}
-    for branch in branches:
-        key = (branch.tokens.shape[1], branch.cond_img is not None)
-        if key not in pe_cache:
-            ids = [torch.zeros(1, branch.tokens.shape[1], 3, device=img.device), img_ids]
-            if branch.cond_img is not None:
-                ids.append(flow.latent_position_ids(h // 2, w // 2, time_index=1, batch=1).to(img.device))
-            pe_cache[key] = decoder.rope(torch.cat(ids, dim=1))
-
-    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-        t_vec = torch.full((batch,), t, dtype=x.dtype, device=x.device)
-        outputs = []
-        for branch in branches:
-            pe = pe_cache[(branch.tokens.shape[1], branch.cond_img is not None)]
-            expand = lambda z: None if z is None else z.expand(batch, *z.shape[1:])
-            outputs.append(decoder.predict_velocity(x, expand(branch.tokens), expand(branch.cls), pe, t_vec,
-                                                    cond_img=expand(branch.cond_img)))
-        return combine(outputs)
-
-    return flow.denoise(velocity, img, timesteps, progress=progress)
+    velocity = guided_velocity(decoder, branches, combine, batch, h // 2, w // 2)
+    return flow.denoise(velocity, flow.pack_latents(noise), timesteps, progress=progress)
 
 
 class Ovis:

@@ -238,6 +238,25 @@ class Preprocessor(nn.Module):
         return tokens
 
 
+def attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Softmax attention as two matmuls, the same result as SDPA: q, k, v (n, H, L, hd) -> (n, H, L, hd).
+
+    On the CPU PyTorch's fused attention runs at a fraction of its matmul speed. Short segments (windows) go
+    in one batched product; long ones one head and `block` queries at a time, so the scores stay in cache.
+    """
+    n, heads, length, head_dim = q.shape
+    q = q * head_dim ** -0.5
+    if length <= 256:
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
+    out = torch.empty_like(q)
+    for i in range(n):
+        for h in range(heads):
+            for start in range(0, length, block):
+                scores = F.linear(q[i, h, start:start + block], k[i, h])  # (block, L)
+                out[i, h, start:start + block] = torch.softmax(scores, dim=-1) @ v[i, h]
+    return out
+
+
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """Non-causal attention inside each segment of a packed (N, H, hd) sequence -> (N, H*hd)."""
@@ -247,7 +266,10 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         end = start + n_seg * length
         q_run, k_run, v_run = (x[start:end].reshape(n_seg, length, heads, head_dim).transpose(1, 2)
                                for x in (q, k, v))
-        out = F.scaled_dot_product_attention(q_run, k_run, v_run)  # (n_seg, H, L, hd)
+        if q.device.type == "cpu":
+            out = attention_cpu(q_run, k_run, v_run)
+        else:
+            out = F.scaled_dot_product_attention(q_run, k_run, v_run)  # (n_seg, H, L, hd)
         outputs.append(out.transpose(1, 2).reshape(n_seg * length, heads * head_dim))
         start = end
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
@@ -266,8 +288,8 @@ class Attention(nn.Module):
         n, dim = x.shape
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, dim // self.num_heads)  # (N, 3, H, hd)
         q, k, v = qkv.unbind(1)
-        if self.use_rope:  # the official code rotates in float32 and casts back
-            qk = apply_rope_half(qkv[:, :2].float(), cos, sin).to(x.dtype)  # (N, 2, H, hd)
+        if self.use_rope:  # in the activation dtype (the official code rotates in float32 and casts back)
+            qk = apply_rope_half(qkv[:, :2], cos, sin)  # (N, 2, H, hd)
             q, k = qk.unbind(1)
         return self.proj(segment_attention(q, k, v, runs))
 
@@ -336,10 +358,11 @@ class VisionEncoder(nn.Module):
         units = self.cfg.hidden_stride ** 2
         tokens = self.preprocessor(pixel_values, layout)  # (N, D), input order
         tokens = _reorder_units(tokens, layout.unit_order, units)  # attention order for all blocks
+        rope_cos, rope_sin = layout.rope_cos.to(tokens.dtype), layout.rope_sin.to(tokens.dtype)  # once, not per block
         hidden_states = []
         for block, full in zip(self.trunk.blocks, self.full_attention):
             runs = layout.image_runs if full else layout.window_runs
-            tokens = block(tokens, layout.rope_cos, layout.rope_sin, runs)
+            tokens = block(tokens, rope_cos, rope_sin, runs)
             hidden_states.append(_reorder_units(tokens, layout.unit_restore, units))
         # The norm is per token, so normalising the un-permuted last block output is the same thing.
         return VisionOutput(self.trunk.post_trunk_norm(hidden_states[-1]), hidden_states)
