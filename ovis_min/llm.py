@@ -79,14 +79,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     q = q.reshape(batch, kv_heads, group * q_len, head_dim)
     if mask.shape[2] > 1:  # one mask row per query: repeat it for each folded head (a single row broadcasts)
         mask = mask[:, :, None].expand(batch, 1, group, q_len, k_len).reshape(batch, 1, group * q_len, k_len)
-    if q.device.type == "cpu" and q_len > 1:
-        # For a whole prompt PyTorch's fused CPU attention runs at a fraction of its matmul speed: two matmuls
-        # do the same math. (For one query, decoding, the fused kernel is the faster one.)
-        scores = torch.matmul(q * head_dim ** -0.5, k.transpose(-1, -2))  # (B, Hkv, group*Lq, Lk)
-        scores = scores.masked_fill_(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, group*Lq, hd)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, group*Lq, hd)
     return out.view(batch, heads, q_len, head_dim)
 
 

@@ -12,8 +12,7 @@ Facts from the report (Sec. 2, Table 1: "Vision Decoder" 1046M + "Refiner" 81M) 
 
 The work that does not change during sampling (refining the text, its CLS vector, RoPE tables) is split out
 (`encode_text`, `text_vector`, `rope`) so a sampler does it once; `forward` is the official one-call form.
-Speed (the maths is the official one): q and k are rotated in the activation dtype with precomputed tables,
-and on the CPU attention runs head by head as two matmuls (`attention_by_head`).
+Speed (the maths is the official one): q and k are rotated in the activation dtype with precomputed tables.
 """
 import math
 
@@ -75,34 +74,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.addcmul(x * cos, swapped, sin)
 
 
-def attention_by_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None,
-                      block: int = 2048) -> torch.Tensor:
-    """Softmax attention computed one (row, head, block of queries) at a time: the same result as SDPA, for the CPU.
-
-    PyTorch's fused CPU attention runs at a fraction of its matmul speed. Here the two products are plain
-    matmuls and the (block, L) scores stay in cache between them. q, k, v (B, nh, L, hs) -> (B, L, nh*hs).
-    """
-    B, nh, L, hs = q.shape
-    q = q * hs ** -0.5
-    bias = None  # the key mask as an additive (B, L) row, added to the scores by the matmul itself
-    if key_mask is not None:
-        bias = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~key_mask, float("-inf"))
-    out = q.new_empty(B, L, nh, hs)
-    for b in range(B):
-        for h in range(nh):
-            for start in range(0, L, block):
-                scores = F.linear(q[b, h, start:start + block], k[b, h], None if bias is None else bias[b])
-                out[b, start:start + block, h] = torch.softmax(scores, dim=-1) @ v[b, h]
-    return out.flatten(2)
-
-
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
               key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """RoPE + softmax attention over all tokens. q, k, v (B, nh, L, hs); rope = (cos, sin) from `rope_cos_sin`;
     key_mask (B, L), True = real token (it masks keys only) -> (B, L, nh*hs)."""
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    if q.device.type == "cpu":
-        return attention_by_head(q, k, v, key_mask)
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, L, hs)
     return out.transpose(1, 2).flatten(2)

@@ -238,25 +238,6 @@ class Preprocessor(nn.Module):
         return tokens
 
 
-def attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Softmax attention as two matmuls, the same result as SDPA: q, k, v (n, H, L, hd) -> (n, H, L, hd).
-
-    On the CPU PyTorch's fused attention runs at a fraction of its matmul speed. Short segments (windows) go
-    in one batched product; long ones one head and `block` queries at a time, so the scores stay in cache.
-    """
-    n, heads, length, head_dim = q.shape
-    q = q * head_dim ** -0.5
-    if length <= 256:
-        return torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v
-    out = torch.empty_like(q)
-    for i in range(n):
-        for h in range(heads):
-            for start in range(0, length, block):
-                scores = F.linear(q[i, h, start:start + block], k[i, h])  # (block, L)
-                out[i, h, start:start + block] = torch.softmax(scores, dim=-1) @ v[i, h]
-    return out
-
-
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       runs: tuple[tuple[int, int], ...]) -> torch.Tensor:
     """Non-causal attention inside each segment of a packed (N, H, hd) sequence -> (N, H*hd)."""
@@ -266,10 +247,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         end = start + n_seg * length
         q_run, k_run, v_run = (x[start:end].reshape(n_seg, length, heads, head_dim).transpose(1, 2)
                                for x in (q, k, v))
-        if q.device.type == "cpu":
-            out = attention_cpu(q_run, k_run, v_run)
-        else:
-            out = F.scaled_dot_product_attention(q_run, k_run, v_run)  # (n_seg, H, L, hd)
+        out = F.scaled_dot_product_attention(q_run, k_run, v_run)  # (n_seg, H, L, hd)
         outputs.append(out.transpose(1, 2).reshape(n_seg * length, heads * head_dim))
         start = end
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
