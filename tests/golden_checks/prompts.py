@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import torch
 
+from ovis_min.config import PreprocessConfig
 from ovis_min.prompt import Tokenizer, build_input_ids, check_image_count, format_prompt
 from ovis_min.preprocess import (edit_target_size, condition_images, load_image, preprocess_image,
                                  preprocess_images, resize_for_edit, smart_resize)
@@ -20,13 +21,25 @@ def _entry(mapping: dict, prefix: str):
     return matches[0]
 
 
-def _full_size_setting(description: str):
-    """The `fullconst.*` settings as the case description records them: image file and the four constants."""
+def _full_size_setting(case, cfg: PreprocessConfig):
+    """The `fullconst.*` settings: (image file, preprocessing config) as the case description records them.
+
+    The case has no structured field for them. When the description does not state them, they are the full-size
+    Ovis-U1-3B constants (ovis-min's defaults) on whichever of the case's images gives the stored grid.
+    """
     match = re.search(r"fullconst\.\*'?\s*=.*?patch (\d+), stride (\d+), min_pixels (\d+), max_pixels (\d+)\).*?"
-                      r"on (\S+\.png)", description)
-    assert match, "the preprocess description no longer states the fullconst settings"
-    patch, stride, min_pixels, max_pixels = (int(v) for v in match.groups()[:4])
-    return match.group(5), patch, stride, min_pixels, max_pixels
+                      r"on (\S+\.png)", case.meta["description"])
+    if match:
+        patch, stride, min_pixels, max_pixels = (int(v) for v in match.groups()[:4])
+        return match.group(5), replace(cfg, patch_size=patch, hidden_stride=stride, min_pixels=min_pixels,
+                                       max_pixels=max_pixels)
+    full = replace(cfg, **{k: getattr(PreprocessConfig(), k)
+                           for k in ("patch_size", "hidden_stride", "min_pixels", "max_pixels")})
+    grid = case.output("fullconst.grid_thws")
+    for spec in case.meta["images"]:
+        if torch.equal(preprocess_image(load_image(case.dir / spec["file"]), full)[1], grid):
+            return spec["file"], full
+    raise AssertionError("no image of the case gives the stored fullconst grid with the full-size constants")
 
 
 def check_preprocess(case):
@@ -67,8 +80,7 @@ def check_preprocess(case):
             case.expect(f"{name}.grid_thws", grid_thws)
 
     # The full-size Ovis-U1-3B constants.
-    file_name, patch, stride, min_pixels, max_pixels = _full_size_setting(case.meta["description"])
-    full = replace(cfg, patch_size=patch, hidden_stride=stride, min_pixels=min_pixels, max_pixels=max_pixels)
+    file_name, full = _full_size_setting(case, cfg)
     pixel_values, grid_thws = preprocess_image(image(file_name), full)
     case.expect("fullconst.pixel_values", pixel_values)
     case.expect("fullconst.grid_thws", grid_thws)
