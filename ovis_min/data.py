@@ -36,6 +36,7 @@ import torch
 from PIL import Image
 
 from .config import PreprocessConfig
+from .model import pad_rows
 from .preprocess import ImageError, blank_image, condition_images, load_image, resize_center_crop
 from .prompt import (IGNORE_ID, UNCONDITIONAL_PROMPT, Tokenizer, check_image_count, check_length, edit_prompt,
                      preprocess_inputs, t2i_prompt)
@@ -243,19 +244,16 @@ class Batch:
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
     """Right padding: with causal attention the real tokens then see exactly what they see unpadded."""
-    longest = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(len(examples), longest, dtype=torch.bool)
-    labels = torch.full((len(examples), longest), IGNORE_ID, dtype=torch.long)
-    for i, e in enumerate(examples):
-        input_ids[i, :len(e.input_ids)] = e.input_ids
-        attention_mask[i, :len(e.input_ids)] = True
-        if e.labels is not None:
-            labels[i, :len(e.labels)] = e.labels
+    input_ids = pad_rows([e.input_ids for e in examples], pad_id, left_padding=False)
+    attention_mask = pad_rows([torch.ones(len(e.input_ids), dtype=torch.bool) for e in examples], False,
+                              left_padding=False)
+    labels = None
+    if examples[0].labels is not None:
+        labels = pad_rows([e.labels for e in examples], IGNORE_ID, left_padding=False)
     with_images = [e for e in examples if e.pixel_values is not None]
     pixel_values = torch.cat([e.pixel_values for e in with_images]) if with_images else None
     grid_thws = torch.cat([e.grid_thws for e in with_images]) if with_images else None
-    batch = Batch(examples[0].task, input_ids, attention_mask, labels if examples[0].labels is not None else None,
+    batch = Batch(examples[0].task, input_ids, attention_mask, labels,
                   pixel_values, grid_thws, torch.tensor([e.seed for e in examples], dtype=torch.long))
     if examples[0].target is not None:
         batch.target = torch.stack([e.target for e in examples])

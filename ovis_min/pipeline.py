@@ -18,7 +18,7 @@ from PIL import Image
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
 from .mmdit import MMDiT, rope_cos_sin
-from .model import OvisU1
+from .model import OvisU1, pad_rows
 from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
 from .vae import AutoencoderKL, to_uint8
 from .prompt import (UNCONDITIONAL_PROMPT, Tokenizer, edit_prompt, multi_image_prompt, preprocess_inputs,
@@ -190,10 +190,7 @@ class Ovis:
                 pixels.append(pixel_values)
                 grids.append(grid_thws)
         pad = self.tokenizer.pad_token_id
-        longest = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, longest - len(row):] = row
+        input_ids = pad_rows(rows, pad, left_padding=True)
         attention_mask = input_ids != pad  # the negative image placeholders count as real tokens
         if not pixels:
             return input_ids, attention_mask, None, None
