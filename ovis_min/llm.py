@@ -295,11 +295,8 @@ class Qwen3(nn.Module):
     def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt (B, L, D), writing cache slots 0..L-1; return float logits (B, V) of the last position."""
-        batch, length, _ = inputs_embeds.shape
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, inputs_embeds.dtype)
-        mask = attention_bias(causal_mask(attention_mask, batch, length, inputs_embeds.device), inputs_embeds.dtype)
-        cache_pos = torch.arange(length, device=inputs_embeds.device)
-        x = inputs_embeds
+        x, mask, cos, sin = self._inputs(None, inputs_embeds, attention_mask, position_ids)
+        cache_pos = torch.arange(x.shape[1], device=x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, mask, cache_pos)
         return self.lm_head(self.model.norm(x[:, -1])).float()
@@ -332,8 +329,8 @@ class Qwen3(nn.Module):
         Positions follow Hugging Face under left padding: each row's first valid token is position 0. A row that
         has produced an eos token emits pad_token_id (default: the first eos) from then on; decoding stops when
         every row has finished. temperature 0 is greedy, otherwise see `next_token`. `on_token(ids)` gets each
-        step's (B,) ids (on the model's device) for streaming, for exactly the T returned steps. `step` replaces `self.decode_step`, e.g. with
-        `torch.compile(model.decode_step, mode="reduce-overhead")`.
+        step's (B,) ids (on the model's device) for streaming, for exactly the T returned steps. `step` replaces
+        `self.decode_step`, e.g. with `torch.compile(model.decode_step, mode="reduce-overhead")`.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
