@@ -21,8 +21,7 @@ from .mmdit import MMDiT, rope_cos_sin
 from .model import OvisU1, pad_rows
 from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
 from .vae import AutoencoderKL, to_uint8
-from .prompt import (UNCONDITIONAL_PROMPT, Tokenizer, edit_prompt, multi_image_prompt, preprocess_inputs,
-                     t2i_prompt, understanding_prompt)
+from .prompt import UNCONDITIONAL_PROMPT, Tokenizer, edit_prompt, preprocess_inputs, question_prompt, t2i_prompt
 
 Progress = Callable[[int, int], None] | None  # called as progress(step_done, total_steps)
 
@@ -211,9 +210,7 @@ class Ovis:
         images = [images or []] if single else [row or [] for row in (images or [[]] * len(questions))]
         if len(images) != len(questions):
             raise ValueError(f"got {len(questions)} questions but {len(images)} image lists")
-        prompts = [q if "<image>" in q else (understanding_prompt(q) if len(im) == 1 else
-                                             multi_image_prompt(q, len(im)) if im else q)
-                   for q, im in zip(questions, images)]
+        prompts = [question_prompt(q, len(im)) for q, im in zip(questions, images)]
         input_ids, attention_mask, pixel_values, grid_thws = self.prepare_prompts(prompts, images, "")
         self.use("condition")
         merged = self.model.merge_inputs(input_ids, attention_mask, pixel_values, grid_thws, left_padding=True)
@@ -276,11 +273,8 @@ class Ovis:
         # The official script also VAE-encodes the blank image here and never uses the result: skipped.
         self.use("decoder")
         branches = [self.refine(cond_txt), self.refine(uncond_txt)]
-        noise = self.initial_noise(num_images, height, width, seed)
-        tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width), branches,
-                                lambda v: flow.text_guidance(v[0], v[1], txt_cfg), progress)
-        self.use("vae")
-        return to_pil(decode_latents(self.model.visual_generator.vae, tokens, height, width))
+        return self.sample_images(branches, lambda v: flow.text_guidance(v[0], v[1], txt_cfg), num_images, height,
+                                  width, steps, seed, progress)
 
     @torch.no_grad()
     def edit(self, image, instruction: str, steps: int = 50, txt_cfg: float = 6.0, img_cfg: float = 1.5,
@@ -303,9 +297,16 @@ class Ovis:
         self.use("decoder")
         branches = [self.refine(cond_txt, image_tokens), self.refine(no_txt_txt, image_tokens),
                     self.refine(no_both_txt)]
+        return self.sample_images(branches, lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg),
+                                  num_images, height, width, steps, seed, progress)
+
+    def sample_images(self, branches: list[Condition], combine: Callable[[list[torch.Tensor]], torch.Tensor],
+                      num_images: int, height: int, width: int, steps: int, seed: int,
+                      progress: Progress) -> list[Image.Image]:
+        """The part T2I and editing share: seeded noise, the guided Euler loop (decoder stage), VAE decode."""
         noise = self.initial_noise(num_images, height, width, seed)
-        tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width), branches,
-                                lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg), progress)
+        tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width),
+                                branches, combine, progress)
         self.use("vae")
         return to_pil(decode_latents(self.model.visual_generator.vae, tokens, height, width))
 

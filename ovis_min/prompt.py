@@ -56,6 +56,14 @@ def multi_image_prompt(question: str, num_images: int) -> str:
     return "\n".join(lines) + "\n" + question
 
 
+def question_prompt(question: str, num_images: int) -> str:
+    """A question about `num_images` images in the form of the official scripts; a question that places its own
+    `<image>` markers (or has no image) is kept as it is."""
+    if IMAGE_TOKEN in question or num_images == 0:
+        return question
+    return understanding_prompt(question) if num_images == 1 else multi_image_prompt(question, num_images)
+
+
 def t2i_prompt(caption: str) -> str:
     return T2I_PREFIX + caption
 
