@@ -235,12 +235,10 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     x_t = flow.noisy_latents(x0, noise, t)
 
     batch_size, num_txt, num_img = len(batch), txt.shape[1], x0.shape[1]
-    ids = [torch.zeros(1, num_txt, 3, device=device), flow.latent_position_ids(rows, rows, device=device)]
     key_mask = [txt_mask, torch.ones(batch_size, num_img, dtype=torch.bool, device=device)]
     if cond_img is not None:  # rows without a source image carry zeros there, hidden by the key mask
-        ids.append(flow.latent_position_ids(rows, rows, time_index=1, device=device))
         key_mask.append(batch.has_source[:, None].expand(batch_size, num_img))
-    pe = decoder.rope(torch.cat(ids, dim=1))
+    pe = decoder.rope(flow.sequence_position_ids(num_txt, rows, rows, edit_image=cond_img is not None, device=device))
     velocity = decoder.predict_velocity(x_t, txt_tokens, cls, pe, t, cond_img=cond_img,
                                         key_mask=torch.cat(key_mask, dim=1))
     tokens = int(txt_mask.sum()) + batch_size * num_img + (int(batch.has_source.sum()) * num_img

@@ -69,6 +69,16 @@ def latent_position_ids(rows: int, cols: int, time_index: float = 0, batch: int 
     return ids.reshape(1, rows * cols, 3).expand(batch, -1, -1).contiguous()
 
 
+def sequence_position_ids(txt_len: int, rows: int, cols: int, edit_image: bool,
+                          device: torch.device | str | None = None) -> torch.Tensor:
+    """(1, S, 3) ids of the decoder's whole sequence [text, noise tokens (, edit-image tokens)]: text ids are all
+    zero (its RoPE is the identity), the noise grid has t = 0 and the edit image the same grid with t = 1."""
+    ids = [torch.zeros(1, txt_len, 3, device=device), latent_position_ids(rows, cols, device=device)]
+    if edit_image:
+        ids.append(latent_position_ids(rows, cols, time_index=1, device=device))
+    return torch.cat(ids, dim=1)
+
+
 # -- guidance and sampling -------------------------------------------------------------------------
 def text_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, txt_cfg: float) -> torch.Tensor:
     """Classifier-free guidance for text-to-image (uncond = the "no text, no image" condition)."""

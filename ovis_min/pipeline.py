@@ -79,7 +79,6 @@ def guided_velocity(decoder: MMDiT, branches: list[Condition], combine: Callable
     two calls, (cond, no-text) with the edit image and no-both without it: putting no-both in the same batch
     would spend its compute on as many masked dummy image tokens as the image has.
     """
-    img_ids = flow.latent_position_ids(rows, cols)  # (1, N, 3)
     groups = []  # (branch indices, txt (G*B, L, H), txt_vec (G*B, H), cond_img, rope tables, key_mask)
     for has_cond in (True, False):
         members = [i for i, branch in enumerate(branches) if (branch.cond_img is not None) == has_cond]
@@ -90,8 +89,8 @@ def guided_velocity(decoder: MMDiT, branches: list[Condition], combine: Callable
         tokens = torch.cat([F.pad(branches[i].tokens, (0, 0, 0, L - n)) for i, n in zip(members, lengths)])
         txt_vec = decoder.text_vector(torch.cat([branches[i].cls for i in members]))  # (G, H)
         device, dtype = tokens.device, tokens.dtype
-        ids = [torch.zeros(1, L, 3), img_ids] + ([flow.latent_position_ids(rows, cols, time_index=1)] if has_cond else [])
-        rope = rope_cos_sin(decoder.rope(torch.cat(ids, dim=1).to(device)), dtype)  # (cos, sin), (1, 1, S, hs)
+        ids = flow.sequence_position_ids(L, rows, cols, edit_image=has_cond, device=device)  # (1, S, 3)
+        rope = rope_cos_sin(decoder.rope(ids), dtype)  # (cos, sin), (1, 1, S, hs)
         cond_img = torch.cat([branches[i].cond_img for i in members]) if has_cond else None
         key_mask = None
         if min(lengths) < L:  # (G, S): the padded text positions are not keys
