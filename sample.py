@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from ovis_min.checkpoint import CheckpointError, download_checkpoint, hub_cache_dir, resolve_source
+from ovis_min.checkpoint import (CheckpointError, download_checkpoint, hub_cache_dir, looks_like_hub_id,
+                                 resolve_source)
 from ovis_min.pipeline import MIN_SIZE, Ovis, round_to_16
 from ovis_min.preprocess import ImageError, edit_target_size, load_image
 
@@ -344,7 +345,7 @@ def find_weights(source: str) -> Path:
     try:
         return resolve_source(source)
     except CheckpointError:
-        if Path(source).expanduser().exists() or not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", source):
+        if Path(source).expanduser().exists() or not looks_like_hub_id(source):
             raise  # a path, not a hub id: the message says how to get the weights
     log(f"{source} is not in the Hugging Face cache ({hub_cache_dir()}): downloading it")
     return download_checkpoint(source)

@@ -405,13 +405,18 @@ def load_model(source: str | Path = DEFAULT_REPO, dtype: torch.dtype = torch.bfl
     return Loaded(model.eval(), config, directory)
 
 
+def looks_like_hub_id(source: str | Path) -> bool:
+    """`owner/name` as the hub spells repository ids (a relative path such as `ckpt/x` reads the same)."""
+    return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) is not None
+
+
 def resolve_source(source: str | Path, revision: str = "main", download: bool = False) -> Path:
     """A checkpoint directory for `source`: an existing directory, or a hub id found in the cache."""
     path = Path(source).expanduser()
     if path.is_dir():
         return path
     repo_id = str(source)
-    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", repo_id):
+    if not looks_like_hub_id(repo_id):
         raise CheckpointError(f"no checkpoint directory {source}; {download_hint(source)}")
     for candidate in [repo_id] + [other for other in HUB_IDS if repo_id in HUB_IDS and other != repo_id]:
         snapshot = cached_snapshot(candidate, revision)
