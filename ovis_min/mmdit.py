@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovis_min.config import MMDiTConfig, RefinerConfig
+from ovis_min.layers import rms_norm
 from ovis_min.refiner import TokenRefiner
 
 
@@ -117,9 +118,7 @@ class HeadRMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the official float32 formula, written out: F.rms_norm is several times slower on bf16 CPU tensors
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * self.scale
+        return rms_norm(x, self.scale, eps=1e-6)
 
 
 class QKNorm(nn.Module):
