@@ -284,43 +284,41 @@ class MMDiT(nn.Module):
         """
         return self.txt_in(txt, txt_mask)
 
-    def rope(self, ids: torch.Tensor) -> torch.Tensor:
-        """Position ids (B, S, 3) of the whole sequence [txt, img(, cond_img)] -> pe (B, 1, S, hs/2, 2, 2) float32."""
-        return rope_rotations(ids, self.config.axes_dim, self.config.theta)
+    def rope(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids (B, S, 3) of the whole sequence [txt, img(, cond_img)] -> the (cos, sin) tables
+        (B, 1, S, hs) in `dtype` that every attention of `predict_velocity` applies."""
+        return rope_cos_sin(rope_rotations(ids, self.config.axes_dim, self.config.theta), dtype)
 
     def text_vector(self, cls: torch.Tensor) -> torch.Tensor:
         """The CLS part of the modulation vector, vector_in(cls) (B, H): it does not change with the step."""
         return self.vector_in(cls)
 
-    def predict_velocity(self, img: torch.Tensor, txt_tokens: torch.Tensor, cls: torch.Tensor | None,
-                         pe: torch.Tensor | tuple[torch.Tensor, torch.Tensor], timesteps: torch.Tensor,
+    def predict_velocity(self, img: torch.Tensor, txt_tokens: torch.Tensor, txt_vec: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor], timesteps: torch.Tensor,
                          cond_img: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                         trace: dict | None = None, txt_vec: torch.Tensor | None = None) -> torch.Tensor:
+                         trace: dict | None = None) -> torch.Tensor:
         """One decoder evaluation -> velocity (B, N, out_channels) for the N noise tokens.
 
-        img (B, N, in_channels) noise tokens; txt_tokens, cls from `encode_text`; pe from `rope` over the
-        sequence [txt (L), img (N), cond_img (Nc)], batch B or 1, or already turned into the (cos, sin) tables
-        of `rope_cos_sin` in img's dtype; timesteps (B,) in [0, 1], in the latent dtype as the official sampler
-        passes it; cond_img (B, Nc, in_channels) VAE tokens of the edited image.
+        img (B, N, in_channels) noise tokens; txt_tokens from `encode_text` and txt_vec = `text_vector(cls)`;
+        rope = `rope(ids, img.dtype)` over the sequence [txt (L), img (N), cond_img (Nc)], batch B or 1;
+        timesteps (B,) in [0, 1], in the latent dtype as the official sampler passes it; cond_img (B, Nc,
+        in_channels) VAE tokens of the edited image.
         key_mask (B, L+N+Nc) bool, True for real tokens: lets rows with padded text (or without a cond image,
         padded with dummy tokens) share one batch; padded positions are never attended to.
         trace: if a dict is given, it receives the intermediates (vec, double.i.img/txt, single.i, final).
-        txt_vec: `text_vector(cls)`, for a caller that computes it once per generation (cls is then unused).
-        A sampler passes the rope tables and txt_vec, so a step does only the work that changes with the step.
+        txt_vec and rope depend only on the condition and the grid, so a sampler makes them once per generation
+        and a step does only the work that changes with the step.
         """
         num_img, L = img.shape[1], txt_tokens.shape[1]
         if cond_img is not None:
             img = torch.cat([img, cond_img], dim=1)  # the edit image attends as extra image tokens
         S = L + img.shape[1]
-        rope = pe if isinstance(pe, tuple) else rope_cos_sin(pe, img.dtype)  # (cos, sin), each (B|1, 1, S, hs)
         if rope[0].shape[2] != S:
-            raise ValueError(f"pe covers {rope[0].shape[2]} tokens but the sequence [txt, img, cond_img] has {S}")
+            raise ValueError(f"rope covers {rope[0].shape[2]} tokens but the sequence [txt, img, cond_img] has {S}")
         if key_mask is not None and tuple(key_mask.shape) != (img.shape[0], S):
             raise ValueError(f"key_mask must be (B, L+N+Nc) = {(img.shape[0], S)}, got {tuple(key_mask.shape)}")
 
         img = self.img_in(img)  # (B, N+Nc, H)
-        if txt_vec is None:
-            txt_vec = self.text_vector(cls)
         vec = self.time_in(timestep_embedding(timesteps).to(img.dtype)) + txt_vec  # (B, H)
         txt = txt_tokens
         if trace is not None:
@@ -345,5 +343,5 @@ class MMDiT(nn.Module):
         """The official call: raw LLM condition txt (B, L, context_in_dim) and position ids -> velocity (B, N, C)."""
         txt_tokens, cls = self.encode_text(txt)
         ids = [txt_ids, img_ids] if cond_img is None else [txt_ids, img_ids, cond_img_ids]
-        pe = self.rope(torch.cat(ids, dim=1))
-        return self.predict_velocity(img, txt_tokens, cls, pe, timesteps, cond_img, trace=trace)
+        rope = self.rope(torch.cat(ids, dim=1), img.dtype)
+        return self.predict_velocity(img, txt_tokens, self.text_vector(cls), rope, timesteps, cond_img, trace=trace)

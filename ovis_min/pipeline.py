@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
-from .mmdit import MMDiT, rope_cos_sin
+from .mmdit import MMDiT
 from .model import OvisU1, pad_rows
 from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
 from .vae import AutoencoderKL, to_uint8
@@ -90,7 +90,7 @@ def guided_velocity(decoder: MMDiT, branches: list[Condition], combine: Callable
         txt_vec = decoder.text_vector(torch.cat([branches[i].cls for i in members]))  # (G, H)
         device, dtype = tokens.device, tokens.dtype
         ids = flow.sequence_position_ids(L, rows, cols, edit_image=has_cond, device=device)  # (1, S, 3)
-        rope = rope_cos_sin(decoder.rope(ids), dtype)  # (cos, sin), (1, 1, S, hs)
+        rope = decoder.rope(ids, dtype)  # (cos, sin), (1, 1, S, hs)
         cond_img = torch.cat([branches[i].cond_img for i in members]) if has_cond else None
         key_mask = None
         if min(lengths) < L:  # (G, S): the padded text positions are not keys
@@ -106,8 +106,8 @@ def guided_velocity(decoder: MMDiT, branches: list[Condition], combine: Callable
         outputs = [None] * len(branches)
         for members, tokens, txt_vec, cond_img, rope, key_mask in groups:
             t_vec = torch.full((tokens.shape[0],), t, dtype=x.dtype, device=x.device)
-            v = decoder.predict_velocity(x.repeat(len(members), 1, 1), tokens, None, rope, t_vec, cond_img=cond_img,
-                                         key_mask=key_mask, txt_vec=txt_vec)  # (G*batch, N, 16)
+            v = decoder.predict_velocity(x.repeat(len(members), 1, 1), tokens, txt_vec, rope, t_vec,
+                                         cond_img=cond_img, key_mask=key_mask)  # (G*batch, N, 16)
             for i, branch_v in zip(members, v.split(batch)):
                 outputs[i] = branch_v
         return combine(outputs)

@@ -49,8 +49,8 @@ def test_forward_equals_split_calls(edit):
         full = model(img, img_ids, txt, txt_ids, t, cond_img=cond, cond_img_ids=cond_ids)
         tokens, cls = model.encode_text(txt)
         # the RoPE table is the same for every row: a batch-1 table must broadcast
-        pe = model.rope(torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1)[:1])
-        split = model.predict_velocity(img, tokens, cls, pe, t, cond_img=cond)
+        rope = model.rope(torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1)[:1], img.dtype)
+        split = model.predict_velocity(img, tokens, model.text_vector(cls), rope, t, cond_img=cond)
     assert full.shape == (B, N, 16)
     torch.testing.assert_close(split, full, rtol=0, atol=1e-6)
 
@@ -99,10 +99,11 @@ def test_batched_guidance_branches_with_key_mask_equal_separate_calls():
         key_mask = torch.cat([txt_mask, torch.ones(B, N, dtype=torch.bool),
                               torch.tensor(with_cond)[:, None].expand(B, N)], dim=1)  # (B, L+N+N)
         tokens, cls = model.encode_text(txt, txt_mask)
-        pe = model.rope(torch.cat([torch.zeros(1, L, 3), img_ids, cond_ids], dim=1))
-        batched = model.predict_velocity(img.expand(B, -1, -1), tokens, cls, pe, t.expand(B),
+        rope = model.rope(torch.cat([torch.zeros(1, L, 3), img_ids, cond_ids], dim=1), img.dtype)
+        txt_vec = model.text_vector(cls)
+        batched = model.predict_velocity(img.expand(B, -1, -1), tokens, txt_vec, rope, t.expand(B),
                                          cond_img=cond.expand(B, -1, -1), key_mask=key_mask)
-        unmasked = model.predict_velocity(img.expand(B, -1, -1), tokens, cls, pe, t.expand(B),
+        unmasked = model.predict_velocity(img.expand(B, -1, -1), tokens, txt_vec, rope, t.expand(B),
                                           cond_img=cond.expand(B, -1, -1))
     for i in range(B):
         torch.testing.assert_close(batched[i], separate[i][0], rtol=0, atol=1e-5)

@@ -1,7 +1,7 @@
 """Golden checks of the image decoder: the text refiner (`refiner`) and the MMDiT (`mmdit_t2i`, `mmdit_edit`)."""
 import torch
 
-from ovis_min.mmdit import MMDiT
+from ovis_min.mmdit import MMDiT, rope_cos_sin, rope_rotations
 from ovis_min.refiner import TokenRefiner
 
 
@@ -34,11 +34,13 @@ def check_mmdit(case):
         pred = model(img, img_ids, txt, txt_ids, t, cond_img=cond_img, cond_img_ids=cond_ids)
         # ... and the split form a sampler uses, whose intermediates are compared
         txt_tokens, cls = model.encode_text(txt)
-        pe = model.rope(torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1))
+        pe = rope_rotations(torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1),
+                            config.mmdit.axes_dim, config.mmdit.theta)  # the official 2x2 rotation matrices
         trace = {}
-        pred_split = model.predict_velocity(img, txt_tokens, cls, pe, t, cond_img=cond_img, trace=trace)
+        pred_split = model.predict_velocity(img, txt_tokens, model.text_vector(cls), rope_cos_sin(pe, img.dtype), t,
+                                            cond_img=cond_img, trace=trace)
 
-    assert torch.equal(pred, pred_split), "forward and encode_text + rope + predict_velocity differ"
+    assert torch.equal(pred, pred_split), "forward and encode_text + rope tables + predict_velocity differ"
     case.expect("pred", pred)
     case.expect("intermediate.txt_fea", txt_tokens)
     case.expect("intermediate.txt_fea_avg", cls)
