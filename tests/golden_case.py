@@ -5,6 +5,7 @@ output with the tolerances of the golden README and remembers it, so the test ca
 output was either compared or explicitly declared as not produced by ovis-min (with a reason).
 """
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -12,9 +13,23 @@ from safetensors.torch import load_file
 
 from ovis_min.config import OvisConfig, from_official
 
+GOLDEN_DIR = Path(os.environ.get("OVIS_GOLDEN_DIR", Path(__file__).parent / "golden"))
 FLOAT_ATOL = 1e-4
 FLOAT_RTOL = 1e-4
 UINT8_MAX_FLIPPED = 0.005  # at most 0.5% of pixels may differ, and then only by 1 (truncation noise)
+
+
+def case_metas(directory: Path) -> dict[str, dict]:
+    """name -> JSON of every golden case (`*.json` with a "case" field) in `directory`."""
+    metas = {}
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            meta = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(meta, dict) and "case" in meta:
+            metas[path.stem] = meta
+    return metas
 
 
 class GoldenCase:

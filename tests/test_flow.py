@@ -1,30 +1,17 @@
 """Flow-matching math: schedule and noise against the official values, packing, the sampler, the training target."""
-import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from golden_case import GoldenCase
+from golden_case import GOLDEN_DIR, GoldenCase, case_metas
 from ovis_min import flow
-
-GOLDEN_DIR = Path(os.environ.get("OVIS_GOLDEN_DIR", Path(__file__).parent / "golden"))
 
 
 def cases_with(key: str, output: str | None = None) -> list[str]:
     """Golden cases whose JSON has `key` (and lists the stored output `output`)."""
-    names = []
-    for path in sorted(GOLDEN_DIR.glob("*.json")):
-        try:
-            meta = json.loads(path.read_text())
-        except ValueError:
-            continue
-        if isinstance(meta, dict) and "case" in meta and key in meta and (
-                output is None or output in meta.get("outputs", {})):
-            names.append(path.stem)
-    return names
+    return [name for name, meta in case_metas(GOLDEN_DIR).items()
+            if key in meta and (output is None or output in meta.get("outputs", {}))]
 
 
 def packed_tokens(meta: dict) -> int:

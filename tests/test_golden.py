@@ -5,15 +5,10 @@ Shapes, sizes and settings are read from each case and its config, so any direct
 (other seeds, sizes, configs) runs unchanged.
 """
 import importlib
-import json
-import os
-from pathlib import Path
 
 import pytest
 
-from golden_case import GoldenCase
-
-GOLDEN_DIR = Path(os.environ.get("OVIS_GOLDEN_DIR", Path(__file__).parent / "golden"))
+from golden_case import GOLDEN_DIR, GoldenCase, case_metas
 
 # case kind -> (module in tests/golden_checks that compares it, the ovis-min block it exercises)
 CHECKERS = {
@@ -32,18 +27,6 @@ CHECKERS = {
 }
 
 
-def discover(directory: Path) -> list[str]:
-    names = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            meta = json.loads(path.read_text())
-        except ValueError:
-            continue
-        if isinstance(meta, dict) and "case" in meta:
-            names.append(path.stem)
-    return names
-
-
 def checker_for(kind: str):
     """The longest registered prefix of `kind` ("sampler_t2i_shift" -> "sampler")."""
     parts = kind.split("_")
@@ -54,7 +37,7 @@ def checker_for(kind: str):
     return None, (None, None)
 
 
-CASES = discover(GOLDEN_DIR)
+CASES = list(case_metas(GOLDEN_DIR))
 
 
 def test_directory_has_cases():

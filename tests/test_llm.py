@@ -1,18 +1,16 @@
 """Properties of the Qwen3 decoder (ovis_min/llm.py) that the golden forward alone does not pin down:
 KV-cache decoding, left padding, the image-generation condition, sampling, weight tying and the full-size layout."""
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from golden_case import GoldenCase
+from golden_case import GOLDEN_DIR, GoldenCase
 from ovis_min.config import LLMConfig
 from ovis_min.llm import Qwen3, next_token
 
-GOLDEN_DIR = Path(os.environ.get("OVIS_GOLDEN_DIR", Path(__file__).parent / "golden"))
 TINY = LLMConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
                  head_dim=16, max_position_embeddings=256)
 

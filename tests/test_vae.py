@@ -1,17 +1,14 @@
 """The VAE beyond the golden case: full-size layout, channels_last, dtypes, sampling and uint8 conversion."""
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
-from golden_case import GoldenCase
+from golden_case import GOLDEN_DIR, GoldenCase
 from ovis_min.config import VAEConfig
 from ovis_min.vae import AutoencoderKL, to_uint8
 
-GOLDEN_DIR = Path(os.environ.get("OVIS_GOLDEN_DIR", Path(__file__).parent / "golden"))
 MANIFEST = GOLDEN_DIR / "full_manifest.json"
 PREFIX = "visual_generator.vae."
 TINY = VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
