@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from ovis_min import flow
-from ovis_min.checkpoint import build_model, tiny_config
+from ovis_min.checkpoint import build_model
 from ovis_min.config import LLMConfig, MMDiTConfig, OvisConfig, RefinerConfig, VAEConfig
 from ovis_min.model import OvisU1
 from ovis_min.pipeline import Condition, decode_latents, encode_image_tokens, sample_latents
+from ovis_min.tiny import tiny_config
 from ovis_min.vit import vision_layout
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

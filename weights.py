@@ -13,8 +13,9 @@ from pathlib import Path
 
 from ovis_min.checkpoint import (DEFAULT_REPO, HUB_IDS, CheckpointError, build_model, check_checkpoint,
                                  download_checkpoint, format_counts, match, read_config, resolve_source,
-                                 table1_counts, write_tiny_checkpoint)
+                                 table1_counts)
 from ovis_min.config import OvisConfig
+from ovis_min.tiny import write_tiny_checkpoint
 
 
 def cmd_download(args) -> int:

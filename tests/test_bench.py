@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 from ovis_min import flow
-from ovis_min.checkpoint import tiny_config
+from ovis_min.tiny import tiny_config
 from ovis_min.pipeline import Condition, decode_latents, guided_velocity, sample_latents
 
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import sample as sample_cli
-from ovis_min.checkpoint import write_tiny_checkpoint
+from ovis_min.tiny import write_tiny_checkpoint
 from ovis_min.pipeline import STAGES, Ovis
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import train
-from ovis_min.checkpoint import load_model, open_checkpoint, write_tiny_checkpoint
+from ovis_min.checkpoint import load_model, open_checkpoint
+from ovis_min.tiny import write_tiny_checkpoint
 from ovis_min.data import (DataConfig, Mixture, SkipRow, collate, edit_example, index_manifests, load_example,
                            t2i_example, understanding_example)
 from ovis_min.prompt import Tokenizer

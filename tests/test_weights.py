@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ovis_min.checkpoint import (INDEX_FILE, OFFICIAL_NAMES, CheckpointError, build_model, check_checkpoint,
-                                 load_checkpoint, load_model, official_part, open_checkpoint, preprocessor_json,
-                                 resolve_source, save_checkpoint, table1_counts, tiny_config, tiny_tokenizer,
-                                 write_tiny_checkpoint)
+                                 load_checkpoint, load_model, official_part, open_checkpoint, resolve_source,
+                                 save_checkpoint, table1_counts)
 from ovis_min.config import OvisConfig, from_official, to_official
+from ovis_min.tiny import preprocessor_json, tiny_config, tiny_tokenizer, write_tiny_checkpoint
 import weights
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,141 @@
+"""A tiny random Ovis-U1 checkpoint in exactly the official layout, for smoke tests, demos and porters.
+
+`python weights.py tiny DIR` writes one: config.json, sharded safetensors with their index, a Qwen-style
+byte-level BPE tokenizer.json (the Qwen specials, a handful of merges), preprocessor_config.json. It has every
+structural feature of the real model at under a million parameters, so every code path runs in a second on a
+CPU; its outputs are noise.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from torch import nn
+
+from .checkpoint import CONFIG_FILE, PREPROCESSOR_FILE, TOKENIZER_FILE, build_model, save_checkpoint
+from .config import (AdapterConfig, LLMConfig, MMDiTConfig, OvisConfig, PreprocessConfig, RefinerConfig,
+                     VAEConfig, VitConfig, to_official)
+
+
+def tiny_config() -> OvisConfig:
+    """An Ovis-U1 of under a million parameters with every structural feature of the real one.
+
+    The sizes are those of the golden tiny model; all widths stay multiples of the head and group counts."""
+    vit = VitConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, image_size=56, window_size=56,
+                    fullatt_block_indexes=(1,))
+    llm = LLMConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                    num_kv_heads=2, head_dim=16, max_position_embeddings=1024)
+    adapter = AdapterConfig(visual_vocab_size=64, vision_hidden_size=32, llm_hidden_size=64)
+    mmdit = MMDiTConfig(vec_in_dim=64, context_in_dim=128, hidden_size=64, num_heads=2, depth=2,
+                        depth_single_blocks=2, axes_dim=(4, 14, 14), timestep_shift=True)
+    refiner = RefinerConfig(context_in_dim=128, hidden_size=64, num_heads=4)
+    vae = VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+    preprocess = PreprocessConfig(min_pixels=3136, max_pixels=12544)
+    return OvisConfig(vit=vit, adapter=adapter, llm=llm, refiner=refiner, mmdit=mmdit, vae=vae, preprocess=preprocess)
+
+
+def preprocessor_json(pre: PreprocessConfig) -> dict:
+    """preprocessor_config.json as the official checkpoint has it (a CLIP image processor plus pixel limits)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 448},
+        "resample": 3, "do_center_crop": False, "crop_size": {"height": 448, "width": 448}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(pre.image_mean),
+        "image_std": list(pre.image_std), "do_convert_rgb": True, "min_pixels": pre.min_pixels,
+        "max_pixels": pre.max_pixels, "patch_size": pre.patch_size, "hidden_stride": pre.hidden_stride,
+        "temporal_patch_size": pre.temporal_patch_size,
+    }
+
+
+def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded random float32 values for every parameter of `model` (tied aliases left out).
+
+    Scaled like a trained network so activations stay O(1): matrices ~ N(0, 1/fan_in), norm scales ~ 1,
+    biases small. Nothing is zero, so every path (adaLN gates included) is exercised.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator)
+        if param.dim() >= 2:
+            state[name] = noise / math.sqrt(param[0].numel())
+        elif name.endswith("bias"):
+            state[name] = 0.02 * noise
+        else:  # norm scales
+            state[name] = 1.0 + 0.02 * noise
+    return state
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest are shifted past 255."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    mapping, shift = {}, 0
+    for b in range(256):
+        if b in printable:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + shift)
+            shift += 1
+    return mapping
+
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, turn start, turn end = eos
+ADDED_TOKENS = ("<think>", "</think>")  # ordinary (non-special) added tokens, as in Qwen3
+TINY_WORDS = ("the", "image", "Generate", "Describe", "an", "of", "and", "is", "it", "in", "a", "cat", "photo", "user")
+
+
+def tiny_tokenizer() -> Tokenizer:
+    """A Qwen-style byte-level BPE tokenizer: 256 byte symbols, merges for a few words, the Qwen specials."""
+    vocab = {symbol: i for i, symbol in enumerate(bytes_to_unicode().values())}
+    merges = []
+    for word in TINY_WORDS:
+        # spell the word left to right, then join it to a leading space ("Ġ" is the byte-level space)
+        pairs = [(word[:end - 1], word[end - 1]) for end in range(2, len(word) + 1)] + [("Ġ", word)]
+        for pair in pairs:
+            if pair not in merges:
+                merges.append(pair)
+                vocab.setdefault("".join(pair), len(vocab))
+    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=False))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in ADDED_TOKENS])
+    return tokenizer
+
+
+def tokenizer_config_json(tokenizer: Tokenizer) -> dict:
+    """tokenizer_config.json of a Qwen2 fast tokenizer (what transformers needs to open tokenizer.json)."""
+    added = {}
+    for token in (*SPECIAL_TOKENS, *ADDED_TOKENS):
+        added[str(tokenizer.token_to_id(token))] = {"content": token, "lstrip": False, "normalized": False,
+                                                    "rstrip": False, "single_word": False,
+                                                    "special": token in SPECIAL_TOKENS}
+    return {"added_tokens_decoder": added, "bos_token": None, "clean_up_tokenization_spaces": False,
+            "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "errors": "replace",
+            "model_max_length": 131072, "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer",
+            "unk_token": None}
+
+
+def write_tiny_checkpoint(directory: Path | str, seed: int = 0, shards: int = 2,
+                          config: OvisConfig | None = None) -> Path:
+    """A tiny random checkpoint in exactly the official layout: config, sharded weights + index, tokenizer."""
+    directory = Path(directory)
+    config = config or tiny_config()
+    tokenizer = tiny_tokenizer()
+    if tokenizer.get_vocab_size() > config.llm.vocab_size:
+        raise ValueError(f"the tiny tokenizer has {tokenizer.get_vocab_size()} tokens, more than the LLM's "
+                         f"vocab_size {config.llm.vocab_size}")
+    save_checkpoint(random_state(build_model(config), seed), directory, shards)
+    (directory / CONFIG_FILE).write_text(json.dumps(to_official(config), indent=2) + "\n")
+    (directory / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor_json(config.preprocess), indent=2) + "\n")
+    tokenizer.save(str(directory / TOKENIZER_FILE))
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_json(tokenizer), indent=2) + "\n")
+    (directory / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n")
+    return directory
