@@ -31,6 +31,7 @@ from torch import nn
 from ovis_min import flow
 from ovis_min.checkpoint import build_model
 from ovis_min.config import LLMConfig, MMDiTConfig, OvisConfig, RefinerConfig, VAEConfig
+from ovis_min.llm import attended_length, cache_length, compile_decode_step
 from ovis_min.model import OvisU1
 from ovis_min.pipeline import Condition, decode_latents, encode_image_tokens, sample_latents
 from ovis_min.tiny import tiny_config
@@ -422,26 +423,24 @@ def make_workloads(model: OvisU1, args, device: torch.device) -> list[Workload]:
 def decode_workload(llm, embeds: torch.Tensor, tokens: int, compiled: bool = False) -> Workload:
     """Greedy decoding of `tokens` tokens after the prompt `embeds`, the loop of `Qwen3.generate` without its
     stopping logic. The prompt is prefilled once outside the timed call; each call decodes from the same slots.
-    `compiled`: the step is `torch.compile(decode_step, mode="reduce-overhead")` (CUDA graphs on a GPU)."""
-    from ovis_min.llm import KV_BLOCK
-
+    `compiled`: the step is `compile_decode_step`'s, as `Ovis.compile` makes it (CUDA graphs on a GPU)."""
     batch, prompt, _ = embeds.shape
     device = embeds.device
-    cache_len = -(-(prompt + tokens) // KV_BLOCK) * KV_BLOCK
-    llm.setup_cache(batch, cache_len)
+    llm.setup_cache(batch, cache_length(prompt + tokens))
+    cache_len = llm.cache_len()
     slots = torch.arange(cache_len, device=device)
     key_mask = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
     key_mask[:, :prompt] = True
     first = llm.prefill(embeds, key_mask[:, :prompt], slots[None, :prompt]).argmax(-1)
-    step = torch.compile(llm.decode_step, mode="reduce-overhead") if compiled else llm.decode_step
+    step = compile_decode_step(llm, device) if compiled else llm.decode_step
 
     def run():
+        key_mask[:, prompt:] = False  # each call decodes the same slots afresh
         token, position = first, torch.full((batch, 1), prompt, device=device)
         for i in range(tokens):
             slot = prompt + i
             key_mask[:, slot] = True
-            kv_len = min(cache_len, (slot // KV_BLOCK + 1) * KV_BLOCK)
-            token = step(token[:, None], position, slots[slot:slot + 1], key_mask[:, :kv_len]).argmax(-1)
+            token = step(token[:, None], position, slots[slot:slot + 1], key_mask[:, :attended_length(slot)]).argmax(-1)
             position = position + 1
         return token
 
@@ -569,9 +568,7 @@ def main(argv=None) -> dict:
     build_s = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if args.compile:
-        decoder = model.visual_generator.backbone
-        for block in (*decoder.double_blocks, *decoder.single_blocks):
-            block.compile()
+        model.visual_generator.backbone.compile_blocks()
     print(f"{describe_device(device)} | torch {torch.__version__} | {args.dtype} | weights {weight_bytes / 1e9:.2f} GB "
           f"(built in {build_s:.1f} s)", flush=True)
     memory = PeakMemory(device)

@@ -80,7 +80,28 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask.shape[2] > 1:  # one mask row per query: repeat it for each folded head (a single row broadcasts)
         mask = mask[:, :, None].expand(batch, 1, group, q_len, k_len).reshape(batch, 1, group * q_len, k_len)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, group*Lq, hd)
-    return out.view(batch, heads, q_len, head_dim)
+    # reshape, not view: CUDA's masked kernel returns its output in (B, L, H, hd) memory order
+    return out.reshape(batch, heads, q_len, head_dim)
+
+
+def cache_length(tokens: int) -> int:
+    """KV cache slots for a prompt and answer of `tokens` tokens: whole KV_BLOCKs plus a spare one, so the prefix
+    a step attends over (`attended_length`) never spans the whole cache and always has the same memory layout
+    (a compiled step is not re-specialised for a contiguous last block)."""
+    return (-(-tokens // KV_BLOCK) + 1) * KV_BLOCK
+
+
+def attended_length(slot: int) -> int:
+    """The cache prefix a decode step writing `slot` attends over: rounded up to whole KV_BLOCKs, so its shape
+    changes once per block, not once per token."""
+    return (slot // KV_BLOCK + 1) * KV_BLOCK
+
+
+def compile_decode_step(llm: "Qwen3", device: torch.device) -> Callable[..., torch.Tensor]:
+    """`llm.decode_step` compiled for decoding on `device`; on a GPU also captured as a CUDA graph
+    ("reduce-overhead"): one token runs a few hundred small kernels, whose launches would otherwise take longer
+    than reading the weights."""
+    return torch.compile(llm.decode_step, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
 def matrix_vector_kernels(device: torch.device):
@@ -267,22 +288,26 @@ class Qwen3(nn.Module):
     # -- decoding with a static KV cache ----------------------------------------------------------------------------
 
     def setup_cache(self, batch_size: int, max_len: int) -> None:
-        """Allocate zeroed (B, Hkv, max_len, hd) K and V buffers per layer, in the weights' dtype and device.
+        """Zeroed (B, Hkv, >= max_len, hd) K and V buffers per layer, in the weights' dtype and device.
 
-        An existing cache of the same batch size, length, dtype and device is kept, so repeated generations reuse
-        the same memory (and a compiled, CUDA-graphed decode step stays valid). Zeros, not empty memory: slots that
-        are masked out are still multiplied by a zero attention weight, and 0 * NaN would be NaN.
+        An existing cache of the same batch size, dtype and device and at least max_len slots is zeroed and kept:
+        generations of any shorter length reuse the same memory, so a compiled decode step keeps its shapes (and
+        a CUDA graph its addresses). Zeros, not empty memory: slots that are masked out are still multiplied by
+        a zero attention weight, and 0 * NaN would be NaN.
         """
         weight = self.model.embed_tokens.weight
+        cache = self.model.layers[0].self_attn.k_cache
+        if (cache is not None and cache.shape[0] == batch_size and cache.shape[2] >= max_len
+                and cache.dtype == weight.dtype and cache.device == weight.device):
+            for layer in self.model.layers:
+                layer.self_attn.k_cache.zero_()
+                layer.self_attn.v_cache.zero_()
+            return
         shape = (batch_size, self.cfg.num_kv_heads, max_len, self.cfg.head_dim)
         for layer in self.model.layers:
-            attn = layer.self_attn
-            cache = attn.k_cache
-            if cache is not None and cache.shape == shape and cache.dtype == weight.dtype \
-                    and cache.device == weight.device:
-                continue
-            attn.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
-            attn.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None  # free the old cache before the new one
+            layer.self_attn.k_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
+            layer.self_attn.v_cache = torch.zeros(shape, dtype=weight.dtype, device=weight.device)
 
     def free_cache(self) -> None:
         for layer in self.model.layers:
@@ -306,8 +331,8 @@ class Qwen3(nn.Module):
         """One token per row: input_ids and position_ids (B, 1); cache_pos (1,) the slot to write; key_mask
         (B, Lk) bool the cache slots each row may attend to (this one included). Returns float logits (B, V).
 
-        All shapes are fixed for a given Lk, so `torch.compile(model.decode_step, mode="reduce-overhead")` takes it
-        whole (the caches are buffers, mutated in place)."""
+        All shapes are fixed for a given Lk, so `compile_decode_step` takes it whole (the caches are buffers,
+        mutated in place)."""
         with matrix_vector_kernels(input_ids.device):
             x = self.model.embed_tokens(input_ids)  # (B, 1, D)
             cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
@@ -330,7 +355,7 @@ class Qwen3(nn.Module):
         has produced an eos token emits pad_token_id (default: the first eos) from then on; decoding stops when
         every row has finished. temperature 0 is greedy, otherwise see `next_token`. `on_token(ids)` gets each
         step's (B,) ids (on the model's device) for streaming, for exactly the T returned steps. `step` replaces
-        `self.decode_step`, e.g. with `torch.compile(model.decode_step, mode="reduce-overhead")`.
+        `self.decode_step`, e.g. with `compile_decode_step(model, device)`.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -347,8 +372,7 @@ class Qwen3(nn.Module):
         if eos is not None and pad_token_id is None:
             pad_token_id = int(eos[0])
 
-        total = prompt_len + max_new_tokens
-        self.setup_cache(batch, -(-total // KV_BLOCK) * KV_BLOCK)
+        self.setup_cache(batch, cache_length(prompt_len + max_new_tokens))
         cache_len = self.cache_len()
         slots = torch.arange(cache_len, device=device)  # views of it are the cache_pos inputs: no host copies
         key_mask = torch.zeros(batch, cache_len, dtype=torch.bool, device=device)
@@ -372,8 +396,7 @@ class Qwen3(nn.Module):
                 break
             slot = prompt_len + i
             key_mask[:, slot] = True
-            kv_len = min(cache_len, (slot // KV_BLOCK + 1) * KV_BLOCK)
-            logits = step(token[:, None], position, slots[slot:slot + 1], key_mask[:, :kv_len])
+            logits = step(token[:, None], position, slots[slot:slot + 1], key_mask[:, :attended_length(slot)])
             position = position + 1
         ids = torch.stack(tokens, dim=1)  # (B, T)
         if eos is not None:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
+from .llm import compile_decode_step
 from .mmdit import MMDiT
 from .model import OvisU1, pad_rows
 from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
@@ -164,11 +165,9 @@ class Ovis:
 
     def compile(self) -> None:
         """torch.compile what runs many times: each decoder block (once per step and guidance branch) and the
-        LLM's one-token decode step. The first call of each shape pays the compilation."""
-        decoder = self.model.visual_generator.backbone
-        for block in (*decoder.double_blocks, *decoder.single_blocks):
-            block.compile()
-        self.decode_step = torch.compile(self.model.llm.decode_step)
+        LLM's one-token decode step (`compile_decode_step`). The first call of each shape pays the compilation."""
+        self.model.visual_generator.backbone.compile_blocks()
+        self.decode_step = compile_decode_step(self.model.llm, self.device)
 
     @property
     def config(self):

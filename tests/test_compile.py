@@ -1,5 +1,5 @@
 """`Ovis.compile()` (sample.py --compile) on the golden tiny model, on the CPU with torch's default compiler:
-the compiled decoder blocks and decode step trace whole and give what the eager model gives."""
+the compiled decoder blocks and decode step give what the eager model gives."""
 import json
 from pathlib import Path
 

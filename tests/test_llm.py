@@ -9,7 +9,8 @@ from torch import nn
 
 from golden_case import GOLDEN_DIR, GoldenCase
 from ovis_min.config import LLMConfig
-from ovis_min.llm import Qwen3, next_token
+from ovis_min import llm
+from ovis_min.llm import Qwen3, attended_length, cache_length, next_token
 
 TINY = LLMConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
                  head_dim=16, max_position_embeddings=256)
@@ -69,6 +70,40 @@ def test_left_padded_batch_equals_each_row_alone():
     for i in range(3):
         alone = model.generate(embeds[i:i + 1][:, mask[i]], max_new_tokens=10)
         assert torch.equal(batch[i:i + 1], alone), f"row {i}"
+
+
+def test_a_large_enough_cache_is_reused_and_cleared():
+    """A generation that fits the cache left by an earlier one keeps that memory (a compiled decode step keeps
+    its shapes, a CUDA graph its addresses) and answers as a fresh model does, whatever the cache held."""
+    model, fresh = tiny_model(), tiny_model()
+    embeds, mask = random_prompts(model, [6])
+    model.setup_cache(1, cache_length(3000))
+    cache = model.model.layers[0].self_attn.k_cache
+    for layer in model.model.layers:
+        layer.self_attn.k_cache.fill_(float("nan"))
+        layer.self_attn.v_cache.fill_(float("nan"))
+    assert torch.equal(model.generate(embeds, mask, max_new_tokens=10), fresh.generate(embeds, mask, max_new_tokens=10))
+    assert model.model.layers[0].self_attn.k_cache is cache and model.cache_len() == cache_length(3000)
+
+
+def test_the_attended_prefix_is_never_the_whole_cache():
+    # so the prefix is always a strided view of the cache, never the contiguous whole (one compiled graph)
+    for tokens in range(1, 3 * llm.KV_BLOCK + 2):
+        last_slot = tokens - 1
+        assert tokens <= attended_length(last_slot) < cache_length(tokens)
+
+
+def test_attention_does_not_depend_on_the_memory_order_of_the_sdpa_output(monkeypatch):
+    """CUDA's masked SDPA kernel returns its (B, H, L, hd) output laid out as (B, L, H, hd)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    mask = torch.rand(2, 1, 3, 5) > 0.3
+    mask[..., 0] = True
+    expected = llm.attention(q, k, v, mask)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: sdpa(*args, **kwargs).transpose(1, 2).contiguous().transpose(1, 2))
+    torch.testing.assert_close(llm.attention(q, k, v, mask), expected, rtol=0, atol=0)
 
 
 def test_eos_stops_rows_and_pads_them():
