@@ -29,7 +29,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from ovis_min.checkpoint import (CheckpointError, download_checkpoint, hub_cache_dir, looks_like_hub_id,
                                  resolve_source)
 from ovis_min.pipeline import MIN_SIZE, Ovis, round_to_16
-from ovis_min.preprocess import ImageError, edit_target_size, load_image
+from ovis_min.preprocess import SMART_RESIZE_MAX_PIXELS, ImageError, edit_target_size, load_image
 
 DEFAULT_WEIGHTS = "AIDC-AI/Ovis-U1-3B"
 DEFAULT_SIZE = 1024
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = parser.add_argument_group("image generation (--prompt)")
     gen.add_argument("--width", type=int, metavar="PX",
                      help=f"image width, rounded down to a multiple of 16 (default {DEFAULT_SIZE}; editing: the "
-                          "input's width rounded to 32, as the official edit script does)")
+                          "input's width rounded to 32 within about one megapixel, as the official edit script does)")
     gen.add_argument("--height", type=int, metavar="PX", help="image height, as --width")
     gen.add_argument("--steps", type=int, metavar="N", help=f"denoising steps (default {DEFAULT_STEPS})")
     gen.add_argument("--txt-cfg", type=float, metavar="SCALE",
@@ -229,8 +229,9 @@ def image_size(args: argparse.Namespace, task: str, source: Image.Image | None) 
     if task == "edit":
         edit_width, edit_height = edit_target_size(source.width, source.height)
         if width is None and height is None:
-            log(f"note: editing at {edit_width}x{edit_height}: the input's {source.width}x{source.height} rounded to "
-                "multiples of 32, as the official edit script does (--width/--height to change)")
+            log(f"note: editing at {edit_width}x{edit_height}: the input's {source.width}x{source.height} fitted as the "
+                f"official edit script does (multiples of 32, at most {SMART_RESIZE_MAX_PIXELS:,} pixels; "
+                "--width/--height to change)")
             return edit_width, edit_height
         if width is None:  # one side given: keep the input's aspect ratio
             width = max(MIN_SIZE, round(height * source.width / source.height))

@@ -73,8 +73,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ovis_min import flow
-from ovis_min.checkpoint import (OPTIONAL_FILES, REQUIRED_FILES, SAFETENSORS_DTYPES, build_model, load_checkpoint,
-                                 open_checkpoint, read_config, save_checkpoint, tied_groups)
+from ovis_min.checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, SAFETENSORS_DTYPES, build_model,
+                                 load_checkpoint, open_checkpoint, read_config, resolve_source, save_checkpoint,
+                                 tied_groups)
 from ovis_min.data import TASKS, Batch, DataConfig, Mixture, index_manifests, parse_mix
 from ovis_min.model import OvisU1
 from ovis_min.pipeline import encode_image_tokens
@@ -367,17 +368,10 @@ def resolve_resume(path: Path) -> Path:
     """A step directory, or a run directory whose `latest` file names one."""
     if (path / "trainer.pt").is_file():
         return path
-    if (path / "latest").is_file():
-        return path / (path / "latest").read_text().strip()
+    if (path / LATEST_FILE).is_file():
+        return path / (path / LATEST_FILE).read_text().strip()
     raise FileNotFoundError(f"nothing to resume in {path}: expected a step-NNNNNNNN directory with trainer.pt, or a "
                             f"run directory with a 'latest' file")
-
-
-def resolve_init(path: Path) -> Path:
-    """--init also accepts a run directory (its newest checkpoint)."""
-    if (path / "latest").is_file() and not (path / "config.json").is_file():
-        return path / (path / "latest").read_text().strip()
-    return path
 
 
 def full_state(step_module: TrainStep, optimizer) -> tuple[dict, dict]:
@@ -416,7 +410,7 @@ def write_checkpoint(out: Path, step: int, weights: dict, source: Path, trained:
     os.replace(tmp, final)
     latest_tmp = out / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, out / "latest")
+    os.replace(latest_tmp, out / LATEST_FILE)
     if keep > 0:
         for old in sorted(out.glob("step-*"))[:-keep]:
             shutil.rmtree(old)
@@ -592,7 +586,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict | None) -> list[dict]:
     stage = STAGES[args.stage]
-    source = resume_dir or resolve_init(args.init)
+    source = resume_dir or resolve_source(args.init)
     per_process = args.micro_batch * runtime.world
     if args.batch % per_process:
         raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x processes = {args.micro_batch} x "

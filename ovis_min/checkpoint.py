@@ -40,6 +40,7 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+LATEST_FILE = "latest"  # in a train.py run directory: the name of its newest step-NNNNNNNN checkpoint
 TOKENIZER_FILE = "tokenizer.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 REQUIRED_FILES = (CONFIG_FILE, TOKENIZER_FILE, PREPROCESSOR_FILE)  # plus the weights
@@ -263,7 +264,8 @@ def read_config(directory: Path | str) -> OvisConfig:
     directory = Path(directory)
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(f"no {CONFIG_FILE} in {directory}; {download_hint(directory)}")
+        raise CheckpointError(f"no {CONFIG_FILE} in {directory}: not a checkpoint directory (nor a train.py run "
+                              f"directory); {download_hint(directory)}")
     try:
         config = json.loads(path.read_text())
         pre_path = directory / PREPROCESSOR_FILE
@@ -410,9 +412,12 @@ def looks_like_hub_id(source: str | Path) -> bool:
 
 
 def resolve_source(source: str | Path, revision: str = "main", download: bool = False) -> Path:
-    """A checkpoint directory for `source`: an existing directory, or a hub id found in the cache."""
+    """A checkpoint directory for `source`: an existing directory (a train.py run directory stands for its
+    newest checkpoint, named by its `latest` file), or a hub id found in the cache."""
     path = Path(source).expanduser()
     if path.is_dir():
+        if not (path / CONFIG_FILE).is_file() and (path / LATEST_FILE).is_file():
+            return path / (path / LATEST_FILE).read_text().strip()
         return path
     repo_id = str(source)
     if not looks_like_hub_id(repo_id):

@@ -180,7 +180,8 @@ def blank_image(width: int, height: int) -> Image.Image:
 
 
 def edit_target_size(width: int, height: int) -> tuple[int, int]:
-    """(width, height) of an edited image: the input size rounded to multiples of 32 (default pixel bounds)."""
+    """(width, height) of an edited image: the input size rounded to multiples of 32 and brought within the
+    default pixel bounds (at most 1,003,520 pixels: a 1024x1024 input is edited at 992x992)."""
     out_height, out_width = smart_resize(height, width, factor=EDIT_SIZE_FACTOR)
     return out_width, out_height
 

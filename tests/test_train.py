@@ -153,16 +153,17 @@ def test_scratch_is_refused_for_stages_the_report_does_not_start_from_scratch(ck
 
 
 def test_a_trained_checkpoint_samples_with_sample_py(ckpt, manifest, tmp_path, capsys):
+    """--weights takes a step directory, or the run directory (its newest step)."""
     sample = pytest.importorskip("sample")
     run(["--stage", 5, "--init", ckpt, "--data", manifest, "--out", tmp_path, "--steps", 1, "--batch", 2,
          "--micro-batch", 1])
-    weights = tmp_path / "step-00000001"
-    common = ["--weights", weights, "--device", "cpu", "--steps", 2, "--seed", 0]
-    assert sample.main([str(a) for a in [*common, "--prompt", "a red square", "--width", 32, "--height", 32,
-                                         "--out", tmp_path / "t2i.png"]]) == 0
-    assert sample.main([str(a) for a in [*common, "--image", manifest.parent / "red_square.png", "--prompt",
-                                         "make it blue", "--out", tmp_path / "edit.png"]]) == 0
-    assert Image.open(tmp_path / "t2i.png").size == (32, 32) and (tmp_path / "edit.png").is_file()
+    common = ["--device", "cpu", "--steps", 2, "--seed", 0]
+    assert sample.main([str(a) for a in [*common, "--weights", tmp_path / "step-00000001", "--prompt", "a red square",
+                                         "--width", 32, "--height", 32, "--out", tmp_path / "t2i.png"]]) == 0
+    assert sample.main([str(a) for a in [*common, "--weights", tmp_path, "--image", manifest.parent / "red_square.png",
+                                         "--prompt", "make it blue", "--out", tmp_path / "edit.png"]]) == 0
+    assert Image.open(tmp_path / "t2i.png").size == (32, 32)
+    assert Image.open(tmp_path / "edit.png").text["model"] == str((tmp_path / "step-00000001").resolve())
 
 
 # -- resume ----------------------------------------------------------------------------------------------------
