@@ -525,15 +525,18 @@ def format_table(results: list[Result]) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations "
+                        "(default bf16)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels for W1-W3, W6 and --e2e")
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels for W1-W3, W6 and --e2e "
+                        "(default 512)")
     parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(WORKLOADS))
     parser.add_argument("--e2e", action="store_true", help="also time whole T2I and editing generations")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps of the --e2e generations")
-    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per llm_decode call")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps of the --e2e generations "
+                        "(default 50)")
+    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per llm_decode call (default 32)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed calls per workload (default 3)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each decoder block and the LLM decode step, as Ovis.compile does; "

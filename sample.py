@@ -229,8 +229,8 @@ def image_size(args: argparse.Namespace, task: str, source: Image.Image | None) 
     if task == "edit":
         edit_width, edit_height = edit_target_size(source.width, source.height)
         if width is None and height is None:
-            log(f"note: editing at {edit_width}x{edit_height}: the input's {source.width}x{source.height} fitted as the "
-                f"official edit script does (multiples of 32, at most {SMART_RESIZE_MAX_PIXELS:,} pixels; "
+            log(f"note: editing at {edit_width}x{edit_height}: the input's {source.width}x{source.height} fitted as "
+                f"the official edit script does (multiples of 32, at most {SMART_RESIZE_MAX_PIXELS:,} pixels; "
                 "--width/--height to change)")
             return edit_width, edit_height
         if width is None:  # one side given: keep the input's aspect ratio
@@ -392,7 +392,10 @@ def generate(ovis: Ovis, args: argparse.Namespace, task: str, source: Image.Imag
         print(path, flush=True)
     seconds = time.perf_counter() - start
     steps = args.steps * len(paths)
-    log(f"{len(paths)} image{'s' if len(paths) > 1 else ''} of {width}x{height}, {steps} steps in {seconds:.1f} s "
+    counted = f"{args.steps} step{'s' if args.steps > 1 else ''}"
+    if len(paths) > 1:
+        counted = f"{len(paths)} x {counted}"
+    log(f"{len(paths)} image{'s' if len(paths) > 1 else ''} of {width}x{height}, {counted} in {seconds:.1f} s "
         f"({steps / seconds:.2f} steps/s, condition and VAE included), {peak_memory(device)}")
 
 

@@ -49,7 +49,7 @@ RUN = torchrun --nproc_per_node 8 train.py; U, T, E = understanding, T2I and edi
   RUN --stage 3 --init runs/s2 --data U --grad-checkpointing --out runs/s3
   RUN --stage 4 --init runs/s3 --data T --resolution 1024 --out runs/s4
   RUN --stage 5 --init runs/s4 --data T --data E --out runs/s5
-  python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 1000 --batch 8 --micro-batch 2 --lr 1e-5 \
+  python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 1000 --batch 8 --micro-batch 2 --lr 1e-5 \\
       --out runs/ft                                  # a small fine-tune on one GPU
   python train.py --resume runs/ft                   # continue an interrupted run with its arguments
 """
@@ -480,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scratch", action="store_true", help="start the parts stage 0 (refiner + decoder) or "
                         "stage 1 (adapter) trains from random weights, as the report does")
     parser.add_argument("--resume", type=Path, help="continue a run: its directory (newest checkpoint) or a step "
-                        "directory; pass the same other arguments")
+                        "directory; arguments not given are the run's own")
     parser.add_argument("--data", type=Path, action="append", default=[], help="JSONL manifest (repeatable)")
     parser.add_argument("--mix", help="task ratios, e.g. understanding=2,t2i=1,edit=1 (default: the stage's tasks "
                         "in the ratios of the table above)")
@@ -488,31 +488,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the stage's)")
     parser.add_argument("--batch", type=int, help="samples per optimizer step over all processes (default: the "
                         "stage's)")
-    parser.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass per process")
+    parser.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass per process "
+                        "(default 4)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
     parser.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
-    parser.add_argument("--warmup", type=int, help="linear warmup steps (default 2%% of steps, at most 2000)")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--beta1", type=float, default=0.9)
-    parser.add_argument("--beta2", type=float, default=0.95)
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    parser.add_argument("--warmup", type=int, help="linear warmup steps (default 2%% of steps, at least 1, at most "
+                        "2000)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    parser.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (default 0.9)")
+    parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (default 0.95)")
+    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1; 0: no "
+                        "clipping)")
     parser.add_argument("--resolution", type=int, help="side of the square generation images, a multiple of 16 "
                         "(default: 512 for stages 0-2, 1024 for 4-5)")
     parser.add_argument("--drop-prompt", type=float, default=0.1, help="rate at which generation prompts become "
-                        "the unconditional prompt (edits keep their image)")
-    parser.add_argument("--drop-image", type=float, default=0.05, help="rate at which edits lose prompt and image")
+                        "the unconditional prompt (edits keep their image; default 0.1)")
+    parser.add_argument("--drop-image", type=float, default=0.05, help="rate at which edits lose prompt and image "
+                        "(default 0.05)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast dtype (default bf16 on GPU, "
                         "fp32 on CPU); weights and optimizer state are float32 either way")
     parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in the "
                         "backward pass (less memory, ~30%% more compute)")
     parser.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
-    parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end)")
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep (0: all)")
+    parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end; "
+                        "default 1000)")
+    parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3; 0: all)")
     parser.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint, keeping the "
                         "schedule of --steps (for jobs with a time limit)")
-    parser.add_argument("--workers", type=int, default=4, help="threads that read and preprocess images")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=4, help="threads that read and preprocess images "
+                        "(default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order, --scratch weights, noise and "
+                        "dropout (default 0)")
     parser.add_argument("--device", help="default: cuda if available")
     parser.add_argument("--overfit", type=int, default=0, metavar="N", help="debugging: train on the first N rows "
                         "of each task over and over, with the same noise and timesteps (the loss must fall)")
@@ -555,8 +562,9 @@ def fill_defaults(args: argparse.Namespace) -> None:
     if args.resolution % 16:
         raise SystemExit(f"--resolution {args.resolution} must be a multiple of 16 (8x VAE, then 2x2 packing)")
     if args.scratch and args.stage not in SCRATCH_STAGES:
-        raise SystemExit(f"--scratch: the report starts only stages {SCRATCH_STAGES} from random weights; stage "
-                         f"{args.stage} continues from the previous stage's checkpoint (--init)")
+        first = " and ".join(map(str, SCRATCH_STAGES))
+        raise SystemExit(f"--scratch: the report starts only stages {first} from random weights; stage {args.stage} "
+                         f"continues from the previous stage's checkpoint (--init)")
     stray = [task for task in args.mix if task not in stage.mix]
     if stray:
         raise SystemExit(f"stage {args.stage} ({stage.name}) trains on {', '.join(stage.mix)}, not {', '.join(stray)}")
