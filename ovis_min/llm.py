@@ -65,20 +65,27 @@ def attention_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
+def fold_heads(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """A (B, 1, Lq, Lk) mask in the query layout of `attention`: each row repeated for the `group` query heads
+    that share one KV head -> (B, 1, group*Lq, Lk); a single row (decoding) broadcasts as it is. Made once per
+    pass, not per layer: training then keeps one copy for the backward pass instead of one per layer."""
+    batch, _, q_len, k_len = mask.shape
+    if q_len == 1:
+        return mask
+    return mask[:, :, None].expand(batch, 1, group, q_len, k_len).reshape(batch, 1, group * q_len, k_len)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Grouped-query SDPA. q (B, H, Lq, hd); k, v (B, Hkv, Lk, hd); mask (B, 1, Lq or 1, Lk), bool or additive
-    -> (B, H, Lq, hd).
+    """Grouped-query SDPA. q (B, H, Lq, hd); k, v (B, Hkv, Lk, hd); mask (B, 1, H/Hkv*Lq or 1, Lk) from
+    `fold_heads`, bool or additive -> (B, H, Lq, hd).
 
     The H/Hkv query heads that share one KV head are folded into the query length, so the keys and values (the
     whole KV cache when decoding) are read once and never copied per head. Query head h uses KV head h // (H/Hkv),
     as in Hugging Face's `repeat_kv`.
     """
     batch, heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
-    group = heads // kv_heads
-    q = q.reshape(batch, kv_heads, group * q_len, head_dim)
-    if mask.shape[2] > 1:  # one mask row per query: repeat it for each folded head (a single row broadcasts)
-        mask = mask[:, :, None].expand(batch, 1, group, q_len, k_len).reshape(batch, 1, group * q_len, k_len)
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, kv_heads, heads // kv_heads * q_len, head_dim)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, group*Lq, hd)
     # reshape, not view: CUDA's masked kernel returns its output in (B, L, H, hd) memory order
     return out.reshape(batch, heads, q_len, head_dim)
@@ -157,8 +164,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                 cache_pos: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, L, D); mask (B, 1, L or 1, Lk). With `cache_pos` (L,), k/v are written to those cache slots and
-        the queries attend over the first Lk = mask.shape[-1] slots of the cache; without it, over this x alone."""
+        """x (B, L, D); mask (B, 1, H/Hkv*L or 1, Lk) from `fold_heads`. With `cache_pos` (L,), k/v are written
+        to those cache slots and the queries attend over the first Lk = mask.shape[-1] slots of the cache; without
+        it, over this x alone."""
         batch, length, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(batch, length, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim)).transpose(1, 2)
@@ -238,7 +246,8 @@ class Qwen3(nn.Module):
     # -- full-sequence passes (no cache) ---------------------------------------------------------------------------
 
     def _inputs(self, input_ids, inputs_embeds, attention_mask, position_ids):
-        """Embeddings (B, L, D), mask (B, 1, L, L), cos/sin for the full-sequence passes."""
+        """Embeddings (B, L, D), mask (B, 1, H/Hkv*L, L) (see `fold_heads`), cos/sin for the full-sequence
+        passes."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -247,7 +256,8 @@ class Qwen3(nn.Module):
             # The official forward (and generate_condition) uses 0..L-1 for every row, even a left-padded one.
             position_ids = torch.arange(length, device=x.device).expand(batch, length)
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        return x, attention_bias(causal_mask(attention_mask, batch, length, x.device), x.dtype), cos, sin
+        mask = attention_bias(causal_mask(attention_mask, batch, length, x.device), x.dtype)
+        return x, fold_heads(mask, self.cfg.num_heads // self.cfg.num_kv_heads), cos, sin
 
     def hidden_states(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None,

@@ -211,8 +211,9 @@ def test_grouped_query_attention_equals_sdpa_with_repeated_kv(masked):
     if masked:
         causal = causal & key_mask[:, None, None] | torch.eye(50, dtype=torch.bool)
     reference = F.scaled_dot_product_attention(q, k2.expand(2, 3, 50, 16), v2.expand(2, 3, 50, 16), attn_mask=causal)
-    torch.testing.assert_close(llm.attention(q, k2, v2, causal), reference, rtol=0, atol=1e-5)
-    torch.testing.assert_close(llm.attention(q, k2, v2, llm.attention_bias(causal, q.dtype)), reference,
+    folded = llm.fold_heads(causal, 3)
+    torch.testing.assert_close(llm.attention(q, k2, v2, folded), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(llm.attention(q, k2, v2, llm.attention_bias(folded, q.dtype)), reference,
                                rtol=0, atol=1e-5)
 
 

@@ -99,6 +99,7 @@ def test_attention_does_not_depend_on_the_memory_order_of_the_sdpa_output(monkey
     q, k, v = torch.randn(2, 4, 3, 16), torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
     mask = torch.rand(2, 1, 3, 5) > 0.3
     mask[..., 0] = True
+    mask = llm.fold_heads(mask, 2)
     expected = llm.attention(q, k, v, mask)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
