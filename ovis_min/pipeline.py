@@ -229,6 +229,8 @@ class Ovis:
             on_token=push if streamer or on_token else None, step=self.decode_step)
         if streamer:
             streamer.flush()
+        if self.offload:  # the KV cache would otherwise travel with the LLM at every stage switch
+            self.model.llm.free_cache()
         answers = [self.tokenizer.decode([t for t in row.tolist() if t != self.tokenizer.pad_token_id])
                    for row in new_ids]
         return answers[0] if single else answers

@@ -322,6 +322,10 @@ def test_offload_moves_one_stage_at_a_time_and_changes_no_pixel(weights, one_thr
     kwargs = dict(width=48, height=32, steps=2, seed=5)
     assert np.array_equal(np.asarray(plain.text_to_image("a cat", **kwargs)[0]),
                           np.asarray(offloaded.text_to_image("a cat", **kwargs)[0]))
+    # An offloaded answer leaves no KV cache to carry between CPU and device; a resident model keeps it for the
+    # next answer.
+    assert plain.answer("hi", max_new_tokens=2) == offloaded.answer("hi", max_new_tokens=2)
+    assert offloaded.model.llm.cache_len() == 0 and plain.model.llm.cache_len() > 0
     # Where each stage lands, with the meta device standing in for a GPU (a one-way trip: meta holds no data).
     offloaded.device = torch.device("meta")
     offloaded.use("decoder")
