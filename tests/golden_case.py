@@ -12,11 +12,25 @@ import torch
 from safetensors.torch import load_file
 
 from ovis_min.config import OvisConfig, from_official
+from ovis_min.model import OvisU1
+from ovis_min.pipeline import Ovis
+from ovis_min.prompt import Tokenizer
 
 GOLDEN_DIR = Path(os.environ.get("OVIS_GOLDEN_DIR", Path(__file__).parent / "golden"))
 FLOAT_ATOL = 1e-4
 FLOAT_RTOL = 1e-4
 UINT8_MAX_FLIPPED = 0.005  # at most 0.5% of pixels may differ, and then only by 1 (truncation noise)
+REPO_GOLDEN = Path(__file__).parent / "golden"  # the copy kept with the tests: its tiny model serves other tests
+
+
+def tiny_ovis(device: str = "cpu", dtype: torch.dtype = torch.float32, offload: bool = False) -> Ovis:
+    """The golden tiny Ovis-U1 (official-format weights, config and tokenizer) as a pipeline on `device`."""
+    config = from_official(json.loads((REPO_GOLDEN / "tiny_model_config.json").read_text()),
+                           json.loads((REPO_GOLDEN / "tiny_tokenizer" / "preprocessor_config.json").read_text()))
+    model = OvisU1(config).eval()
+    model.load_state_dict(load_file(str(REPO_GOLDEN / "tiny_model.safetensors")), strict=True)
+    model = model.to(dtype=dtype, device="cpu" if offload else device)
+    return Ovis(model, Tokenizer(REPO_GOLDEN / "tiny_tokenizer"), device=device, offload=offload)
 
 
 def case_metas(directory: Path) -> dict[str, dict]:

@@ -1,27 +1,11 @@
 """`Ovis.compile()` (sample.py --compile) on the golden tiny model, on the CPU with torch's default compiler:
 the compiled decoder blocks and decode step give what the eager model gives."""
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
-from safetensors.torch import load_file
 
-from ovis_min.config import from_official
-from ovis_min.model import OvisU1
+from golden_case import REPO_GOLDEN as GOLDEN, tiny_ovis
 from ovis_min.pipeline import Ovis
-from ovis_min.prompt import Tokenizer
-
-GOLDEN = Path(__file__).parent / "golden"
-
-
-def tiny_ovis() -> Ovis:
-    config = from_official(json.loads((GOLDEN / "tiny_model_config.json").read_text()),
-                           json.loads((GOLDEN / "tiny_tokenizer" / "preprocessor_config.json").read_text()))
-    model = OvisU1(config).eval()
-    model.load_state_dict(load_file(str(GOLDEN / "tiny_model.safetensors")), strict=True)
-    return Ovis(model, Tokenizer(GOLDEN / "tiny_tokenizer"))
 
 
 @pytest.fixture(scope="module")

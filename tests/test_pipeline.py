@@ -1,26 +1,13 @@
 """The understanding entry point on the golden tiny model: batching, several images, text only."""
-import json
-from pathlib import Path
-
 import pytest
 from PIL import Image
-from safetensors.torch import load_file
 
-from ovis_min.config import from_official
-from ovis_min.model import OvisU1
-from ovis_min.pipeline import Ovis
-from ovis_min.prompt import Tokenizer
-
-GOLDEN = Path(__file__).parent / "golden"
+from golden_case import REPO_GOLDEN as GOLDEN, tiny_ovis
 
 
 @pytest.fixture(scope="module")
 def ovis():
-    config = from_official(json.loads((GOLDEN / "tiny_model_config.json").read_text()),
-                           json.loads((GOLDEN / "tiny_tokenizer" / "preprocessor_config.json").read_text()))
-    model = OvisU1(config).eval()
-    model.load_state_dict(load_file(str(GOLDEN / "tiny_model.safetensors")), strict=True)
-    return Ovis(model, Tokenizer(GOLDEN / "tiny_tokenizer"))
+    return tiny_ovis()
 
 
 def images():
