@@ -74,8 +74,8 @@ from torch import nn
 
 from ovis_min import flow
 from ovis_min.checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, SAFETENSORS_DTYPES, build_model,
-                                 load_checkpoint, open_checkpoint, read_config, resolve_source, save_checkpoint,
-                                 tied_groups)
+                                 load_checkpoint, newest_step, open_checkpoint, read_config, resolve_source,
+                                 save_checkpoint, tied_groups)
 from ovis_min.data import TASKS, Batch, DataConfig, Mixture, index_manifests, parse_mix
 from ovis_min.model import OvisU1
 from ovis_min.pipeline import encode_image_tokens
@@ -368,8 +368,9 @@ def resolve_resume(path: Path) -> Path:
     """A step directory, or a run directory whose `latest` file names one."""
     if (path / "trainer.pt").is_file():
         return path
-    if (path / LATEST_FILE).is_file():
-        return path / (path / LATEST_FILE).read_text().strip()
+    newest = newest_step(path)
+    if newest is not None:
+        return newest
     raise FileNotFoundError(f"nothing to resume in {path}: expected a step-NNNNNNNN directory with trainer.pt, or a "
                             f"run directory with a 'latest' file")
 

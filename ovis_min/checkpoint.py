@@ -406,6 +406,12 @@ def load_model(source: str | Path = DEFAULT_REPO, dtype: torch.dtype = torch.bfl
     return Loaded(model.eval(), config, directory)
 
 
+def newest_step(run_directory: Path) -> Path | None:
+    """The step directory a train.py run directory's `latest` file names, or None where there is none."""
+    latest = run_directory / LATEST_FILE
+    return run_directory / latest.read_text().strip() if latest.is_file() else None
+
+
 def looks_like_hub_id(source: str | Path) -> bool:
     """`owner/name` as the hub spells repository ids (a relative path such as `ckpt/x` reads the same)."""
     return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) is not None
@@ -416,9 +422,8 @@ def resolve_source(source: str | Path, revision: str = "main", download: bool = 
     newest checkpoint, named by its `latest` file), or a hub id found in the cache."""
     path = Path(source).expanduser()
     if path.is_dir():
-        if not (path / CONFIG_FILE).is_file() and (path / LATEST_FILE).is_file():
-            return path / (path / LATEST_FILE).read_text().strip()
-        return path
+        newest = None if (path / CONFIG_FILE).is_file() else newest_step(path)
+        return newest or path
     repo_id = str(source)
     if not looks_like_hub_id(repo_id):
         raise CheckpointError(f"no checkpoint directory {source}; {download_hint(source)}")
