@@ -1,6 +1,7 @@
 """Speed of ovis-min on the full-size Ovis-U1-3B, with random weights (no download needed).
 
     python bench.py                       # all workloads, bf16, on the GPU if there is one
+    python bench.py --tiny                # the tiny test config: seconds on any CPU
     python bench.py --only W1,W5 --size 1024 --json out/bench.json
     python bench.py --e2e                 # also whole generations (50 steps; slow on a CPU)
     python bench.py --compile             # torch.compile'd decoder blocks and decode step
@@ -9,20 +10,23 @@ The model is built on the meta device and its weights are filled in place in the
 exactly one copy of them. Each workload runs once to warm up, then three times; only the call itself is timed.
 FLOPs are analytic (2*M*N*K per matmul, the same for convolutions, 4*H*Lq*Lk*D per attention; elementwise work
 is free) and count the useful work only: padding that a batched path adds is not counted. The tests check the
-formulas against torch's FlopCounterMode. Percentages are against this machine's bf16 matmul speed (a 4096^3
-matmul) and its memory copy bandwidth, both measured in the same run, before and after every workload; the
-best of those measurements is the ceiling. Rates (TFLOP/s, tokens/s, GB/s, %) use each workload's fastest
+formulas against torch's FlopCounterMode. Percentages are against this machine's matmul speed in the benchmark's
+dtype (an n^3 matmul, n up to 4096) and its memory copy bandwidth, both measured in the same run, before and after
+every workload; the best of those measurements is the ceiling. Rates (TFLOP/s, tokens/s, GB/s, %) use each workload's fastest
 run, as the ceilings do: on a shared, noisy machine the best runs are the ones that compare.
 """
 import argparse
 import json
 import math
+import os
 import platform
 import resource
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -31,6 +35,7 @@ from torch import nn
 from ovis_min import flow
 from ovis_min.checkpoint import build_model
 from ovis_min.config import LLMConfig, MMDiTConfig, OvisConfig, RefinerConfig, VAEConfig
+from ovis_min.files import write_atomic
 from ovis_min.llm import attended_length, cache_length, compile_decode_step
 from ovis_min.model import OvisU1
 from ovis_min.pipeline import Condition, decode_latents, encode_image_tokens, sample_latents
@@ -250,25 +255,50 @@ def best_time(fn: Callable[[], object], device: torch.device, repeat: int) -> fl
 
 
 class Ceilings:
-    """This machine's bf16 matmul FLOP/s (an n^3 matmul) and copy bandwidth, each the best seen over all the
-    times `measure` is called.
+    """This machine's matmul FLOP/s in the benchmark's dtype (an n^3 matmul) and its copy bandwidth, each the best
+    seen over all the times `measure` is called.
 
+    n is chosen once: doubled from 256 until one matmul takes 20 ms (or n reaches 4096), so a measurement costs
+    a fraction of a second on any machine while the matmul is still large enough to run at the kernel's peak.
     Copy bandwidth is bytes copied per second, for a tensor much larger than the caches: the copy reads and
     writes that many bytes each, so the memory traffic is twice this number. A decode only reads.
     """
 
-    def __init__(self, device: torch.device, n: int = 4096, megabytes: int = 512):
-        self.device, self.n, self.numel = device, n, megabytes * 2 ** 20 // 4
+    def __init__(self, device: torch.device, dtype: torch.dtype, megabytes: int = 512):
+        self.device, self.dtype, self.numel = device, dtype, megabytes * 2 ** 20 // 4
         self.flops = self.bandwidth = 0.0
+        self.n = 256
+        while self.n < 4096 and self._matmul_seconds(self.n, repeat=1) < 0.02:
+            self.n *= 2
+
+    def _matmul_seconds(self, n: int, repeat: int) -> float:
+        # allocated here and freed on return, so they are not in any workload's peak memory
+        a, b = (torch.randn(n, n, device=self.device).to(self.dtype) for _ in range(2))
+        return best_time(lambda: a @ b, self.device, repeat)
 
     def measure(self, repeat: int = 2) -> None:
-        # allocated here and freed on return, so they are not in any workload's peak memory
-        a, b = (torch.randn(self.n, self.n, device=self.device, dtype=torch.bfloat16) for _ in range(2))
-        self.flops = max(self.flops, 2 * self.n ** 3 / best_time(lambda: a @ b, self.device, repeat))
-        del a, b
+        self.flops = max(self.flops, 2 * self.n ** 3 / self._matmul_seconds(self.n, repeat))
         src = torch.ones(self.numel, device=self.device)
         dst = torch.empty_like(src)
         self.bandwidth = max(self.bandwidth, self.numel * 4 / best_time(lambda: dst.copy_(src), self.device, repeat))
+
+
+def bf16_slowdown_on_cpu() -> float:
+    """How many times slower a bf16 matmul runs than a float32 one on this CPU (a 256^3 probe, milliseconds).
+
+    CPUs without native bf16 (AVX2 only, no AVX512-BF16 or AMX) emulate it: ~400x slower at 4096^3, so a
+    full-size bf16 benchmark there would run for hours. One thread and the best of several runs, so that another
+    busy process on the machine cannot hide the difference.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a = torch.randn(256, 256)
+        fp32 = best_time(lambda: a @ a, torch.device("cpu"), 10)
+        b = a.bfloat16()
+        return best_time(lambda: b @ b, torch.device("cpu"), 3) / fp32
+    finally:
+        torch.set_num_threads(threads)
 
 
 def describe_device(device: torch.device) -> str:
@@ -333,7 +363,7 @@ class Result:
     flops: float
     peak_mem_gb: float  # GPU: max allocated; CPU: peak resident set size (both include the weights)
     tflops: float = 0.0  # achieved, in the fastest run
-    peak_pct: float = 0.0  # of the bf16 matmul ceiling
+    peak_pct: float = 0.0  # of the matmul ceiling in the benchmark's dtype
     tokens_per_s: float | None = None
     gb_per_s: float | None = None
     bandwidth_pct: float | None = None  # of the copy bandwidth
@@ -523,47 +553,90 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="weights and activations "
-                        "(default bf16)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default bf16 on a GPU "
+                        "and on a CPU with native bf16, fp32 on other CPUs)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--size", type=int, default=512, help="image side in pixels for W1-W3, W6 and --e2e "
+    parser.add_argument("--size", type=positive, default=512, help="image side in pixels for W1-W3, W6 and --e2e "
                         "(default 512)")
     parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(WORKLOADS))
     parser.add_argument("--e2e", action="store_true", help="also time whole T2I and editing generations")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps of the --e2e generations "
+    parser.add_argument("--steps", type=positive, default=50, help="denoising steps of the --e2e generations "
                         "(default 50)")
-    parser.add_argument("--decode-tokens", type=int, default=32, help="tokens per llm_decode call (default 32)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
-    parser.add_argument("--repeat", type=int, default=3, help="timed calls per workload (default 3)")
+    parser.add_argument("--decode-tokens", type=positive, default=32, help="tokens per llm_decode call "
+                        "(default 32)")
+    parser.add_argument("--warmup", type=non_negative, default=1, help="untimed calls before timing (default 1)")
+    parser.add_argument("--repeat", type=positive, default=3, help="timed calls per workload (default 3)")
     parser.add_argument("--json", default="", help="also write the results to this file")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile each decoder block and the LLM decode step, as Ovis.compile does; "
                              "each workload's warm-up call pays its compilation")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny test config instead of the full model")
+    parser.add_argument("--threads", type=non_negative, default=0, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test config instead of the full model "
+                        "(seconds on any CPU)")
     args = parser.parse_args(argv)
     if args.size % 16:
         parser.error(f"--size must be a multiple of 16, got {args.size}")
     unknown = set(filter(None, args.only.split(","))) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}: choose from {', '.join(WORKLOADS)}")
+    try:
+        args.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                                   else args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
+    if args.device.type == "cuda" and (args.device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices")
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: bench.py runs on cpu or cuda")
+    if args.json:
+        folder = Path(args.json).expanduser().resolve().parent
+        if Path(args.json).is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json}: cannot write a file there; give a file name in a writable folder")
+    if args.dtype is None:
+        args.dtype = "bf16"
+        if args.device.type == "cpu":
+            slowdown = bf16_slowdown_on_cpu()
+            if slowdown > 3:
+                args.dtype = "fp32"
+                print(f"note: this CPU has no native bf16 matmul (bf16 ran {slowdown:.0f}x slower than fp32), so "
+                      "the benchmark runs in fp32", file=sys.stderr)
+    elif args.dtype != "fp32" and args.device.type == "cpu" and not args.tiny:
+        slowdown = bf16_slowdown_on_cpu() if args.dtype == "bf16" else 0
+        if slowdown > 3:
+            parser.error(f"--dtype bf16: this CPU has no native bf16 matmul (bf16 ran {slowdown:.0f}x slower than "
+                         "fp32), so the full model would run for hours; use --dtype fp32 (or --tiny)")
     return args
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
     # Flush denormals to zero: softmax tails and random weights produce them, and x86 CPUs handle denormal
     # floats dozens of times slower (it made the CPU attention 2.5x slower here). It changes no result that
     # matters: denormals are below 1.2e-38. Set before the first parallel region, so every thread inherits it.
     torch.set_flush_denormal(True)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = DTYPES[args.dtype]
+    device, dtype = args.device, DTYPES[args.dtype]
     torch.manual_seed(0)
-    ceilings = Ceilings(device)
+    ceilings = Ceilings(device, dtype)
     ceilings.measure(repeat=5)
     config = tiny_config() if args.tiny else OvisConfig()
     start = time.perf_counter()
@@ -584,19 +657,28 @@ def main(argv=None) -> dict:
     for workload, result in runs:
         result.rate(workload, ceilings)
         results.append(result)
-    machine = {"device": describe_device(device), "torch": torch.__version__, "dtype": args.dtype,
-               "bf16_matmul_tflops": ceilings.flops / 1e12, "copy_gb_per_s": ceilings.bandwidth / 1e9,
+    machine = {"device": describe_device(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+               "torch": torch.__version__, "dtype": args.dtype, "matmul_n": ceilings.n,
+               "matmul_tflops": ceilings.flops / 1e12, "copy_gb_per_s": ceilings.bandwidth / 1e9,
                "weights_gb": weight_bytes / 1e9, "size": args.size, "config": "tiny" if args.tiny else "full",
                "compile": args.compile}
-    print(f"ceilings: bf16 matmul {ceilings.flops / 1e12:.3f} TFLOP/s, copy {ceilings.bandwidth / 1e9:.1f} GB/s; "
-          f"rates from the fastest run")
+    print(f"ceilings: {args.dtype} matmul {ceilings.flops / 1e12:.3f} TFLOP/s ({ceilings.n}^3), copy "
+          f"{ceilings.bandwidth / 1e9:.1f} GB/s; rates from the fastest run")
     print(format_table(results))
     report = {"machine": machine, "workloads": [asdict(r) for r in results]}
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+        write_atomic(args.json, json.dumps(report, indent=2))
     return report
 
 
+def run_cli() -> None:
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("bench.py: interrupted")
+    except torch.OutOfMemoryError:
+        sys.exit("bench.py: error: out of memory; try a smaller --size, --only a subset, or --tiny")
+
+
 if __name__ == "__main__":
-    main()
+    run_cli()

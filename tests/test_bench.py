@@ -122,7 +122,29 @@ def test_bench_smoke_run(tmp_path):
         assert w["seconds"] > 0 and w["flops"] > 0 and w["peak_mem_gb"] > 0, w
     decode = report["workloads"][4]
     assert decode["tokens_per_s"] > 0 and decode["bandwidth_pct"] > 0
-    assert report["machine"]["bf16_matmul_tflops"] > 0 and report["machine"]["copy_gb_per_s"] > 0
+    assert report["machine"]["matmul_tflops"] > 0 and report["machine"]["copy_gb_per_s"] > 0
+
+
+def test_cpu_without_native_bf16_benchmarks_in_fp32(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "bf16_slowdown_on_cpu", lambda: 150.0)
+    assert bench.parse_args(["--device", "cpu"]).dtype == "fp32"
+    assert "no native bf16" in capsys.readouterr().err
+    assert bench.parse_args(["--device", "cpu", "--tiny", "--dtype", "bf16"]).dtype == "bf16"  # tiny: seconds
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", "--dtype", "bf16"])
+    assert "use --dtype fp32" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "bf16_slowdown_on_cpu", lambda: 0.5)
+    assert bench.parse_args(["--device", "cpu"]).dtype == "bf16"
+
+
+def test_bf16_probe_measures_a_ratio():
+    assert bench.bf16_slowdown_on_cpu() > 0
+
+
+def test_matmul_ceiling_is_sized_to_cost_milliseconds():
+    ceilings = bench.Ceilings(torch.device("cpu"), torch.float32, megabytes=8)
+    ceilings.measure(repeat=1)
+    assert 256 <= ceilings.n <= 4096 and ceilings.flops > 0 and ceilings.bandwidth > 0
 
 
 def test_only_selects_workloads():
