@@ -15,21 +15,39 @@ Images are PNGs that carry their settings (prompt, seed, steps, guidance, size, 
 files are never replaced, new ones get the next free number. The same flags and seed on the same device give
 the same image, byte for byte.
 """
-import argparse
-import os
-import random
-import re
+import signal
 import sys
-import time
-from pathlib import Path
 
-import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from ovis_min.checkpoint import (CheckpointError, download_checkpoint, hub_cache_dir, looks_like_hub_id,
+def interrupted_while_starting(signum, frame):
+    # Ctrl-C while torch is still being imported: nothing has been written yet, so just say so and stop.
+    sys.stderr.write("\nsample.py: interrupted\n")
+    raise SystemExit(130)
+
+
+signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import argparse  # noqa: E402  (the handler above covers the seconds these imports take)
+import io  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image, PngImagePlugin, UnidentifiedImageError  # noqa: E402
+
+from ovis_min.checkpoint import (CheckpointError, download_checkpoint, hub_cache_dir, looks_like_hub_id,  # noqa: E402
                                  resolve_source)
-from ovis_min.pipeline import MIN_SIZE, Ovis, round_to_16
-from ovis_min.preprocess import SMART_RESIZE_MAX_PIXELS, ImageError, edit_target_size, load_image
+from ovis_min.config import LLMConfig  # noqa: E402
+from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomic  # noqa: E402
+from ovis_min.pipeline import MAX_SIZE, MIN_SIZE, Ovis, round_to_16  # noqa: E402
+from ovis_min.preprocess import SMART_RESIZE_MAX_PIXELS, ImageError, edit_target_size, load_image  # noqa: E402
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt: main() reports it
 
 DEFAULT_WEIGHTS = "AIDC-AI/Ovis-U1-3B"
 DEFAULT_SIZE = 1024
@@ -38,6 +56,8 @@ DEFAULT_TXT_CFG = {"t2i": 5.0, "edit": 6.0}  # the official test_txt_to_img.py a
 DEFAULT_IMG_CFG = 1.5
 DEFAULT_MAX_NEW_TOKENS = 4096  # the official test_img_to_txt.py
 DEFAULT_OUT = "outputs"
+MAX_STEPS = 1000  # the official scripts use 50; beyond this a typo is likelier than a wish
+MAX_NEW_TOKENS = LLMConfig().max_position_embeddings  # the LLM's context: nothing longer can be answered
 TASK_NAMES = {"t2i": "text-to-image", "edit": "editing", "understanding": "understanding", "chat": "text chat"}
 
 # Flags that belong to one kind of task: giving them to the other kind is a mistake worth reporting.
@@ -207,20 +227,40 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def check_range(args: argparse.Namespace) -> None:
-    for name, low in (("steps", 1), ("num_images", 1), ("max_new_tokens", 1), ("seed", 0)):
+    for name, low, high in (("steps", 1, MAX_STEPS), ("num_images", 1, None), ("max_new_tokens", 1, MAX_NEW_TOKENS),
+                            ("seed", 0, 2 ** 63 - 1)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise UsageError(f"{flag(name)} {value}: must be at least {low}")
-    if args.seed is not None and args.seed >= 2 ** 63:
-        raise UsageError(f"--seed {args.seed}: must be below 2**63")
-    if args.temperature is not None and args.temperature < 0:
-        raise UsageError(f"--temperature {args.temperature:g}: must be 0 (greedy) or more")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p {args.top_p:g}: must be in (0, 1]")
+        if value is not None and high is not None and value > high:
+            raise UsageError(f"{flag(name)} {value}: must be at most {high}")
     for name in ("width", "height"):
         value = getattr(args, name)
         if value is not None and value < MIN_SIZE:
             raise UsageError(f"{flag(name)} {value}: too small; width and height must be at least {MIN_SIZE} pixels")
+        if value is not None and value > MAX_SIZE:
+            raise UsageError(f"{flag(name)} {value}: too large; width and height must be at most {MAX_SIZE} pixels")
+    if args.seed is not None and args.num_images is not None and args.seed + args.num_images - 1 >= 2 ** 63:
+        raise UsageError(f"--seed {args.seed} with --num-images {args.num_images}: image i uses seed + i, which must "
+                         "stay below 2**63; give a smaller --seed")
+    for name in ("txt_cfg", "img_cfg", "temperature", "top_p"):
+        value = getattr(args, name)
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag(name)} {value}: must be a finite number")
+    if args.temperature is not None and args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature:g}: must be 0 (greedy) or more")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p {args.top_p:g}: must be in (0, 1]")
+    for name in ("prompt", "ask"):
+        text = getattr(args, name)
+        if text is None:
+            continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal could not decode arrive as lone surrogates
+            raise UsageError(f"{flag(name)}: the text is not valid UTF-8; check the terminal's encoding") from None
+        if not text.strip():
+            raise UsageError(f"{flag(name)}: the text is empty")
 
 
 def image_size(args: argparse.Namespace, task: str, source: Image.Image | None) -> tuple[int, int]:
@@ -250,29 +290,49 @@ def image_size(args: argparse.Namespace, task: str, source: Image.Image | None) 
 # Output files
 # ---------------------------------------------------------------------------------------------------------------
 
-def output_paths(out: str, task: str, count: int) -> list[Path]:
-    """`count` PNG paths for --out (a folder, or a .png file name) that do not exist yet.
+class Outputs:
+    """Where the images of --out go: a folder, or a .png file name. Names are picked when an image is written.
 
     A free file name is used as it is; otherwise names are numbered on from the highest number already there
-    (outputs/t2i-0003.png, cat-0001.png), so earlier images are never replaced.
+    (outputs/t2i-0003.png, cat-0001.png), so earlier images are never replaced. A name is only taken by writing
+    the whole file under a temporary name and linking it in exclusively: two runs writing into one folder both
+    keep every image, and a crash never leaves a partial PNG under an output name.
     """
-    path = Path(out).expanduser()
-    named_file = bool(path.suffix) and not path.is_dir()
-    if named_file and path.suffix.lower() != ".png":
-        raise UsageError(f"--out {out}: images are saved as PNG (their settings travel in the metadata); give "
-                         "a .png file name or a folder")
-    folder, stem = (path.parent, path.stem) if named_file else (path, task)
-    writable_folder(folder)
-    if named_file and count == 1 and not path.exists():
-        return [path]
-    numbered = re.compile(re.escape(stem) + r"-(\d+)\.png")
-    taken = [int(m.group(1)) for p in folder.iterdir() if (m := numbered.fullmatch(p.name))]
-    first = max(taken, default=0) + 1
-    paths = [folder / f"{stem}-{n:04d}.png" for n in range(first, first + count)]
-    if named_file:
-        log(f"note: {path} exists: writing {paths[0]}" if count == 1 else
-            f"note: {count} images: writing {paths[0].name} ... {paths[-1].name} in {folder}")
-    return paths
+
+    def __init__(self, out: str, task: str):
+        path = Path(out).expanduser()
+        self.named_file = bool(path.suffix) and not path.is_dir()
+        if self.named_file and path.suffix.lower() != ".png":
+            raise UsageError(f"--out {out}: images are saved as PNG (their settings travel in the metadata); give "
+                             "a .png file name or a folder")
+        self.path = path
+        self.folder, self.stem = (path.parent, path.stem) if self.named_file else (path, task)
+        writable_folder(self.folder)
+        for leftover in remove_leftovers(self.folder):
+            log(f"note: removed {leftover.name}, a partial image of a run that was killed")
+
+    def next_free(self) -> Path:
+        if self.named_file and not self.path.exists():
+            return self.path
+        numbered = re.compile(re.escape(self.stem) + r"-(\d+)\.png")
+        taken = [int(m.group(1)) for p in self.folder.iterdir() if (m := numbered.fullmatch(p.name))]
+        return self.folder / f"{self.stem}-{max(taken, default=0) + 1:04d}.png"
+
+    def write(self, png: bytes) -> Path:
+        while True:
+            path = self.next_free()
+            try:
+                write_atomic(path, png, replace=False)
+            except FileExistsError:  # another run took this name a moment ago: take the next one
+                continue
+            except OSError as error:
+                if disk_full(error):
+                    raise RunError(f"the disk is full: cannot write {path}; free some space or choose another "
+                                   "--out (nothing was left half-written)") from None
+                raise RunError(f"cannot write {path} ({error.strerror or error})") from None
+            if self.named_file and path != self.path:
+                log(f"note: {self.path} exists: wrote {path.name}")
+            return path
 
 
 def writable_folder(folder: Path) -> None:
@@ -281,27 +341,23 @@ def writable_folder(folder: Path) -> None:
         raise RunError(f"cannot write images into {folder}: it is a file, not a folder; choose another --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".sample-write-test-{os.getpid()}"
-        probe.touch(exist_ok=False)
-        probe.unlink()
+        descriptor, probe = tempfile.mkstemp(prefix=temp_prefix(), dir=folder)
+        os.close(descriptor)
+        os.unlink(probe)
     except OSError as error:
         raise RunError(f"cannot write images into {folder} ({error.strerror or error}); choose another --out") from None
 
 
-def save_png(image: Image.Image, path: Path, settings: dict) -> None:
-    """Write `image` with `settings` as PNG text chunks. Exclusive create: an existing file is never replaced."""
+def png_bytes(image: Image.Image, settings: dict) -> bytes:
+    """`image` as a PNG with `settings` as its text chunks."""
     info = PngImagePlugin.PngInfo()
     for key in RECORDED:
         if settings.get(key) is not None:
             info.add_text(key, str(settings[key]))  # non-Latin-1 text (most prompts' scripts) becomes iTXt
     info.add_text("Software", "ovis-min sample.py")
-    try:
-        with open(path, "xb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-    except FileExistsError:
-        raise RunError(f"{path} appeared while this ran; not replacing it") from None
-    except OSError as error:
-        raise RunError(f"cannot write {path} ({error.strerror or error})") from None
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +423,7 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
 
 
 def generate(ovis: Ovis, args: argparse.Namespace, task: str, source: Image.Image | None,
-             size: tuple[int, int], paths: list[Path], device: torch.device) -> None:
+             size: tuple[int, int], outputs: Outputs, device: torch.device) -> None:
     width, height = size
     # At the edit script's own size the official path first resizes the input to exactly that size; passing no
     # size keeps that path (and keeps a --from-png re-run identical).
@@ -378,9 +434,10 @@ def generate(ovis: Ovis, args: argparse.Namespace, task: str, source: Image.Imag
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for i, path in enumerate(paths):
+    count = args.num_images
+    for i in range(count):
         seed = args.seed + i
-        label = f"image {i + 1}/{len(paths)} " if len(paths) > 1 else ""
+        label = f"image {i + 1}/{count} " if count > 1 else ""
         if task == "t2i":
             image, = ovis.text_to_image(args.prompt, width=width, height=height, steps=args.steps,
                                         txt_cfg=args.txt_cfg, seed=seed, progress=ProgressBar(label))
@@ -388,14 +445,13 @@ def generate(ovis: Ovis, args: argparse.Namespace, task: str, source: Image.Imag
             image, = ovis.edit(source, args.prompt, steps=args.steps, txt_cfg=args.txt_cfg, img_cfg=args.img_cfg,
                                seed=seed, width=None if default_edit_size else width,
                                height=None if default_edit_size else height, progress=ProgressBar(label))
-        save_png(image, path, {**settings, "seed": seed})
-        print(path, flush=True)
+        print(outputs.write(png_bytes(image, {**settings, "seed": seed})), flush=True)
     seconds = time.perf_counter() - start
-    steps = args.steps * len(paths)
+    steps = args.steps * count
     counted = f"{args.steps} step{'s' if args.steps > 1 else ''}"
-    if len(paths) > 1:
-        counted = f"{len(paths)} x {counted}"
-    log(f"{len(paths)} image{'s' if len(paths) > 1 else ''} of {width}x{height}, {counted} in {seconds:.1f} s "
+    if count > 1:
+        counted = f"{count} x {counted}"
+    log(f"{count} image{'s' if count > 1 else ''} of {width}x{height}, {counted} in {seconds:.1f} s "
         f"({steps / seconds:.2f} steps/s, condition and VAE included), {peak_memory(device)}")
 
 
@@ -456,7 +512,7 @@ def run(argv: list[str] | None = None) -> int:
             size = image_size(args, task, images[0] if images else None)
         except ValueError as error:  # an input image whose aspect ratio no edit size can hold
             raise RunError(str(error)) from None
-        paths = output_paths(args.out, task, args.num_images)
+        outputs = Outputs(args.out, task)
         seeds = f"{args.seed}" if args.num_images == 1 else f"{args.seed}..{args.seed + args.num_images - 1}"
         log(f"{TASK_NAMES[task]}, seed {seeds}, {size[0]}x{size[1]}, {args.steps} steps, txt_cfg {args.txt_cfg:g}"
             + (f", img_cfg {args.img_cfg:g}" if task == "edit" else ""))
@@ -468,7 +524,7 @@ def run(argv: list[str] | None = None) -> int:
     ovis = load(args, device, dtype)
     try:
         if task in ("t2i", "edit"):
-            generate(ovis, args, task, images[0] if images else None, size, paths, device)
+            generate(ovis, args, task, images[0] if images else None, size, outputs, device)
         else:
             answer(ovis, args, images, device)
     except ValueError as error:  # the model's own checks: a prompt too long, <image> markers that do not add up

@@ -6,10 +6,18 @@ crash, a full disk or Ctrl-C sees either the old state or the whole new file, ne
 """
 import errno
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
 TEMP_PREFIX = ".tmp-"  # names of files and folders being written; never read as outputs
+# `.tmp-<pid>-...`: the writer's process id, so that leftovers of a killed writer can be told from work in flight
+_LEFTOVER = re.compile(re.escape(TEMP_PREFIX) + r"(\d+)-")
+
+
+def temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{os.getpid()}-"
 
 
 def write_atomic(path: Path | str, data: bytes | str, replace: bool = True) -> Path:
@@ -20,7 +28,7 @@ def write_atomic(path: Path | str, data: bytes | str, replace: bool = True) -> P
     """
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    fd, temp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".part", dir=path.parent)
+    fd, temp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
@@ -46,3 +54,33 @@ def write_atomic(path: Path | str, data: bytes | str, replace: bool = True) -> P
 
 def disk_full(error: BaseException) -> bool:
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_leftovers(folder: Path | str) -> list[Path]:
+    """Delete the temporary files and folders that killed writers left in `folder` (their process is gone);
+    those of running processes are theirs to finish. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _LEFTOVER.match(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or process_alive(int(match.group(1))):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(entry)
+    return removed

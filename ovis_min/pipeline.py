@@ -312,11 +312,14 @@ class Ovis:
 
 
 MIN_SIZE = 32  # pixels per side: at least 2x2 packed latent tokens (one token covers 16x16 pixels)
+MAX_SIZE = 4096  # pixels per side: 16x the tokens of the 1024x1024 the model was trained for, already far off it
 
 
 def check_size(height: int, width: int, minimum: int = MIN_SIZE) -> tuple[int, int]:
     if height < minimum or width < minimum:
         raise ValueError(f"image size {width}x{height} is too small: width and height must be at least {minimum}")
+    if height > MAX_SIZE or width > MAX_SIZE:
+        raise ValueError(f"image size {width}x{height} is too large: width and height must be at most {MAX_SIZE}")
     return round_to_16(height), round_to_16(width)
 
 

@@ -118,6 +118,9 @@ def load_image(source: "str | Path | Image.Image") -> Image.Image:
         try:
             image = Image.open(path)
             image.load()  # decode now, so a truncated file fails here with its name
+        except Image.DecompressionBombError:
+            raise ImageError(f"{path} is too large to open safely (more than {2 * Image.MAX_IMAGE_PIXELS:,} "
+                             "pixels, PIL's decompression-bomb limit): downscale it first") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             raise ImageError(f"cannot read {path} as an image ({err})") from err
     try:

@@ -26,14 +26,12 @@ def test_compiled_decoding_answers_the_same(pair):
                                                                                     max_new_tokens=8)
 
 
-@pytest.mark.parametrize("task", ["t2i", "edit"])
-def test_compiled_decoder_makes_the_same_image(pair, task):
-    # Fused float32 kernels round differently, and the official uint8 conversion truncates: one level at most.
-    eager, compiled = pair
-    if task == "t2i":
-        images = [ovis.text_to_image("a cat", width=64, height=64, steps=3, seed=1)[0] for ovis in pair]
-    else:
-        source = Image.open(GOLDEN / "preprocess_img0.png")
-        images = [ovis.edit(source, "make it blue", steps=3, seed=1)[0] for ovis in pair]
-    assert compiled.decode_step is not None
+def test_compiled_decoder_makes_the_same_image(pair):
+    """An edit compiles every kind of block call that sampling makes: a batch of two rows with padded, masked
+    texts (the cond and no-text branches, as T2I's cond and uncond) and a row without a condition image (the
+    no-both branch, as every T2I row). T2I itself is left out because its compilations cost as much again.
+    Fused float32 kernels round differently, and the official uint8 conversion truncates: one level at most."""
+    source = Image.open(GOLDEN / "preprocess_img0.png")
+    images = [ovis.edit(source, "make it blue", steps=3, seed=1)[0] for ovis in pair]
+    assert pair[1].decode_step is not None
     assert np.abs(pixels(images[0]) - pixels(images[1])).max() <= 1

@@ -1,12 +1,12 @@
 """sample.py as a user runs it, on a tiny random checkpoint in the official layout.
 
-Subprocess runs cover every task, --help, seed reproducibility, numbered outputs, the PNG metadata round trip and
-each kind of user error (one line on stderr, non-zero exit, no traceback). More variants of the same paths call
-`sample.main(argv)` in this process, which skips the torch start-up of a new process. Images are 64x64 with 2
-steps. The network is never used: the Hugging Face cache is an empty folder, and offline.
+Script runs (each a process of its own, see script_runner) cover every task, --help, seed reproducibility,
+numbered outputs, the PNG metadata round trip and each kind of user error (one line on stderr, non-zero exit, no
+traceback). More variants of the same paths call `sample.main(argv)` in this process. Images are 64x64 with 2
+steps. The network is never used: the Hugging Face cache is an empty folder, and offline. Bad inputs and faults
+(signals, a full disk, two runs at once) are in test_sample_errors.py.
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,11 +16,10 @@ import torch
 from PIL import Image
 
 import sample as sample_cli
+from script_runner import Run, run_script
 from ovis_min.tiny import write_tiny_checkpoint
 from ovis_min.pipeline import STAGES, Ovis
 
-ROOT = Path(__file__).resolve().parent.parent
-COMMAND = [sys.executable, str(ROOT / "sample.py")]
 FAST = ["--width", "64", "--height", "64", "--steps", "2"]
 
 
@@ -38,14 +37,9 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
 @pytest.fixture
 def sample(tmp_path, weights):
     """sample.py in a new process, run in a fresh folder (its default outputs/ lands there), tiny weights."""
-    def run(*args: str, with_weights: bool = True, cwd: Path = tmp_path) -> subprocess.CompletedProcess:
-        # One thread: a tiny model gains nothing from more, and on a busy CPU their spin-waits cost seconds a run.
-        env = {**os.environ, **offline_env(tmp_path), "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
-        command = [*COMMAND, *args, *(["--weights", str(weights)] if with_weights else [])]
-        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, timeout=300)
-        result.stdout = result.stdout.decode("utf-8", errors="replace")
-        result.stderr = result.stderr.decode("utf-8", errors="replace")
-        return result
+    def run(*args: str, with_weights: bool = True, cwd: Path = tmp_path) -> Run:
+        return run_script("sample.py", *args, *(["--weights", str(weights)] if with_weights else []), cwd=cwd,
+                          env=offline_env(tmp_path))
     return run
 
 
@@ -72,7 +66,7 @@ def sample_here(tmp_path, weights, monkeypatch, capsys, one_thread):
     return run
 
 
-def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+def ok(result: Run) -> Run:
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
     return result
@@ -220,7 +214,7 @@ def test_from_png_flags_override_the_recorded_settings(sample_here, tmp_path):
 
 # -- errors: one line, a non-zero exit status, no traceback -----------------------------------------------------
 
-def error_line(result: subprocess.CompletedProcess, status: int) -> str:
+def error_line(result: Run, status: int) -> str:
     assert result.returncode == status, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
