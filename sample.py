@@ -40,8 +40,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, PngImagePlugin, UnidentifiedImageError  # noqa: E402
 
-from ovis_min.checkpoint import (CheckpointError, download_checkpoint, hub_cache_dir, looks_like_hub_id,  # noqa: E402
-                                 resolve_source)
+from ovis_min.checkpoint import CheckpointError, resolve_source  # noqa: E402
 from ovis_min.config import LLMConfig  # noqa: E402
 from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomic  # noqa: E402
 from ovis_min.pipeline import MAX_SIZE, MIN_SIZE, Ovis, round_to_16  # noqa: E402
@@ -134,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", metavar="DIR_OR_ID",
                      help=f"checkpoint directory or hub id (default {DEFAULT_WEIGHTS}: from the Hugging Face cache, "
                           "or downloaded on first use)")
+    run.add_argument("--revision", default="main",
+                     help="for a hub id: branch, tag, commit or refs/pr/N (default main)")
     run.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: cuda if available, then mps, then cpu)")
     run.add_argument("--dtype", choices=("bf16", "fp32"),
                      help="weights and compute (default bf16 on a GPU, fp32 on the CPU)")
@@ -397,20 +398,15 @@ def peak_memory(device: torch.device) -> str:
     return f"peak process memory {peak * (1 if sys.platform == 'darwin' else 1024) / 2 ** 30:.2f} GiB"
 
 
-def find_weights(source: str) -> Path:
-    """The checkpoint directory of --weights: a directory, or a hub id from the cache, downloaded if missing."""
-    try:
-        return resolve_source(source)
-    except CheckpointError:
-        if Path(source).expanduser().exists() or not looks_like_hub_id(source):
-            raise  # a path, not a hub id: the message says how to get the weights
-    log(f"{source} is not in the Hugging Face cache ({hub_cache_dir()}): downloading it")
-    return download_checkpoint(source)
+def find_weights(source: str, revision: str = "main") -> Path:
+    """The checkpoint directory of --weights: a directory, or a hub id from the cache, downloaded (or an
+    incomplete snapshot completed) when online; the loader says on stderr when it downloads."""
+    return resolve_source(source, revision=revision, download=True)
 
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Ovis:
     start = time.perf_counter()
-    directory = find_weights(args.weights)
+    directory = find_weights(args.weights, args.revision)
     log(f"loading {directory} ({str(dtype).removeprefix('torch.')} on {device}"
         f"{', offloaded to CPU between stages' if args.offload else ''})")
     ovis = Ovis.from_pretrained(directory, device=device, dtype=dtype, offload=args.offload, download=False)

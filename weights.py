@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ovis_min.files import disk_full
+
 from ovis_min.checkpoint import (DEFAULT_REPO, HUB_IDS, CheckpointError, build_model, check_checkpoint,
                                  download_checkpoint, format_counts, match, read_config, resolve_source,
                                  table1_counts)
@@ -33,7 +35,12 @@ def cmd_check(args) -> int:
 
 
 def cmd_tiny(args) -> int:
-    directory = write_tiny_checkpoint(args.dir, seed=args.seed, shards=args.shards)
+    if args.shards < 1:
+        raise CheckpointError(f"--shards {args.shards}: must be at least 1")
+    if not 0 <= args.seed < 2 ** 63:
+        raise CheckpointError(f"--seed {args.seed}: must be between 0 and 2**63 - 1")
+    directory = write_tiny_checkpoint(args.dir, seed=args.seed, shards=args.shards, slow_tokenizer=args.slow_tokenizer,
+                                      force=args.force)
     files = sorted(path.name for path in Path(directory).iterdir())
     print(f"wrote a tiny random checkpoint (seed {args.seed}) to {directory}: {', '.join(files)}")
     return 0
@@ -74,21 +81,24 @@ def main(argv: list[str] | None = None) -> int:
 
     download = commands.add_parser(
         "download", help="fetch a checkpoint into a directory or the Hugging Face cache",
-        description="Fetch config.json, the safetensors index and shards, tokenizer.json and "
-                    "preprocessor_config.json (never the repository's Python files). Interrupted files resume. "
-                    "Environment: HF_ENDPOINT (default https://huggingface.co), HF_TOKEN (sent as a Bearer token), "
-                    "HF_HUB_CACHE / HF_HOME (where the cache is).")
+        description="Fetch config.json, preprocessor_config.json, the tokenizer (tokenizer.json or the slow files), "
+                    "the safetensors index and exactly the shards it names (never the repository's Python files), "
+                    "through huggingface_hub: the standard Hugging Face cache (HF_HOME, HF_HUB_CACHE), tokens from "
+                    "`hf auth login` or HF_TOKEN, HF_ENDPOINT, HF_HUB_OFFLINE, checksums, locks, retries and "
+                    "resumed transfers. Run it again to finish an interrupted or incomplete download.")
     download.add_argument("repo_id", nargs="?", default=DEFAULT_REPO,
                           help=f"hub repository (default {DEFAULT_REPO}; also {', '.join(HUB_IDS[1:])})")
-    download.add_argument("--dir", type=Path, help="write the files here instead of the Hugging Face cache")
-    download.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
+    download.add_argument("--dir", type=Path, help="write the files into this folder (huggingface_hub's local_dir) "
+                                                   "instead of the Hugging Face cache")
+    download.add_argument("--revision", default="main", help="branch, tag, commit or refs/pr/N (default main)")
     download.add_argument("--quiet", action="store_true", help="no progress bars")
     download.set_defaults(run=cmd_download)
 
     check = commands.add_parser(
         "check", help="verify a checkpoint: files present, names and shapes against the model, sizes",
-        description="Verify a checkpoint without loading it: the required files are present, config.json "
-                    "builds a model, tokenizer.json opens, every shard is as long as its header says, and every "
+        description="Verify a checkpoint without loading it: the required files are present, config.json and "
+                    "preprocessor_config.json hold usable values, the tokenizer (tokenizer.json or the slow files) "
+                    "opens, every shard is as long as its header says, and every "
                     "tensor name and shape matches the model (nothing missing, nothing left over). "
                     "Exit status 0 when it is usable, 1 with the problem named otherwise.")
     check.add_argument("source", help="checkpoint directory, or a hub id found in the Hugging Face cache")
@@ -99,10 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         "tiny", help="write a tiny random checkpoint in exactly the official layout",
         description="Write a tiny random Ovis-U1 (under 1M parameters, float32) in the official layout: "
                     "config.json, model-0000i-of-0000n.safetensors + model.safetensors.index.json (or one "
-                    "model.safetensors), a byte-level BPE tokenizer.json with the Qwen special tokens, "
-                    "tokenizer_config.json, special_tokens_map.json and preprocessor_config.json. For smoke tests "
-                    "and for porting ovis-min to other frameworks.")
-    tiny.add_argument("dir", type=Path, help="output directory (created)")
+                    "model.safetensors), a byte-level BPE tokenizer.json with the Qwen special tokens (or, with "
+                    "--slow-tokenizer, vocab.json, merges.txt, added_tokens.json), tokenizer_config.json, "
+                    "special_tokens_map.json and preprocessor_config.json. For smoke tests and for porting "
+                    "ovis-min to other frameworks.")
+    tiny.add_argument("dir", type=Path, help="output directory (created; an existing non-empty one needs --force)")
+    tiny.add_argument("--slow-tokenizer", action="store_true",
+                      help="write the slow tokenizer files instead of tokenizer.json")
+    tiny.add_argument("--force", action="store_true", help="replace the contents of an existing directory")
     tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
     tiny.add_argument("--shards", type=int, default=2, help="number of safetensors shards; 1 writes a single "
                                                             "model.safetensors without index (default 2)")
@@ -125,6 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # the file system refused: a read-only folder, a path through a file, a full disk
+        what = getattr(args, "dir", None) or error.filename or ""
+        fix = "free some space, or write elsewhere" if disk_full(error) else "choose a folder you can write"
+        print(f"FAILED: cannot write {what} ({error.strerror or error}); {fix}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nFAILED: interrupted; files already complete are kept: run the same command again to finish",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

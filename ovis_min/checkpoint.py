@@ -1,52 +1,49 @@
 """The official Ovis-U1-3B checkpoint: where its tensors go, how to read it strictly and safely, how to fetch it.
 
 The checkpoint is read as published (Hugging Face `AIDC-AI/Ovis-U1-3B`, mirrored as `ATH-MaaS/Ovis-U1-3B`):
-`config.json`, `model.safetensors.index.json` with its shards (or one `model.safetensors`), `tokenizer.json` and
+`config.json`, `model.safetensors.index.json` with its shards (or one `model.safetensors`), the tokenizer
+(`tokenizer.json`, or the slow files `vocab.json`, `merges.txt`, `tokenizer_config.json`, ...) and
 `preprocessor_config.json`. There is no conversion step: ovis-min's module attributes are named so that
 `OvisU1.state_dict()` keys are the official tensor names, and the table below says which file of ovis-min each
 official name lands in.
 
 Safety: only safetensors are read (never a pickle), shard names from an index may not leave the checkpoint
 directory, and the Python files the official repository ships for `trust_remote_code` are neither downloaded
-nor run. Downloading uses the standard library only.
+nor run. The hub is reached through huggingface_hub (ovis_min/hub.py).
 """
-import http.client
 import json
-import math
 import os
 import re
-import struct
 import sys
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from tokenizers import Tokenizer
 from torch import nn
 
-from .config import OvisConfig, from_official
+from . import hub
+from .config import ConfigError, OvisConfig, from_official, preprocess_from_official
+from .files import TEMP_PREFIX, write_atomic
 from .model import OvisU1
+from .prompt import (SLOW_TOKENIZER_EXTRAS, SLOW_TOKENIZER_FILES, TOKENIZER_FILE, TokenizerError, TokenizerNotFound,
+                     load_tokenizer, missing_tokenizer_files)
 
 HUB_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")  # the same files under the team's old and new names
 DEFAULT_REPO = HUB_IDS[0]
-DEFAULT_ENDPOINT = "https://huggingface.co"
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 LATEST_FILE = "latest"  # in a train.py run directory: the name of its newest step-NNNNNNNN checkpoint
-TOKENIZER_FILE = "tokenizer.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
-REQUIRED_FILES = (CONFIG_FILE, TOKENIZER_FILE, PREPROCESSOR_FILE)  # plus the weights
-# Hugging Face tokenizer side files: ovis-min does not need them, other tools may. Missing ones are fine.
-OPTIONAL_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                  "merges.txt", "generation_config.json")
+REQUIRED_FILES = (CONFIG_FILE, PREPROCESSOR_FILE)  # plus the weights, plus a tokenizer in either form
+# The tokenizer in its two forms (one of them must be complete) and the side files other tools may want.
+OPTIONAL_FILES = (TOKENIZER_FILE, *SLOW_TOKENIZER_FILES, *SLOW_TOKENIZER_EXTRAS, "generation_config.json")
+# What a download fetches before the shards; the shards follow once the index has named them.
+SMALL_FILES = (*REQUIRED_FILES, INDEX_FILE, *OPTIONAL_FILES)
 
 # Where each official tensor name lands in ovis-min. The key map is the identity: the official name *is* the
 # state_dict key, so this table is for readers and porters; it also groups parameters as the report's Table 1
@@ -70,6 +67,7 @@ SAFETENSORS_DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
+
 
 
 class CheckpointError(Exception):
@@ -111,8 +109,17 @@ class TensorInfo(NamedTuple):
     file: str  # shard file name, relative to the checkpoint directory
     dtype: str  # safetensors dtype name: "BF16", "F32", ...
     shape: tuple[int, ...]
-    start: int  # byte range of the data within the file
-    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return SAFETENSORS_DTYPES[self.dtype].itemsize * _numel(self.shape)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 @dataclass
@@ -154,72 +161,48 @@ def safe_shard_name(name: object, index_path: Path) -> str:
 def read_index(directory: Path) -> tuple[dict[str, str], int | None]:
     """The weight map of `model.safetensors.index.json` (tensor name -> shard name) and its total_size."""
     path = directory / INDEX_FILE
+    fix = "delete it and download the checkpoint again"
     try:
-        index = json.loads(path.read_text())
-        weight_map = index["weight_map"]
-        assert isinstance(weight_map, dict) and weight_map
-    except (ValueError, KeyError, TypeError, AssertionError) as error:
-        raise CheckpointError(f"{path}: not a valid index (expected a JSON object with a non-empty "
-                              f"'weight_map'): {error}") from None
-    for tensor_name, shard in weight_map.items():
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error}); {fix}") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: not a valid index (expected a JSON object with a non-empty 'weight_map' of "
+                              f"tensor name -> shard file); {fix}")
+    for shard in weight_map.values():
         safe_shard_name(shard, path)
-    total_size = (index.get("metadata") or {}).get("total_size")
+    metadata = index.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: 'metadata' is not an object; {fix}")
+    total_size = metadata.get("total_size")
+    if total_size is not None and (isinstance(total_size, bool) or not isinstance(total_size, (int, float))
+                                   or total_size < 0 or total_size != int(total_size)):
+        raise CheckpointError(f"{path}: metadata.total_size {total_size!r} is not a byte count; {fix}")
     return weight_map, int(total_size) if total_size is not None else None
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file, after checking that the file is exactly as long as it says.
-
-    A safetensors file is an 8-byte little-endian header length, a JSON header, then the tensor bytes; the last
-    tensor's end offset therefore fixes the file size, which catches truncated and over-long downloads.
-    Returned offsets are made absolute (from the start of the file).
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file (dtype and shape), read by the safetensors package, which checks that
+    the header is well formed and that the tensor data covers the file exactly (truncated or over-long files fail).
     """
     if not path.is_file():
         raise CheckpointError(f"missing shard {path}; {download_hint(path.parent)}")
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
-        if not 0 < header_len <= min(size - 8, 100_000_000):
-            raise CheckpointError(f"{path}: not a safetensors file, or truncated ({size} bytes); delete it and "
-                                  "download it again")
-        try:
-            header = json.loads(f.read(header_len))
-        except ValueError:
-            raise CheckpointError(f"{path}: corrupt safetensors header; delete it and download it again") from None
-    header.pop("__metadata__", None)
+    fix = "delete it and download it again"
+    tensors = {}
     try:
-        for name, info in header.items():
-            start, end = (8 + header_len + offset for offset in info["data_offsets"])
-            numel = math.prod(info["shape"])
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]  # KeyError for a dtype torch cannot hold
-            if end - start != numel * dtype.itemsize:
-                raise ValueError(f"{name}: {info['dtype']} {info['shape']} in {end - start} bytes")
-            info["data_offsets"] = (start, end)
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({error!r}); delete it and download it "
-                              "again") from None
-    data_end = max((info["data_offsets"][1] for info in header.values()), default=8 + header_len)
-    if size != data_end:
-        raise CheckpointError(f"{path}: {size} bytes on disk but its header describes {data_end} (truncated or "
-                              "corrupt download); delete it and download it again")
-    return header
-
-
-def read_tensor(path: Path, info: TensorInfo, buffer: torch.Tensor | None = None) -> torch.Tensor:
-    """One tensor of a safetensors file in its stored dtype, read into a fresh CPU tensor or into `buffer`
-    (uint8, at least as large; the result is then a view of it).
-
-    Plain reads rather than a memory map: a mapped shard would count in the process's memory next to the tensors
-    made from it, i.e. two copies at the peak.
-    """
-    nbytes = info.end - info.start
-    data = torch.empty(nbytes, dtype=torch.uint8) if buffer is None else buffer[:nbytes]
-    with open(path, "rb") as f:
-        f.seek(info.start)
-        if f.readinto(data.numpy()) != len(data):
-            raise CheckpointError(f"{path}: ended inside tensor data; the file changed while it was read")
-    return data.view(SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                dtype = part.get_dtype()
+                if dtype not in SAFETENSORS_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name} has dtype {dtype}, which torch cannot hold; {fix}")
+                tensors[name] = TensorInfo(path.name, dtype, tuple(part.get_shape()))
+    except (SafetensorError, OSError) as error:
+        size = path.stat().st_size if path.is_file() else 0
+        raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes; {error}); it is truncated or "
+                              f"corrupt: {fix}") from None
+    return tensors
 
 
 def open_checkpoint(directory: Path | str) -> Checkpoint:
@@ -244,14 +227,14 @@ def open_checkpoint(directory: Path | str) -> Checkpoint:
     tensors, total_bytes = {}, 0
     for file in files:
         for name, info in read_safetensors_header(directory / file).items():
+            info = info._replace(file=file)
             if name in tensors:
                 raise CheckpointError(f"{directory}: tensor {name} is stored twice ({tensors[name].file}, {file})")
             if weight_map is not None and weight_map.get(name) != file:
                 raise CheckpointError(f"{directory / INDEX_FILE}: tensor {name} is in {file} but the index says "
                                       f"{weight_map.get(name)}; the index and the shards do not belong together")
-            start, end = info["data_offsets"]
-            tensors[name] = TensorInfo(file, info["dtype"], tuple(info["shape"]), start, end)
-            total_bytes += end - start
+            tensors[name] = info
+            total_bytes += info.nbytes
     if weight_map is not None and len(weight_map) != len(tensors):
         lost = [name for name in weight_map if name not in tensors]
         raise CheckpointError(f"{directory / INDEX_FILE}: {len(lost)} indexed tensors are in none of the shards: "
@@ -259,20 +242,47 @@ def open_checkpoint(directory: Path | str) -> Checkpoint:
     return Checkpoint(directory, files, tensors, total_bytes, index_total_size)
 
 
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"{path}: not valid JSON ({error}); fix it or download the checkpoint again") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}; fix it or download the "
+                              "checkpoint again")
+    return value
+
+
 def read_config(directory: Path | str) -> OvisConfig:
-    """The model configuration of a checkpoint: config.json, with preprocessor_config.json when present."""
+    """The model configuration of a checkpoint: config.json with preprocessor_config.json, both checked."""
     directory = Path(directory)
-    path = directory / CONFIG_FILE
+    path, pre_path = directory / CONFIG_FILE, directory / PREPROCESSOR_FILE
     if not path.is_file():
         raise CheckpointError(f"no {CONFIG_FILE} in {directory}: not a checkpoint directory (nor a train.py run "
                               f"directory); {download_hint(directory)}")
+    if not pre_path.is_file():
+        # defaults would be a guess at how images are cut up; the official code refuses to run without it too
+        raise CheckpointError(f"no {PREPROCESSOR_FILE} in {directory} (the image preprocessing settings); "
+                              f"{download_hint(directory)}")
+    config, preprocessor = _read_json_object(path), _read_json_object(pre_path)
     try:
-        config = json.loads(path.read_text())
-        pre_path = directory / PREPROCESSOR_FILE
-        preprocessor = json.loads(pre_path.read_text()) if pre_path.is_file() else None
-        return from_official(config, preprocessor)
-    except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{path}: not an Ovis-U1 config ({type(error).__name__}: {error})") from None
+        preprocess = preprocess_from_official(preprocessor)
+    except ConfigError as error:
+        raise CheckpointError(f"{pre_path}: {error}; fix it or download the checkpoint again") from None
+    try:
+        result = from_official(config)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}; fix it or download the checkpoint again") from None
+    result.preprocess = preprocess
+    return result
+
+
+def read_tokenizer_size(directory: Path) -> int:
+    """The tokenizer's vocabulary size, added tokens included; CheckpointError when it cannot be read."""
+    try:
+        return load_tokenizer(directory).get_vocab_size(with_added_tokens=True)
+    except (TokenizerError, TokenizerNotFound) as error:
+        raise CheckpointError(f"{error}; {download_hint(directory)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -351,31 +361,35 @@ def load_checkpoint(model: nn.Module, directory: Path | str, dtype: torch.dtype 
         stored = SAFETENSORS_DTYPES[info.dtype]
         return dtype if stored.is_floating_point else stored
 
-    # A tensor already in the wanted dtype is read straight into the memory that becomes the parameter. One that
-    # is cast or sent to an accelerator is staged in a single reused buffer: per-tensor temporaries would
-    # fragment the heap and could push the peak well past one copy of the weights.
-    on_cpu = torch.device(device).type == "cpu"
-    staged = [info.end - info.start for info in checkpoint.tensors.values()
-              if not on_cpu or wanted(info) != SAFETENSORS_DTYPES[info.dtype]]
-    buffer = torch.empty(max(staged, default=0), dtype=torch.uint8)
-
-    def read(name: str) -> torch.Tensor:
-        info = checkpoint.tensors[name]
-        if on_cpu and wanted(info) == SAFETENSORS_DTYPES[info.dtype]:
-            return read_tensor(checkpoint.directory / info.file, info)
-        return read_tensor(checkpoint.directory / info.file, info, buffer).to(device, wanted(info))
-
+    # safe_open maps each shard: a tensor kept in its stored dtype on the CPU is the mapped file itself (pages are
+    # read when first used, and stay reclaimable page cache until written); one that is cast or moved is read
+    # once into its new place. Either way the weights exist once in process memory, never twice.
+    stored_aliases = {}
     for file in checkpoint.files:
-        state = {name: read(name) for name in checkpoint.names_in(file) if name not in aliases}
+        try:
+            with safe_open(checkpoint.directory / file, framework="pt", device="cpu") as shard:
+                state = {}
+                for name in checkpoint.names_in(file):
+                    tensor = shard.get_tensor(name)
+                    if name in aliases:
+                        stored_aliases[name] = tensor
+                    else:
+                        state[name] = tensor.to(device, wanted(checkpoint.tensors[name]))
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{checkpoint.directory / file}: cannot be read ({error}); the file changed or "
+                                  "is damaged: delete it and download it again") from None
         result = model.load_state_dict(state, strict=False, assign=True)
         assert not result.unexpected_keys, result.unexpected_keys  # ruled out by match() above
+        del state
 
     # assign=True replaced the source Parameter; point its aliases (lm_head) at the new one again
     for alias, source in aliases.items():
         owner, _, attr = alias.rpartition(".")
         setattr(model.get_submodule(owner), attr, model.get_parameter(source))
-        if alias in checkpoint.tensors:  # stored as well: it must really be the same matrix
-            if not torch.equal(read(alias), model.get_parameter(source).data):
+        if alias in stored_aliases:  # stored as well: it must really be the same matrix
+            stored = stored_aliases.pop(alias).to(model.get_parameter(source).device,
+                                                  model.get_parameter(source).dtype)
+            if not torch.equal(stored, model.get_parameter(source).data):
                 raise CheckpointError(f"{checkpoint.directory}: {alias} differs from {source}, but the model ties "
                                       "them (tie_word_embeddings); this checkpoint is not for a tied model")
     unfilled = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -394,14 +408,19 @@ def build_model(config: OvisConfig) -> OvisU1:
 class Loaded(NamedTuple):
     model: OvisU1  # in eval mode
     config: OvisConfig
-    directory: Path  # holds tokenizer.json and preprocessor_config.json
+    directory: Path  # holds the tokenizer and preprocessor_config.json
 
 
 def load_model(source: str | Path = DEFAULT_REPO, dtype: torch.dtype = torch.bfloat16,
                device: torch.device | str = "cpu", revision: str = "main", download: bool = False) -> Loaded:
-    """The official model from a local directory or a hub id (Hugging Face cache; downloaded if `download`)."""
+    """The official model from a local directory or a hub id (Hugging Face cache; downloaded if `download`).
+    Everything is checked before the weights are read: the files, the configs and the tokenizer."""
     directory = resolve_source(source, revision=revision, download=download)
+    missing = missing_files(directory)
+    if missing:
+        raise CheckpointError(f"{directory}: missing {', '.join(missing)}; {download_hint(directory)}")
     config = read_config(directory)
+    read_tokenizer_size(directory)
     model = load_checkpoint(build_model(config), directory, dtype=dtype, device=device)
     return Loaded(model.eval(), config, directory)
 
@@ -417,9 +436,38 @@ def looks_like_hub_id(source: str | Path) -> bool:
     return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) is not None
 
 
+def hub_cache_dir() -> Path:
+    return hub.cache_dir()
+
+
+def missing_files(directory: Path) -> list[str]:
+    """What a checkpoint directory lacks: config, preprocessor config, a tokenizer in either form, the weights
+    (the index and every shard it names, or model.safetensors). [] when complete."""
+    missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
+    missing += missing_tokenizer_files(directory)
+    if (directory / INDEX_FILE).is_file():
+        try:
+            shards = dict.fromkeys(read_index(directory)[0].values())
+        except CheckpointError:
+            return missing  # a damaged index is reported by open_checkpoint with its own message
+        missing += [shard for shard in shards if not (directory / shard).is_file()]
+    elif not (directory / SINGLE_FILE).is_file():
+        missing.append(f"{INDEX_FILE} (or {SINGLE_FILE})")
+    return missing
+
+
+def _finish_command(repo_id: str, revision: str) -> str:
+    return f"python weights.py download {repo_id}" + ("" if revision == "main" else f" --revision {revision}")
+
+
 def resolve_source(source: str | Path, revision: str = "main", download: bool = False) -> Path:
     """A checkpoint directory for `source`: an existing directory (a train.py run directory stands for its
-    newest checkpoint, named by its `latest` file), or a hub id found in the cache."""
+    newest checkpoint, named by its `latest` file), or a hub id found complete in the Hugging Face cache.
+
+    A hub id that is not cached, or cached incompletely, is downloaded (completed) if `download` and not offline.
+    Otherwise an incomplete snapshot is named with what it lacks and the command that finishes it; for a branch or
+    tag, a complete older snapshot of the same repository is used instead, with a note on stderr.
+    """
     path = Path(source).expanduser()
     if path.is_dir():
         newest = None if (path / CONFIG_FILE).is_file() else newest_step(path)
@@ -427,14 +475,45 @@ def resolve_source(source: str | Path, revision: str = "main", download: bool = 
     repo_id = str(source)
     if not looks_like_hub_id(repo_id):
         raise CheckpointError(f"no checkpoint directory {source}; {download_hint(source)}")
-    for candidate in [repo_id] + [other for other in HUB_IDS if repo_id in HUB_IDS and other != repo_id]:
-        snapshot = cached_snapshot(candidate, revision)
-        if snapshot is not None:
+    incomplete = None  # (snapshot, repo id, missing files) of the first partial snapshot found
+    candidates = [repo_id] + [other for other in HUB_IDS if repo_id in HUB_IDS and other != repo_id]
+    for candidate in candidates:
+        snapshot = hub.cached(candidate, revision)
+        if snapshot is None:
+            continue
+        missing = missing_files(snapshot)
+        if not missing:
             return snapshot
-    if download:
+        incomplete = incomplete or (snapshot, candidate, missing)
+    if download and not hub.offline():
+        if incomplete is None:
+            _note(f"{repo_id}@{revision} is not in the Hugging Face cache ({hub.cache_dir()}): downloading it")
+        else:
+            _note(f"the cached {repo_id}@{revision} is incomplete (missing {_few(incomplete[2], 3)}): completing it")
         return download_checkpoint(repo_id, revision=revision)
-    raise CheckpointError(f"{repo_id} is neither a directory nor in the Hugging Face cache ({hub_cache_dir()}); "
-                          f"download it with: python weights.py download {repo_id}")
+    if incomplete is None:
+        if hub.offline() and download:
+            raise CheckpointError(f"{repo_id}@{revision} is not in the Hugging Face cache ({hub.cache_dir()}) and "
+                                  "HF_HUB_OFFLINE is set, so it cannot be downloaded: unset HF_HUB_OFFLINE, or use a "
+                                  "checkpoint directory")
+        raise CheckpointError(f"{repo_id} is neither a directory nor in the Hugging Face cache ({hub.cache_dir()}); "
+                              f"download it with: {_finish_command(repo_id, revision)}")
+    snapshot, candidate, missing = incomplete
+    finish = _finish_command(candidate, revision) + (" (with network access: unset HF_HUB_OFFLINE)"
+                                                     if hub.offline() else "")
+    if not re.fullmatch(r"[0-9a-f]{40}", revision):
+        for older in hub.other_snapshots(candidate, besides=snapshot):
+            if not missing_files(older):
+                _note(f"note: the cached {candidate}@{revision} ({snapshot.name[:12]}) is incomplete (missing "
+                      f"{_few(missing, 3)}); using the complete snapshot {older.name[:12]}; finish the newer one "
+                      f"with: {finish}")
+                return older
+    raise CheckpointError(f"the cached {candidate}@{revision} ({snapshot}) is incomplete: missing {_few(missing)}; "
+                          f"finish it with: {finish}")
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def check_checkpoint(directory: Path | str) -> list[str]:
@@ -442,9 +521,12 @@ def check_checkpoint(directory: Path | str) -> list[str]:
     shape and file size against the model its config.json describes. Returns a short report; raises
     CheckpointError naming the first problem."""
     directory = Path(directory)
-    missing = [file for file in REQUIRED_FILES if not (directory / file).is_file()]
-    if not directory.is_dir() or missing:
-        raise CheckpointError(f"{directory}: missing {', '.join(missing) or 'everything'}; {download_hint(directory)}")
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoint directory {directory}; {download_hint(directory)}")
+    missing = missing_files(directory)
+    if missing:
+        raise CheckpointError(f"{directory}: missing {', '.join(missing)} (a tokenizer is {TOKENIZER_FILE}, or "
+                              f"{', '.join(SLOW_TOKENIZER_FILES)}); {download_hint(directory)}")
     lines = [f"checkpoint {directory}"]
 
     def row(what: str, detail: str):
@@ -454,14 +536,12 @@ def check_checkpoint(directory: Path | str) -> list[str]:
     row(CONFIG_FILE, f"LLM {config.llm.num_layers} layers x {config.llm.hidden_size}, encoder {config.vit.num_layers} "
                      f"x {config.vit.hidden_size}, decoder {config.mmdit.depth}+{config.mmdit.depth_single_blocks} "
                      f"blocks x {config.mmdit.hidden_size}, visual vocab {config.adapter.visual_vocab_size}")
-    try:
-        vocab = Tokenizer.from_file(str(directory / TOKENIZER_FILE)).get_vocab_size()
-    except Exception as error:  # the tokenizers library raises a bare Exception on a malformed file
-        raise CheckpointError(f"{directory / TOKENIZER_FILE}: cannot be read ({error})") from None
+    vocab = read_tokenizer_size(directory)
+    form = TOKENIZER_FILE if (directory / TOKENIZER_FILE).is_file() else "slow tokenizer files"
     if vocab > config.llm.vocab_size:
-        raise CheckpointError(f"{directory / TOKENIZER_FILE}: {vocab} tokens, more than the LLM's vocab_size "
-                              f"{config.llm.vocab_size} in {CONFIG_FILE}")
-    row(TOKENIZER_FILE, f"{vocab} tokens (embedding rows: {config.llm.vocab_size})")
+        raise CheckpointError(f"{directory}: the tokenizer ({form}) has {vocab} tokens, more than the LLM's "
+                              f"vocab_size {config.llm.vocab_size} in {CONFIG_FILE}")
+    row("tokenizer", f"{form}, {vocab} tokens (embedding rows: {config.llm.vocab_size})")
     pre = config.preprocess
     row(PREPROCESSOR_FILE, f"patch {pre.patch_size}, stride {pre.hidden_stride}, "
                            f"pixels {pre.min_pixels}..{pre.max_pixels}")
@@ -487,240 +567,42 @@ def check_checkpoint(directory: Path | str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The Hugging Face cache layout: {cache}/models--{org}--{name}/snapshots/{commit}/, refs/{revision} -> commit
+# Downloading, through huggingface_hub
 # ---------------------------------------------------------------------------------------------------------------
-
-def hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path.home() / ".cache" / "huggingface" / "hub"
-
-
-def repo_cache_dir(repo_id: str) -> Path:
-    return hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
-
-
-def cached_snapshot(repo_id: str, revision: str = "main") -> Path | None:
-    """The cached snapshot of `repo_id` at `revision` that holds a config.json, or None."""
-    repo_dir = repo_cache_dir(repo_id)
-    ref = repo_dir / "refs" / revision
-    commit = ref.read_text().strip() if ref.is_file() else revision
-    snapshot = repo_dir / "snapshots" / commit
-    if (snapshot / CONFIG_FILE).is_file():
-        return snapshot
-    if revision == "main" and (repo_dir / "snapshots").is_dir():
-        # no ref written (files copied in by hand): take the newest complete-looking snapshot
-        snapshots = [s for s in (repo_dir / "snapshots").iterdir() if (s / CONFIG_FILE).is_file()]
-        if snapshots:
-            return max(snapshots, key=lambda s: s.stat().st_mtime)
-    return None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Downloading (standard library only)
-# ---------------------------------------------------------------------------------------------------------------
-
-class _DropAuthOnRedirect(urllib.request.HTTPRedirectHandler):
-    """The hub redirects large files to a CDN; the token is for the hub only."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
-            new.remove_header("Authorization")
-        return new
-
-
-_OPENER = urllib.request.build_opener(_DropAuthOnRedirect)
-CHUNK = 1 << 20
-ATTEMPTS = 5  # per file; a dropped connection resumes where it stopped
-
-
-class _Progress:
-    """One line per file on stderr: name, bar, percent, MB and speed. Redrawn in place on a terminal."""
-
-    def __init__(self, name: str, total: int | None, done: int, enabled: bool):
-        self.name, self.total, self.done, self.enabled = name, total, done, enabled
-        self.start, self.start_done, self.last = time.monotonic(), done, 0.0
-        self.live = enabled and sys.stderr.isatty()
-
-    def update(self, n: int):
-        self.done += n
-        if self.live and time.monotonic() - self.last > 0.1:
-            self.last = time.monotonic()
-            sys.stderr.write("\r" + self.line())
-            sys.stderr.flush()
-
-    def line(self) -> str:
-        speed = (self.done - self.start_done) / max(time.monotonic() - self.start, 1e-6) / 1e6
-        if self.total:
-            filled = int(30 * self.done / self.total)
-            return (f"{self.name[:44]:<44} [{'#' * filled}{'.' * (30 - filled)}] {100 * self.done / self.total:5.1f}% "
-                    f"{self.done / 1e6:9.1f}/{self.total / 1e6:.1f} MB {speed:6.1f} MB/s")
-        return f"{self.name[:44]:<44} {self.done / 1e6:9.1f} MB {speed:6.1f} MB/s"
-
-    def close(self):
-        if self.enabled:
-            sys.stderr.write(("\r" if self.live else "") + self.line() + "\n")
-            sys.stderr.flush()
-
-
-def _unreachable(endpoint: str, error: Exception) -> CheckpointError:
-    return CheckpointError(f"cannot reach {endpoint} ({error}). Offline? Connect, set HF_ENDPOINT to a reachable "
-                           "mirror, or copy the checkpoint files into a directory and pass that directory")
-
-
-def _http_error(error: urllib.error.HTTPError, url: str) -> CheckpointError:
-    if error.code in (401, 403):
-        return CheckpointError(f"{url}: HTTP {error.code}, access denied; set HF_TOKEN to a token that can read "
-                               "this repository")
-    if error.code == 404:
-        return CheckpointError(f"{url}: not found (HTTP 404); check the repository id and revision")
-    return CheckpointError(f"{url}: HTTP {error.code} {error.reason}")
-
-
-def fetch_file(url: str, dest: Path, token: str | None = None, optional: bool = False,
-               progress: bool = True, verify=None) -> bool:
-    """Download `url` to `dest` through `dest.incomplete`, resuming a partial file with an HTTP Range request.
-
-    The size is checked against the server's Content-Length/Content-Range, then `verify(path)` (if given) may
-    reject the content; only then is the file renamed into place, so `dest` is always complete.
-    Returns False when `optional` and the server says 404.
-    """
-    partial = dest.with_name(dest.name + ".incomplete")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    headers = {"User-Agent": "ovis-min"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    endpoint = "{0.scheme}://{0.netloc}".format(urllib.parse.urlsplit(url))
-    last_error: Exception | None = None
-    for attempt in range(ATTEMPTS):
-        have = partial.stat().st_size if partial.exists() else 0
-        request = urllib.request.Request(url, headers={**headers, **({"Range": f"bytes={have}-"} if have else {})})
-        try:
-            with _OPENER.open(request, timeout=60) as response:
-                if have and response.status == 206:
-                    total = _content_range_total(response.headers.get("Content-Range"))
-                    mode = "ab"
-                else:  # the server ignored the range (or there was none): start over
-                    have, mode = 0, "wb"
-                    total = int(response.headers["Content-Length"]) if response.headers.get("Content-Length") else None
-                bar = _Progress(dest.name, total, have, progress)
-                with open(partial, mode) as out:
-                    while chunk := response.read(CHUNK):
-                        out.write(chunk)
-                        bar.update(len(chunk))
-                bar.close()
-            size = partial.stat().st_size
-            if total is not None and size != total:
-                raise http.client.IncompleteRead(b"", total - size)
-            break
-        except urllib.error.HTTPError as error:
-            if error.code == 416 and have:  # our partial file is not a prefix of this file: start over
-                partial.unlink()
-                last_error = error
-                continue
-            if error.code == 404 and optional:
-                return False
-            raise _http_error(error, url) from None
-        except urllib.error.URLError as error:
-            if have == 0 and attempt == 0:
-                raise _unreachable(endpoint, error.reason) from None
-            last_error = error
-        except (http.client.HTTPException, OSError) as error:
-            last_error = error  # dropped mid-file: the next attempt resumes from what arrived
-        time.sleep(min(2 ** attempt, 10) * 0.1)
-    else:
-        raise CheckpointError(f"downloading {url} failed {ATTEMPTS} times (last: {last_error!r}); the part "
-                              f"received is kept in {partial}: run the same command again to resume")
-    if verify is not None:
-        try:
-            verify(partial)
-        except CheckpointError as error:
-            partial.unlink()
-            raise CheckpointError(f"{url}: the downloaded file is damaged ({error}); it was deleted, run the same "
-                                  "command again") from None
-    os.replace(partial, dest)
-    return True
-
-
-def _content_range_total(value: str | None) -> int | None:
-    """The full size from "bytes 100-999/1000"."""
-    match_ = re.fullmatch(r"bytes \d+-\d+/(\d+)", (value or "").strip())
-    return int(match_.group(1)) if match_ else None
-
 
 def download_checkpoint(repo_id: str = DEFAULT_REPO, local_dir: Path | str | None = None, revision: str = "main",
-                        endpoint: str | None = None, token: str | None = None, progress: bool = True) -> Path:
-    """Fetch the checkpoint files of `repo_id` into `local_dir`, or into the Hugging Face cache layout.
+                        progress: bool = True) -> Path:
+    """Fetch the checkpoint files of `repo_id` at `revision` into the Hugging Face cache, or into `local_dir`
+    (huggingface_hub's local_dir layout), and check them. Returns the checkpoint directory.
 
-    Files: config.json, the index and its shards (or model.safetensors), tokenizer.json,
-    preprocessor_config.json, and the tokenizer side files that exist. Python files are never fetched.
-    Files already complete are kept, so an interrupted download resumes when run again.
+    First the small files (configs, index, the tokenizer in whichever form the repository has), then exactly the
+    shards its index names, pinned to the same commit. Python files are never fetched. Files already complete
+    are kept, so an interrupted download resumes when run again.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise CheckpointError("HF_HUB_OFFLINE is set: not downloading; unset it, or pass a directory holding the "
-                              "checkpoint files")
-    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
-    token = token or os.environ.get("HF_TOKEN") or None
-    headers = {"User-Agent": "ovis-min", **({"Authorization": f"Bearer {token}"} if token else {})}
-
-    def url(rev: str, filename: str) -> str:
-        return f"{endpoint}/{repo_id}/resolve/{urllib.parse.quote(rev, safe='')}/{urllib.parse.quote(filename)}"
-
-    # config.json first: it is small, and the hub's X-Repo-Commit header pins every later file to one commit
+    local_dir = Path(local_dir).expanduser() if local_dir is not None else None
+    if local_dir is not None and local_dir.exists() and not local_dir.is_dir():
+        raise CheckpointError(f"--dir {local_dir} is a file, not a folder: choose another --dir")
+    where = f"{repo_id}@{revision}"
     try:
-        with _OPENER.open(urllib.request.Request(url(revision, CONFIG_FILE), headers=headers), timeout=60) as response:
-            config_bytes = response.read()
-            commit = response.headers.get("X-Repo-Commit", "")
-    except urllib.error.HTTPError as error:
-        raise _http_error(error, url(revision, CONFIG_FILE)) from None
-    except urllib.error.URLError as error:
-        raise _unreachable(endpoint, error.reason) from None
-    except (http.client.HTTPException, OSError) as error:
-        raise _unreachable(endpoint, error) from None
-
-    if not re.fullmatch(r"[0-9a-f]{40}", commit):  # the header names a folder below: accept a commit hash only
-        commit = revision
-    if local_dir is None:
-        repo_dir = repo_cache_dir(repo_id)
-        target = repo_dir / "snapshots" / commit
-        if commit != revision:
-            (repo_dir / "refs").mkdir(parents=True, exist_ok=True)
-            (repo_dir / "refs" / revision).write_text(commit)
-    else:
-        target = Path(local_dir).expanduser()
-    target.mkdir(parents=True, exist_ok=True)
-    try:
-        json.loads(config_bytes)
-    except ValueError:
-        raise CheckpointError(f"{url(commit, CONFIG_FILE)}: not JSON; is {endpoint} a Hugging Face endpoint?") from None
-    partial = target / (CONFIG_FILE + ".incomplete")
-    partial.write_bytes(config_bytes)
-    os.replace(partial, target / CONFIG_FILE)
-
-    def get(filename: str, optional: bool = False, verify=None) -> bool:
-        dest = target / filename
-        if dest.is_file():
-            return True
-        return fetch_file(url(commit, filename), dest, token, optional=optional, progress=progress, verify=verify)
-
-    if get(INDEX_FILE, optional=True):
-        weight_map, _ = read_index(target)  # checks every shard name before anything is written
-        shards = list(dict.fromkeys(weight_map.values()))
-    else:
-        shards = [SINGLE_FILE]
-    for shard in shards:
-        if (target / shard).is_file():
-            read_safetensors_header(target / shard)  # a complete earlier download, or a damaged file to report
-        get(shard, verify=read_safetensors_header)
-    for filename in (TOKENIZER_FILE, PREPROCESSOR_FILE):
-        get(filename)
-    for filename in OPTIONAL_FILES:
-        get(filename, optional=True)
-    open_checkpoint(target)  # the index and the shards belong together
-    return target
+        folder, commit = hub.download(repo_id, revision, SMALL_FILES, local_dir, progress)
+        lacking = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+        lacking += missing_tokenizer_files(folder)
+        if lacking:
+            raise CheckpointError(f"{where} is not an Ovis-U1 checkpoint: the repository has no {', '.join(lacking)} "
+                                  f"(a tokenizer is {TOKENIZER_FILE} or {', '.join(SLOW_TOKENIZER_FILES)}); check "
+                                  "the repository id and --revision")
+        shards = (list(dict.fromkeys(read_index(folder)[0].values())) if (folder / INDEX_FILE).is_file()
+                  else [SINGLE_FILE])
+        folder, _ = hub.download(repo_id, commit, shards, local_dir, progress)
+    except hub.HubError as error:
+        raise CheckpointError(str(error)) from None
+    absent = [shard for shard in shards if not (folder / shard).is_file()]
+    if absent:
+        what = (f"the shards its {INDEX_FILE} names: {_few(absent)}" if (folder / INDEX_FILE).is_file()
+                else f"weights ({INDEX_FILE} or {SINGLE_FILE})")
+        raise CheckpointError(f"{where} is not a complete checkpoint: the repository lacks {what}")
+    open_checkpoint(folder)  # every shard readable and as long as its header says; the index fits the shards
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -749,11 +631,17 @@ def save_checkpoint(state: dict[str, torch.Tensor], directory: Path | str, shard
         written += size
     files = [SINGLE_FILE] if shards == 1 else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
     for file, group in zip(files, groups):
-        save_file({n: state[n].contiguous() for n in group}, str(directory / file), metadata={"format": "pt"})
+        # written under a temporary name and renamed, as files.write_atomic does, without a copy in memory
+        temp = directory / f"{TEMP_PREFIX}{file}.part"
+        try:
+            save_file({n: state[n].contiguous() for n in group}, str(temp), metadata={"format": "pt"})
+            os.replace(temp, directory / file)
+        finally:
+            temp.unlink(missing_ok=True)
     if shards > 1:
         index = {"metadata": {"total_size": total},
                  "weight_map": {n: files[i] for i, group in enumerate(groups) for n in sorted(group)}}
-        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        write_atomic(directory / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
     return files
 
 

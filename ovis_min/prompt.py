@@ -75,6 +75,134 @@ def edit_prompt(instruction: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Tokenizer
 # ---------------------------------------------------------------------------------------------------------------
+TOKENIZER_FILE = "tokenizer.json"  # the fast form: everything in one file
+# The slow form, as transformers' Qwen2Tokenizer reads it: the byte-level vocabulary and merges, and the added
+# tokens with their ids and flags (tokenizer_config.json's added_tokens_decoder, and/or added_tokens.json).
+SLOW_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+SLOW_TOKENIZER_EXTRAS = ("added_tokens.json", "special_tokens_map.json")
+# Qwen2's pre-tokenizer split (its tokenizer.json, and transformers' Qwen2 slow-to-fast conversion).
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class TokenizerError(ValueError):
+    """Tokenizer files that cannot be read; the message names the file."""
+
+
+class TokenizerNotFound(FileNotFoundError):
+    """Neither form of the tokenizer is complete; the message names the missing files."""
+
+
+def missing_tokenizer_files(directory: Path) -> list[str]:
+    """[] when `directory` holds a complete tokenizer in either form, else the files that would complete the
+    slow form (the fast form is the single tokenizer.json)."""
+    directory = Path(directory)
+    if (directory / TOKENIZER_FILE).is_file():
+        return []
+    return [name for name in SLOW_TOKENIZER_FILES if not (directory / name).is_file()]
+
+
+def _read_json(path: Path, kind: type = dict):
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise TokenizerError(f"{path}: cannot be read ({error}); download it again") from None
+    if not isinstance(value, kind):
+        raise TokenizerError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}, got "
+                             f"{type(value).__name__}; download it again")
+    return value
+
+
+def _slow_added_tokens(directory: Path) -> list[dict]:
+    """The added tokens of the slow form, as tokenizer.json lists them: id, content and the five flags."""
+    config = _read_json(directory / "tokenizer_config.json")
+    special_map = (_read_json(directory / "special_tokens_map.json")
+                   if (directory / "special_tokens_map.json").is_file() else {})
+    specials = set()
+    for value in [*special_map.values(), *(special_map.get("additional_special_tokens") or [])]:
+        value = value.get("content") if isinstance(value, dict) else value
+        if isinstance(value, str):
+            specials.add(value)
+    by_id = {}
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise TokenizerError(f"{directory / 'tokenizer_config.json'}: added_tokens_decoder is not an object")
+    for key, entry in decoder.items():
+        if not (str(key).isdigit() and isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+            raise TokenizerError(f"{directory / 'tokenizer_config.json'}: added_tokens_decoder entry {key!r} is not "
+                                 "an id with a {'content': ...} object")
+        by_id[int(key)] = {"id": int(key), "content": entry["content"],
+                           **{flag: bool(entry.get(flag, False)) for flag in ("single_word", "lstrip", "rstrip")},
+                           "normalized": bool(entry.get("normalized", not entry.get("special", False))),
+                           "special": bool(entry.get("special", False))}
+    if (directory / "added_tokens.json").is_file():  # content -> id; the flags come from the special-token map
+        for content, token_id in _read_json(directory / "added_tokens.json").items():
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise TokenizerError(f"{directory / 'added_tokens.json'}: id {token_id!r} of {content!r} is not an id")
+            by_id.setdefault(token_id, {"id": token_id, "content": content, "single_word": False, "lstrip": False,
+                                        "rstrip": False, "normalized": False, "special": content in specials})
+    return [by_id[i] for i in sorted(by_id)]
+
+
+def slow_tokenizer_json(directory: Path | str) -> str:
+    """The tokenizer.json document that transformers' conversion of Qwen2's slow tokenizer files makes: byte-level
+    BPE over the vocabulary and merges, NFC normalisation, Qwen2's split pattern, byte-level decoding, and the added
+    tokens at their ids."""
+    directory = Path(directory)
+    vocab = _read_json(directory / "vocab.json")
+    if not all(isinstance(t, str) and isinstance(i, int) and not isinstance(i, bool) for t, i in vocab.items()):
+        raise TokenizerError(f"{directory / 'vocab.json'}: expected an object of token -> id")
+    try:
+        lines = (directory / "merges.txt").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise TokenizerError(f"{directory / 'merges.txt'}: cannot be read ({error}); download it again") from None
+    merges = []
+    for number, line in enumerate(lines, 1):
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        pair = line.split(" ")
+        if len(pair) != 2 or not all(pair):
+            raise TokenizerError(f"{directory / 'merges.txt'}: line {number} is not two symbols separated by a "
+                                 f"space: {line[:40]!r}")
+        merges.append(pair)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    document = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": _slow_added_tokens(directory),
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": QWEN_SPLIT}, "behavior": "Isolated", "invert": False},
+            byte_level]},
+        "post_processor": byte_level,
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+    return json.dumps(document, ensure_ascii=False)
+
+
+def load_tokenizer(directory: Path | str) -> tokenizers.Tokenizer:
+    """The checkpoint's tokenizer: tokenizer.json when present, else the same fast tokenizer built from the slow
+    files. Raises TokenizerNotFound naming what is missing, TokenizerError naming what cannot be read."""
+    directory = Path(directory)
+    missing = missing_tokenizer_files(directory)
+    if missing:
+        raise TokenizerNotFound(f"no tokenizer in {directory}: expected {TOKENIZER_FILE}, or the slow tokenizer files "
+                             f"{', '.join(SLOW_TOKENIZER_FILES)} (missing: {', '.join(missing)})")
+    fast = directory / TOKENIZER_FILE
+    try:
+        if fast.is_file():
+            return tokenizers.Tokenizer.from_file(str(fast))
+        return tokenizers.Tokenizer.from_str(slow_tokenizer_json(directory))
+    except TokenizerError:
+        raise
+    except Exception as error:  # the tokenizers library raises a bare Exception on a malformed document
+        where = fast if fast.is_file() else directory / "vocab.json"
+        raise TokenizerError(f"{where}: not a tokenizer the tokenizers library can read ({error}); download it "
+                             "again") from None
+
+
 def _special_token_names(directory: Path) -> dict[str, str]:
     """Special-token strings from tokenizer_config.json, overridden by special_tokens_map.json (HF's order)."""
     names = {}
@@ -82,30 +210,27 @@ def _special_token_names(directory: Path) -> dict[str, str]:
         path = directory / file_name
         if not path.is_file():
             continue
-        entries = json.loads(path.read_text())
+        entries = _read_json(path)
         for key in ("eos_token", "pad_token"):
             value = entries.get(key)
             if isinstance(value, dict):
                 value = value.get("content")
-            if value:
+            if value and isinstance(value, str):
                 names[key] = value
     return names
 
 
 class Tokenizer:
-    """The checkpoint's `tokenizer.json` (byte-level BPE), used as HF's fast tokenizer would be.
+    """The checkpoint's tokenizer (byte-level BPE, from tokenizer.json or the slow files), used as HF's fast
+    tokenizer would be.
 
     `encode` never adds special tokens (the chat markup is written out as text) and never truncates or pads.
     """
 
     def __init__(self, directory: "str | Path"):
         directory = Path(directory)
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"tokenizer.json not found in {directory}: point to the checkpoint directory "
-                                    "that holds tokenizer.json (and tokenizer_config.json)")
         self.directory = directory
-        self.backend = tokenizers.Tokenizer.from_file(str(path))
+        self.backend = load_tokenizer(directory)
         # HF switches off any truncation/padding stored in the file unless asked for.
         self.backend.no_truncation()
         self.backend.no_padding()
@@ -119,7 +244,7 @@ class Tokenizer:
     def token_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
         if token_id is None:
-            raise ValueError(f"token {token!r} is not in {self.directory / 'tokenizer.json'}")
+            raise TokenizerError(f"token {token!r} is not in the tokenizer of {self.directory}")
         return token_id
 
     def __len__(self) -> int:

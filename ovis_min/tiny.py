@@ -1,21 +1,26 @@
 """A tiny random Ovis-U1 checkpoint in exactly the official layout, for smoke tests, demos and porters.
 
 `python weights.py tiny DIR` writes one: config.json, sharded safetensors with their index, a Qwen-style
-byte-level BPE tokenizer.json (the Qwen specials, a handful of merges), preprocessor_config.json. It has every
-structural feature of the real model at under a million parameters, so every code path runs in a second on a
-CPU; its outputs are noise.
+byte-level BPE tokenizer (the Qwen specials, a handful of merges) as tokenizer.json or, with --slow-tokenizer,
+as the slow files, and preprocessor_config.json. It has every structural feature of the real model at under a
+million parameters, so every code path runs in a second on a CPU; its outputs are noise.
 """
 import json
 import math
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from torch import nn
 
-from .checkpoint import CONFIG_FILE, PREPROCESSOR_FILE, TOKENIZER_FILE, build_model, save_checkpoint
+from .checkpoint import CONFIG_FILE, PREPROCESSOR_FILE, CheckpointError, build_model, save_checkpoint
 from .config import (AdapterConfig, LLMConfig, MMDiTConfig, OvisConfig, PreprocessConfig, RefinerConfig,
                      VAEConfig, VitConfig, to_official)
+from .files import TEMP_PREFIX, write_atomic
+from .prompt import QWEN_SPLIT, TOKENIZER_FILE
 
 
 def tiny_config() -> OvisConfig:
@@ -30,19 +35,20 @@ def tiny_config() -> OvisConfig:
     mmdit = MMDiTConfig(vec_in_dim=64, context_in_dim=128, hidden_size=64, num_heads=2, depth=2,
                         depth_single_blocks=2, axes_dim=(4, 14, 14), timestep_shift=True)
     refiner = RefinerConfig(context_in_dim=128, hidden_size=64, num_heads=4)
-    vae = VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4)
+    vae = VAEConfig(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64)
     preprocess = PreprocessConfig(min_pixels=3136, max_pixels=12544)
     return OvisConfig(vit=vit, adapter=adapter, llm=llm, refiner=refiner, mmdit=mmdit, vae=vae, preprocess=preprocess)
 
 
 def preprocessor_json(pre: PreprocessConfig) -> dict:
-    """preprocessor_config.json as the official checkpoint has it (a CLIP image processor plus pixel limits)."""
+    """preprocessor_config.json in the shape of the published one: a CLIP image processor whose size and crop are
+    switched off (-1; the visual tokenizer resizes itself) plus the pixel limits and patching."""
     return {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 448},
-        "resample": 3, "do_center_crop": False, "crop_size": {"height": 448, "width": 448}, "do_rescale": True,
-        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(pre.image_mean),
-        "image_std": list(pre.image_std), "do_convert_rgb": True, "min_pixels": pre.min_pixels,
-        "max_pixels": pre.max_pixels, "patch_size": pre.patch_size, "hidden_stride": pre.hidden_stride,
+        "crop_size": {"height": -1, "width": -1}, "do_center_crop": False, "do_convert_rgb": True,
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "hidden_stride": pre.hidden_stride,
+        "image_mean": list(pre.image_mean), "image_processor_type": "CLIPImageProcessor",
+        "image_std": list(pre.image_std), "max_pixels": pre.max_pixels, "min_pixels": pre.min_pixels,
+        "patch_size": pre.patch_size, "resample": 3, "rescale_factor": 1 / 255, "size": {"shortest_edge": -1},
         "temporal_patch_size": pre.temporal_patch_size,
     }
 
@@ -79,8 +85,6 @@ def bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # pad, turn start, turn end = eos
 ADDED_TOKENS = ("<think>", "</think>")  # ordinary (non-special) added tokens, as in Qwen3
 TINY_WORDS = ("the", "image", "Generate", "Describe", "an", "of", "and", "is", "it", "in", "a", "cat", "photo", "user")
@@ -122,20 +126,86 @@ def tokenizer_config_json(tokenizer: Tokenizer) -> dict:
             "unk_token": None}
 
 
-def write_tiny_checkpoint(directory: Path | str, seed: int = 0, shards: int = 2,
-                          config: OvisConfig | None = None) -> Path:
-    """A tiny random checkpoint in exactly the official layout: config, sharded weights + index, tokenizer."""
+def slow_tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
+    """The slow form of `tokenizer` as transformers' Qwen2Tokenizer saves it: vocab.json, merges.txt,
+    added_tokens.json, special_tokens_map.json and tokenizer_config.json, by file name."""
+    document = json.loads(tokenizer.to_str())
+    merges = [pair if isinstance(pair, list) else pair.split(" ") for pair in document["model"]["merges"]]
+    added = {entry["content"]: entry["id"] for entry in document["added_tokens"]}
+    return {
+        "vocab.json": json.dumps(document["model"]["vocab"], ensure_ascii=False) + "\n",
+        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+        "added_tokens.json": json.dumps(added, indent=2, sort_keys=True) + "\n",
+        "special_tokens_map.json": json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n",
+        "tokenizer_config.json": json.dumps(tokenizer_config_json(tokenizer), indent=2) + "\n",
+    }
+
+
+SPECIAL_TOKENS_MAP = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+PUBLISHED_FLOAT32 = ("visual_generator.",)  # stored in float32 as published (torch_dtype); the rest in bfloat16
+
+
+def write_tiny_checkpoint(directory: Path | str, seed: int = 0, shards: int = 2, config: OvisConfig | None = None,
+                          slow_tokenizer: bool = False, force: bool = False, published_dtypes: bool = False) -> Path:
+    """A tiny random checkpoint in exactly the official layout: config, sharded weights + index, tokenizer
+    (tokenizer.json, or the slow files with `slow_tokenizer`), preprocessor config.
+
+    The weights are float32; with `published_dtypes` they are stored as the published checkpoint says (decoder
+    and VAE in float32, the rest in bfloat16). Everything is written into a temporary folder beside `directory`
+    and renamed into place when complete, so an interrupted run never leaves a checkpoint that looks finished.
+    An existing non-empty `directory` is replaced only with `force`.
+    """
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file, not a folder: choose another folder")
+    if directory.is_dir() and any(directory.iterdir()) and not force:
+        raise CheckpointError(f"{directory} is not empty ({', '.join(sorted(p.name for p in directory.iterdir())[:4])}"
+                              "...): pass --force to replace it, or choose another folder")
     config = config or tiny_config()
     tokenizer = tiny_tokenizer()
     if tokenizer.get_vocab_size() > config.llm.vocab_size:
         raise ValueError(f"the tiny tokenizer has {tokenizer.get_vocab_size()} tokens, more than the LLM's "
                          f"vocab_size {config.llm.vocab_size}")
-    save_checkpoint(random_state(build_model(config), seed), directory, shards)
-    (directory / CONFIG_FILE).write_text(json.dumps(to_official(config), indent=2) + "\n")
-    (directory / PREPROCESSOR_FILE).write_text(json.dumps(preprocessor_json(config.preprocess), indent=2) + "\n")
-    tokenizer.save(str(directory / TOKENIZER_FILE))
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_json(tokenizer), indent=2) + "\n")
-    (directory / "special_tokens_map.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n")
+    state = random_state(build_model(config), seed)
+    official = to_official(config)
+    if published_dtypes:
+        state = {name: tensor if name.startswith(PUBLISHED_FLOAT32) else tensor.bfloat16()
+                 for name, tensor in state.items()}
+        official["torch_dtype"] = official["llm_config"]["torch_dtype"] = "bfloat16"
+        official["visual_tokenizer_config"]["backbone_config"]["torch_dtype"] = "bfloat16"
+        official["visual_generator_config"]["torch_dtype"] = "float32"
+    files = {CONFIG_FILE: json.dumps(official, indent=2) + "\n",
+             PREPROCESSOR_FILE: json.dumps(preprocessor_json(config.preprocess), indent=2) + "\n"}
+    if slow_tokenizer:
+        files.update(slow_tokenizer_files(tokenizer))
+    else:
+        files[TOKENIZER_FILE] = tokenizer.to_str(pretty=True)
+        files["tokenizer_config.json"] = json.dumps(tokenizer_config_json(tokenizer), indent=2) + "\n"
+        files["special_tokens_map.json"] = json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n"
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{directory.name}-", dir=directory.parent))
+    try:
+        save_checkpoint(state, temp, shards)
+        for name, text in files.items():
+            write_atomic(temp / name, text)
+        mask = _umask()  # temporary files and folders are private (0600/0700); a checkpoint gets the usual modes
+        for path in temp.iterdir():
+            os.chmod(path, 0o666 & ~mask)
+        os.chmod(temp, 0o777 & ~mask)
+        if directory.exists():  # with force: swap the old one out, the new one in, then delete the old one
+            old = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{directory.name}-old-", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+            os.replace(temp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, directory)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     return directory
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
