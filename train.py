@@ -53,33 +53,58 @@ RUN = torchrun --nproc_per_node 8 train.py; U, T, E = understanding, T2I and edi
       --out runs/ft                                  # a small fine-tune on one GPU
   python train.py --resume runs/ft                   # continue an interrupted run with its arguments
 """
-import argparse
-import contextlib
-import gc
-import hashlib
-import json
-import math
-import os
-import resource
-import shutil
+import signal
 import sys
-import time
-from dataclasses import dataclass
-from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch import nn
 
-from ovis_min import flow
-from ovis_min.checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, SAFETENSORS_DTYPES, build_model,
-                                 load_checkpoint, newest_step, open_checkpoint, read_config, resolve_source,
-                                 save_checkpoint, tied_groups)
-from ovis_min.data import TASKS, Batch, DataConfig, Mixture, index_manifests, parse_mix
-from ovis_min.model import OvisU1
-from ovis_min.pipeline import encode_image_tokens
-from ovis_min.prompt import IGNORE_ID, Tokenizer
+def interrupted_while_starting(signum, frame):
+    # Ctrl-C while torch is still being imported: nothing has been written yet, so just say so and stop.
+    sys.stderr.write("\ntrain.py: interrupted\n")
+    raise SystemExit(130)
+
+
+signal.signal(signal.SIGINT, interrupted_while_starting)
+
+import argparse  # noqa: E402  (the handler above covers the seconds these imports take)
+import contextlib  # noqa: E402
+import gc  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import pickle  # noqa: E402
+import re  # noqa: E402
+import resource  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from safetensors import SafetensorError  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ovis_min import flow  # noqa: E402
+from ovis_min.checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, SAFETENSORS_DTYPES,  # noqa: E402
+                                 CheckpointError, build_model, load_checkpoint, open_checkpoint, read_config,
+                                 resolve_source, save_checkpoint, tied_groups)
+from ovis_min.data import TASKS, Batch, DataConfig, DataError, Mixture, index_manifests, parse_mix  # noqa: E402
+from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomic  # noqa: E402
+from ovis_min.model import OvisU1  # noqa: E402
+from ovis_min.pipeline import encode_image_tokens  # noqa: E402
+from ovis_min.prompt import IGNORE_ID, Tokenizer  # noqa: E402
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt: run_cli reports it
+
+
+class TrainError(SystemExit):
+    """Something a user can fix stops the run: one line on stderr, exit status 1 (a SystemExit, so that code
+    calling main() stops the same way)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"train.py: error: {message}")
 
 
 @dataclass(frozen=True)
@@ -364,15 +389,46 @@ def fingerprint(model: nn.Module) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------
+STEP_NAME = re.compile(r"step-(\d{8})")
+
+
 def resolve_resume(path: Path) -> Path:
     """A step directory, or a run directory whose `latest` file names one."""
+    if not path.is_dir():
+        raise TrainError(f"--resume {path}: no such run directory")
     if (path / "trainer.pt").is_file():
         return path
-    newest = newest_step(path)
-    if newest is not None:
-        return newest
-    raise FileNotFoundError(f"nothing to resume in {path}: expected a step-NNNNNNNN directory with trainer.pt, or a "
-                            f"run directory with a 'latest' file")
+    latest = path / LATEST_FILE
+    if not latest.is_file():
+        raise TrainError(f"--resume {path}: nothing to resume (no 'latest' file and no trainer.pt): give a run "
+                         "directory written by train.py --out, or one of its step-NNNNNNNN directories")
+    name = latest.read_text(errors="replace").strip()
+    # `latest` only ever names a sibling step directory; anything else (a path, '..') was not written by train.py
+    if not STEP_NAME.fullmatch(name):
+        raise TrainError(f"--resume {path}: its 'latest' file names {name!r}, not a step-NNNNNNNN directory; "
+                         "resume from a step directory instead (--resume RUN/step-NNNNNNNN)")
+    step_dir = path / name
+    if not (step_dir / "trainer.pt").is_file():
+        raise TrainError(f"--resume {path}: 'latest' names {name}, which is missing or incomplete; resume from an "
+                         "earlier step directory (--resume RUN/step-NNNNNNNN)")
+    return step_dir
+
+
+TRAINER_KEYS = ("step", "optimizer", "world_size", "data", "rng", "args")
+
+
+def read_trainer_state(step_dir: Path) -> dict:
+    """trainer.pt, read without unpickling code (weights_only), and checked to be one train.py wrote."""
+    path = step_dir / "trainer.pt"
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        raise TrainError(f"--resume: cannot read {path} ({str(error).splitlines()[0][:120]}): the file is damaged "
+                         "or not train.py's; resume from an earlier step directory") from None
+    if not isinstance(state, dict) or any(key not in state for key in TRAINER_KEYS) \
+            or not isinstance(state["args"], dict) or "stage" not in state["args"]:
+        raise TrainError(f"--resume: {path} is not a train.py trainer state; resume from another step directory")
+    return state
 
 
 def full_state(step_module: TrainStep, optimizer) -> tuple[dict, dict]:
@@ -388,34 +444,73 @@ def full_state(step_module: TrainStep, optimizer) -> tuple[dict, dict]:
 
 def write_checkpoint(out: Path, step: int, weights: dict, source: Path, trained: set[str], trainer_state: dict,
                      keep: int) -> Path:
-    """Write OUT/step-NNNNNNNN atomically: a temporary directory, renamed when complete, then `latest` updated."""
+    """Write OUT/step-NNNNNNNN atomically: a temporary directory, renamed when complete, then `latest` updated.
+
+    A kill at any moment leaves either the previous checkpoint named by `latest` (and a temporary directory that
+    the next run removes) or the new one complete. A failure (a full disk) removes the partial directory.
+    """
     name = f"step-{step:08d}"
-    final, tmp = out / name, out / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for file in REQUIRED_FILES + OPTIONAL_FILES:
-        if (source / file).is_file():
-            shutil.copyfile(source / file, tmp / file)
-    stored = open_checkpoint(source).tensors  # write the same names as the source (e.g. no tied lm_head)
-    state = {}
-    for key, info in stored.items():
-        tensor = weights[key]
-        # Trained weights stay float32 so that a resumed run continues exactly; frozen ones go back to the dtype
-        # they were read from, which restores them bit for bit.
-        state[key] = tensor.float() if key in trained else tensor.to(SAFETENSORS_DTYPES[info.dtype])
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    save_checkpoint(state, tmp, shards=max(1, math.ceil(total / SHARD_BYTES)))
-    torch.save(trainer_state, tmp / "trainer.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = out / ".latest.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, out / LATEST_FILE)
-    if keep > 0:
-        for old in sorted(out.glob("step-*"))[:-keep]:
-            shutil.rmtree(old)
+    final, tmp = out / name, out / f"{temp_prefix()}{name}"
+    try:
+        tmp.mkdir(parents=True)
+        for file in REQUIRED_FILES + OPTIONAL_FILES:
+            if (source / file).is_file():
+                shutil.copyfile(source / file, tmp / file)
+        stored = open_checkpoint(source).tensors  # write the same names as the source (e.g. no tied lm_head)
+        state = {}
+        for key, info in stored.items():
+            tensor = weights[key]
+            # Trained weights stay float32 so that a resumed run continues exactly; frozen ones go back to the
+            # dtype they were read from, which restores them bit for bit.
+            state[key] = tensor.float() if key in trained else tensor.to(SAFETENSORS_DTYPES[info.dtype])
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        save_checkpoint(state, tmp, shards=max(1, math.ceil(total / SHARD_BYTES)))
+        torch.save(trainer_state, tmp / "trainer.pt")
+        if final.exists():  # an older run's step of the same number, from before a resume at an earlier step
+            os.replace(final, tmp.with_name(tmp.name + "-replaced"))
+        os.replace(tmp, final)
+        write_atomic(out / LATEST_FILE, name + "\n")
+    except (OSError, SafetensorError) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(error):
+            raise TrainError(f"the disk is full while saving {final}: the partial save was removed; free some space "
+                             f"and continue with --resume {out}") from None
+        raise TrainError(f"cannot save {final} ({error.strerror or error})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp.with_name(tmp.name + "-replaced"), ignore_errors=True)
+    prune(out, step, keep)
     return final
+
+
+def prune(out: Path, step: int, keep: int) -> None:
+    """Keep the `keep` newest checkpoints up to `step` (the one just written among them). Steps above it are
+    left alone: they belong to a run that was resumed from an earlier step, and are replaced as it gets there."""
+    if keep <= 0:
+        return
+    steps = sorted(int(m.group(1)) for p in out.iterdir() if (m := STEP_NAME.fullmatch(p.name)))
+    for old in [n for n in steps if n <= step][:-keep]:
+        shutil.rmtree(out / f"step-{old:08d}", ignore_errors=True)
+
+
+def trim_log(path: Path, step: int) -> None:
+    """On resume at `step`: drop the log records of steps after it (a killed run logged them, then lost them),
+    and a last line cut short by the kill, so that the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    kept, last_step = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        last_step = record.get("step", last_step)  # records without a step close the steps before them
+        if last_step <= step:
+            kept.append(line)
+    write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def rng_state(runtime: Runtime) -> dict:
@@ -432,7 +527,7 @@ def set_rng_state(state: dict, runtime: Runtime) -> None:
 
 
 def save(out: Path, step: int, step_module: TrainStep, optimizer, mixture: Mixture, source: Path, trained: set[str],
-         args, runtime: Runtime) -> None:
+         args, runtime: Runtime) -> Path:
     """Gather weights, optimizer state and every rank's data position and RNG state; rank 0 writes. Collective."""
     weights, optim_state = full_state(step_module, optimizer)
     state = {"step": step, "optimizer": optim_state, "world_size": runtime.world,
@@ -444,6 +539,7 @@ def save(out: Path, step: int, step_module: TrainStep, optimizer, mixture: Mixtu
         print(f"saved {path}", flush=True)
     if runtime.world > 1:
         dist.barrier()
+    return out / f"step-{step:08d}"
 
 
 def restore(trainer_state: dict, step_module: TrainStep, optimizer, mixture: Mixture, runtime: Runtime) -> int:
@@ -472,6 +568,34 @@ RESUME_CHECKED = ("stage", "batch", "micro_batch", "lr", "min_lr", "warmup", "st
                   "drop_prompt", "drop_image", "weight_decay", "overfit")
 
 
+def counted(low: int):
+    """An argparse type: an integer of at least `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
+
+
+def real(low: float = 0.0, high: float = math.inf, open_low: bool = False, open_high: bool = False):
+    """An argparse type: a finite number in [low, high] (ends excluded where open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (open_low and value == low) \
+                or (open_high and value == high):
+            interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, choices=sorted(STAGES), help="training stage of Table 2 (required "
@@ -486,25 +610,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mix", help="task ratios, e.g. understanding=2,t2i=1,edit=1 (default: the stage's tasks "
                         "in the ratios of the table above)")
     parser.add_argument("--out", type=Path, help="run directory for checkpoints and log.jsonl")
-    parser.add_argument("--steps", type=int, help="optimizer steps (default: the stage's)")
-    parser.add_argument("--batch", type=int, help="samples per optimizer step over all processes (default: the "
+    parser.add_argument("--steps", type=counted(1), help="optimizer steps (default: the stage's)")
+    parser.add_argument("--batch", type=counted(1), help="samples per optimizer step over all processes (default: the "
                         "stage's)")
-    parser.add_argument("--micro-batch", type=int, default=4, help="samples per forward pass per process "
+    parser.add_argument("--micro-batch", type=counted(1), default=4, help="samples per forward pass per process "
                         "(default 4)")
-    parser.add_argument("--lr", type=float, help="peak learning rate (default: the stage's)")
-    parser.add_argument("--min-lr", type=float, help="final learning rate of the cosine (default lr/10)")
-    parser.add_argument("--warmup", type=int, help="linear warmup steps (default 2%% of steps, at least 1, at most "
+    parser.add_argument("--lr", type=real(0, open_low=True), help="peak learning rate (default: the stage's)")
+    parser.add_argument("--min-lr", type=real(0), help="final learning rate of the cosine (default lr/10)")
+    parser.add_argument("--warmup", type=counted(1), help="linear warmup steps (default 2%% of steps, at least 1, at most "
                         "2000)")
-    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    parser.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (default 0.9)")
-    parser.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (default 0.95)")
-    parser.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (default 1; 0: no "
+    parser.add_argument("--weight-decay", type=real(0), default=0.01, help="AdamW weight decay (default 0.01)")
+    parser.add_argument("--beta1", type=real(0, 1, open_high=True), default=0.9, help="AdamW beta1 (default 0.9)")
+    parser.add_argument("--beta2", type=real(0, 1, open_high=True), default=0.95, help="AdamW beta2 (default 0.95)")
+    parser.add_argument("--grad-clip", type=real(0), default=1.0, help="max gradient norm (default 1; 0: no "
                         "clipping)")
-    parser.add_argument("--resolution", type=int, help="side of the square generation images, a multiple of 16 "
+    parser.add_argument("--resolution", type=counted(32), help="side of the square generation images, a multiple of 16 "
                         "(default: 512 for stages 0-2, 1024 for 4-5)")
-    parser.add_argument("--drop-prompt", type=float, default=0.1, help="rate at which generation prompts become "
+    parser.add_argument("--drop-prompt", type=real(0, 1), default=0.1, help="rate at which generation prompts become "
                         "the unconditional prompt (edits keep their image; default 0.1)")
-    parser.add_argument("--drop-image", type=float, default=0.05, help="rate at which edits lose prompt and image "
+    parser.add_argument("--drop-image", type=real(0, 1), default=0.05, help="rate at which edits lose prompt and image "
                         "(default 0.05)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast dtype (default bf16 on GPU, "
                         "fp32 on CPU); weights and optimizer state are float32 either way")
@@ -512,19 +636,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "backward pass (less memory, ~30%% more compute)")
     parser.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
-    parser.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (and at the end; "
+    parser.add_argument("--save-every", type=counted(1), default=1000, help="steps between checkpoints (and at the end; "
                         "default 1000)")
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3; 0: all)")
-    parser.add_argument("--stop-after", type=int, help="stop after this step with a checkpoint, keeping the "
+    parser.add_argument("--keep", type=counted(0), default=3, help="checkpoints to keep (default 3; 0: all)")
+    parser.add_argument("--stop-after", type=counted(1), help="stop after this step with a checkpoint, keeping the "
                         "schedule of --steps (for jobs with a time limit)")
-    parser.add_argument("--workers", type=int, default=4, help="threads that read and preprocess images "
+    parser.add_argument("--workers", type=counted(0), default=4, help="threads that read and preprocess images "
                         "(default 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data order, --scratch weights, noise and "
+    parser.add_argument("--seed", type=counted(0), default=0, help="seed of the data order, --scratch weights, noise and "
                         "dropout (default 0)")
     parser.add_argument("--device", help="default: cuda if available")
-    parser.add_argument("--overfit", type=int, default=0, metavar="N", help="debugging: train on the first N rows "
+    parser.add_argument("--overfit", type=counted(0), default=0, metavar="N", help="debugging: train on the first N rows "
                         "of each task over and over, with the same noise and timesteps (the loss must fall)")
     return parser
+
+
+def given_flags(argv: list[str] | None) -> set[str]:
+    """The destinations of the flags the command line really gave (a flag given with its default value counts)."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path | None, dict | None]:
@@ -535,9 +667,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path 
     resume_dir = trainer_state = None
     if args.resume is not None:
         resume_dir = resolve_resume(args.resume)
-        trainer_state = torch.load(resume_dir / "trainer.pt", weights_only=True)
+        trainer_state = read_trainer_state(resume_dir)
+        given = given_flags(argv)
         for key, value in trainer_state["args"].items():
-            if key in vars(args) and getattr(args, key) == parser.get_default(key):
+            if key in vars(args) and key not in given:
                 setattr(args, key, [Path(v) for v in value] if key == "data" else
                         Path(value) if key == "init" and value is not None else value)
         if args.stage != trainer_state["args"]["stage"]:
@@ -548,27 +681,58 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path 
         parser.error("give --stage, --init and --out (or --resume)")
     if not args.data:
         parser.error("give at least one --data manifest (the format is described above)")
+    for manifest in args.data:
+        if not Path(manifest).is_file():
+            parser.error(f"--data {manifest}: no such file")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out}: a file, not a folder; choose another --out")
+    if resume_dir is None and args.out.is_dir() and (args.out / LATEST_FILE).exists():
+        parser.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or choose "
+                     "another --out")
+    if isinstance(args.mix, str):
+        try:
+            args.mix = parse_mix(args.mix)
+        except ValueError as error:
+            parser.error(str(error))
+    if args.device is not None:
+        check_device(parser, args.device)
     return args, resume_dir, trainer_state
+
+
+def check_device(parser: argparse.ArgumentParser, name: str) -> None:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name}: not a device name; use cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: torch sees no CUDA GPU (torch {torch.__version__}); use --device cpu")
+    if device.type not in ("cuda", "cpu"):
+        parser.error(f"--device {name}: train.py runs on cuda or cpu")
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
     stage = STAGES[args.stage]
-    args.steps = args.steps or stage.steps
-    args.batch = args.batch or stage.batch
+    args.steps = stage.steps if args.steps is None else args.steps
+    args.batch = stage.batch if args.batch is None else args.batch
     args.lr = stage.lr if args.lr is None else args.lr
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
-    args.warmup = min(2000, max(1, args.steps // 50)) if args.warmup is None else max(1, args.warmup)
-    args.resolution = args.resolution or stage.resolution
-    args.mix = parse_mix(args.mix) if isinstance(args.mix, str) else (args.mix or dict(stage.mix))
+    args.warmup = min(2000, max(1, args.steps // 50)) if args.warmup is None else args.warmup
+    args.resolution = stage.resolution if args.resolution is None else args.resolution
+    args.mix = args.mix or dict(stage.mix)
     if args.resolution % 16:
-        raise SystemExit(f"--resolution {args.resolution} must be a multiple of 16 (8x VAE, then 2x2 packing)")
+        raise TrainError(f"--resolution {args.resolution} must be a multiple of 16 (8x VAE, then 2x2 packing)")
     if args.scratch and args.stage not in SCRATCH_STAGES:
         first = " and ".join(map(str, SCRATCH_STAGES))
-        raise SystemExit(f"--scratch: the report starts only stages {first} from random weights; stage {args.stage} "
+        raise TrainError(f"--scratch: the report starts only stages {first} from random weights; stage {args.stage} "
                          f"continues from the previous stage's checkpoint (--init)")
     stray = [task for task in args.mix if task not in stage.mix]
     if stray:
-        raise SystemExit(f"stage {args.stage} ({stage.name}) trains on {', '.join(stage.mix)}, not {', '.join(stray)}")
+        raise TrainError(f"--mix: stage {args.stage} ({stage.name}) trains on {', '.join(stage.mix)}, not "
+                         f"{', '.join(stray)}")
+    if not any(args.mix.values()):
+        raise TrainError(f"--mix: every ratio is 0; give at least one task a ratio above 0")
+    if args.stop_after is not None and args.stop_after > args.steps:
+        raise TrainError(f"--stop-after {args.stop_after} is past --steps {args.steps}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -593,12 +757,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
             dist.destroy_process_group()
 
 
+def run_cli() -> None:
+    """main() for the command line: the errors a user can cause become one line and a non-zero exit."""
+    try:
+        main()
+    except (CheckpointError, DataError) as error:
+        sys.exit(f"train.py: error: {error}")
+    except KeyboardInterrupt:
+        sys.exit("\ntrain.py: interrupted; the newest complete checkpoint is kept: continue with --resume OUT")
+    except OSError as error:
+        if disk_full(error):
+            sys.exit(f"train.py: error: the disk is full ({error.filename or 'writing the log'}); free some space "
+                     "and continue with --resume OUT")
+        raise
+
+
 def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict | None) -> list[dict]:
     stage = STAGES[args.stage]
     source = resume_dir or resolve_source(args.init)
     per_process = args.micro_batch * runtime.world
     if args.batch % per_process:
-        raise SystemExit(f"--batch {args.batch} is not a multiple of micro-batch x processes = {args.micro_batch} x "
+        raise TrainError(f"--batch {args.batch} is not a multiple of micro-batch x processes = {args.micro_batch} x "
                          f"{runtime.world}: adjust --batch or --micro-batch")
     accumulation = args.batch // per_process
     precision = args.precision or ("bf16" if runtime.device.type == "cuda" else "fp32")
@@ -613,7 +792,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         mixture = Mixture(manifests, args.mix, data_cfg, seed=args.seed, rank=runtime.rank, world=runtime.world,
                           overfit=args.overfit, workers=args.workers)
     except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None
+        raise TrainError(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None
 
     # The model: float32 master weights, the stage's parts trainable.
     model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device)
@@ -639,6 +818,10 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
 
     if runtime.main:
         out.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_leftovers(out):
+            print(f"note: removed {leftover.name}, a partial checkpoint of a run that was killed", file=sys.stderr)
+        if trainer_state is not None:
+            trim_log(out / "log.jsonl", start)
         counts = sum(p.numel() for n, p in model.named_parameters() if n in trained)
         print(f"stage {args.stage} ({stage.name}): training {counts / 1e6:.2f}M parameters ({len(trained)} tensors) "
               f"on {', '.join(f'{t} {r:g}' for t, r in mixture.ratios.items())}; {runtime.world} process(es) x "
@@ -690,7 +873,9 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
 
         last = step + 1 == stop
         if last or (step + 1) % args.save_every == 0:
-            save(out, step + 1, step_module, optimizer, mixture, source, trained, args, runtime)
+            # the new checkpoint is complete and is the newest: later saves copy their files from it, so that
+            # pruning older ones (the resumed one among them) never takes away what a save reads
+            source = save(out, step + 1, step_module, optimizer, mixture, source, trained, args, runtime)
 
     if runtime.world > 1 and isinstance(wrapped, nn.parallel.DistributedDataParallel):
         prints = all_gather(fingerprint(model), runtime)
@@ -725,4 +910,4 @@ def format_record(record: dict, steps: int) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli()

@@ -321,6 +321,7 @@ class Mixture:
                         for task in self.ratios}
         self.micro_batches = dict.fromkeys(self.ratios, 0)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)
+        self.usable = dict.fromkeys(self.ratios, False)  # has any row of the task given an example yet
         self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
 
     def next_task(self) -> str:
@@ -352,8 +353,13 @@ class Mixture:
                         print(f"skipping a {task} row ({result}){more}", file=sys.stderr)
                 else:
                     examples.append(result)
+                    self.usable[task] = True
+            if not self.usable[task] and failures >= len(stream.rows):
+                reasons = ", ".join(f"{reason} {n}" for reason, n in self.skipped.items() if n)
+                raise DataError(f"none of the {len(stream.rows)} {task} rows can be used (skipped: {reasons}); fix "
+                                "the manifest as the messages above say, or leave the task out of --mix")
             if failures > 1000 + 10 * len(stream.rows):
-                raise RuntimeError(f"{failures} {task} rows in a row could not be used; see the messages above")
+                raise DataError(f"{failures} {task} rows in a row could not be used; see the messages above")
         return collate(examples, self.cfg.tokenizer.pad_token_id)
 
     def state_dict(self) -> dict:
@@ -370,6 +376,10 @@ class Mixture:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+
+class DataError(ValueError):
+    """The data cannot feed a task at all: training stops with this message."""
 
 
 def parse_mix(text: str) -> dict[str, float]:

@@ -53,7 +53,10 @@ def write_atomic(path: Path | str, data: bytes | str, replace: bool = True) -> P
 
 
 def disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    """ENOSPC or EDQUOT, also from writers that report it only in their message (safetensors' Rust writer)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"(os error {errno.ENOSPC})" in str(error) or f"(os error {errno.EDQUOT})" in str(error)
 
 
 def process_alive(pid: int) -> bool:

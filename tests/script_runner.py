@@ -14,6 +14,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,20 @@ class Started:
 
     def send_signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
+
+    def stdout_so_far(self) -> str:
+        try:
+            return Path(self._out).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        """Block until `text` appears on the run's stdout (the run flushes its lines)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.stdout_so_far():
+            if self._process.exitcode is not None or time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} never appeared; stdout so far:\n{self.stdout_so_far()[-2000:]}")
+            time.sleep(0.02)
 
     def wait(self, timeout: float = 300) -> Run:
         self._process.join(timeout)

@@ -1,0 +1,272 @@
+"""train.py's bad inputs and faults: every mistake is one line naming the flag, file or field (no traceback, exit
+status not 0), checked before the model loads where it can be; and no kill, full disk or resume loses a
+checkpoint: pruning with --keep never removes what a run still reads, a kill at any point of a save resumes from
+the last complete checkpoint with exactly the losses of an uninterrupted run, and the log reads as one run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from script_runner import one_line_error, run_script, start_script
+from ovis_min.tiny import write_tiny_checkpoint
+
+FAST = ["--resolution", "32", "--workers", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """As the script runs (OMP_NUM_THREADS=1): the in-process and script runs compare losses bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=0, shards=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A folder with good and broken manifests."""
+    root = tmp_path_factory.mktemp("data")
+    for i, color in enumerate([(220, 30, 30), (30, 30, 220), (30, 170, 60), (230, 200, 20)]):
+        Image.new("RGB", (48, 48), color).save(root / f"c{i}.png")
+    rows = [{"image": f"c{i}.png", "caption": f"colour {i}"} for i in range(4)]
+    rows += [{"source": "c0.png", "instruction": "make it blue", "target": "c1.png"},
+             {"source": "c2.png", "instruction": "make it yellow", "target": "c3.png"}]
+    rows += [{"images": ["c0.png"], "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                      {"from": "gpt", "value": "red"}]}]
+    write = lambda name, lines: (root / name).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    write("good.jsonl", rows)
+    write("missing-images.jsonl", [{"image": "nowhere.png", "caption": "x"}] * 3)
+    write("wrong-types.jsonl", [{"image": "c0.png", "caption": 7}, {"image": ["c0.png"], "caption": "x"}])
+    write("markers.jsonl", [{"images": ["c0.png"], "conversations": [
+        {"from": "human", "value": "<image> and <image>?"}, {"from": "gpt", "value": "y"}]}])
+    (root / "not-json.jsonl").write_text("{oops\n")
+    (root / "a-file").write_text("")
+    return root
+
+
+def runs_dir(tmp_path: Path) -> Path:
+    """Run directories of every kind a --resume may be given."""
+    runs = tmp_path / "runs"
+    for name in ("empty", "dangling", "escaping", "corrupt", "random", "foreign"):
+        (runs / name).mkdir(parents=True)
+    (runs / "dangling" / "latest").write_text("step-00000009\n")
+    (runs / "escaping" / "latest").write_text("../../etc\n")
+    for name, payload in (("corrupt", b"PK\x03\x04 truncated"), ("random", os.urandom(256))):
+        step = runs / name / "step-00000001"
+        step.mkdir()
+        (step / "trainer.pt").write_bytes(payload)
+        (runs / name / "latest").write_text("step-00000001\n")
+    step = runs / "foreign" / "step-00000001"
+    step.mkdir()
+    torch.save({"weights": torch.zeros(2)}, step / "trainer.pt")  # a torch file, not train.py's state
+    return runs
+
+
+BASE = ["--stage", "0", "--init", "{c}", "--data", "{d}/good.jsonl", "--out", "out", "--steps", "2", "--batch", "1",
+        "--micro-batch", "1"]
+
+# (arguments replacing or adding to BASE, what the message must name)
+BAD_INPUTS = [
+    (["--steps", "0"], ["--steps"]),
+    (["--steps", "-1"], ["--steps"]),
+    (["--resolution", "0"], ["--resolution"]),
+    (["--resolution", "40"], ["--resolution", "16"]),
+    (["--drop-prompt", "5"], ["--drop-prompt"]),
+    (["--drop-image", "-0.1"], ["--drop-image"]),
+    (["--micro-batch", "0"], ["--micro-batch"]),
+    (["--batch", "-2"], ["--batch"]),
+    (["--batch", "3", "--micro-batch", "2"], ["--batch", "--micro-batch"]),
+    (["--save-every", "0"], ["--save-every"]),
+    (["--keep", "-1"], ["--keep"]),
+    (["--warmup", "0"], ["--warmup"]),
+    (["--lr", "nan"], ["--lr"]),
+    (["--lr", "0"], ["--lr"]),
+    (["--beta2", "1"], ["--beta2"]),
+    (["--grad-clip", "inf"], ["--grad-clip"]),
+    (["--seed", "-3"], ["--seed"]),
+    (["--mix", "t2i:1"], ["--mix"]),
+    (["--mix", "understanding=1"], ["--mix", "t2i"]),
+    (["--mix", "t2i=0"], ["--mix"]),
+    (["--stop-after", "5"], ["--stop-after", "--steps"]),
+    (["--device", "cuda"], ["--device"]),
+    (["--device", "toaster"], ["--device"]),
+    (["--stage", "9"], ["--stage"]),
+    (["--stage", "4", "--scratch"], ["--scratch"]),
+    (["--data", "{d}/missing.jsonl"], ["missing.jsonl"]),
+    (["--data", "{d}/missing-images.jsonl"], ["t2i", "missing image"]),
+    (["--data", "{d}/wrong-types.jsonl"], ["t2i", "malformed"]),
+    (["--stage", "3", "--data", "{d}/markers.jsonl"], ["understanding", "malformed"]),
+    (["--data", "{d}/not-json.jsonl"], ["t2i"]),
+    (["--init", "{d}/no-checkpoint"], ["no-checkpoint"]),
+    (["--out", "{d}/a-file"], ["--out", "a-file"]),
+    (["--resume", "{r}/nowhere"], ["--resume", "nowhere"]),
+    (["--resume", "{r}/empty"], ["--resume", "empty"]),
+    (["--resume", "{r}/dangling"], ["--resume", "latest"]),
+    (["--resume", "{r}/escaping"], ["--resume", "latest"]),
+    (["--resume", "{r}/corrupt"], ["trainer.pt"]),
+    (["--resume", "{r}/random"], ["trainer.pt"]),
+    (["--resume", "{r}/foreign"], ["trainer.pt"]),
+]
+
+
+def with_base(changes: list[str]) -> list[str]:
+    """BASE with each flag of `changes` replaced (or added)."""
+    args, i = list(BASE), 0
+    while i < len(changes):
+        name = changes[i]
+        value = [] if name == "--scratch" else [changes[i + 1]]
+        if name == "--resume":  # a resume takes everything from the run
+            return ["--resume", *value]
+        if name in args:
+            args[args.index(name) + 1:args.index(name) + 2] = value
+        else:
+            args += [name, *value]
+        i += 1 + len(value)
+    return args
+
+
+@pytest.mark.parametrize("changes,names", BAD_INPUTS, ids=[" ".join(c)[:50] for c, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_naming_the_fix(tmp_path, ckpt, data, changes, names):
+    runs = runs_dir(tmp_path)
+    args = [a.format(c=ckpt, d=data, r=runs) for a in with_base(changes)]
+    result = run_script("train.py", *FAST, *args, cwd=tmp_path)  # the case's own flags come last and win
+    assert one_line_error(result, *names), (result.returncode, result.stderr[-2000:])
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("train.py: error: ") and all(n in last for n in names), result.stderr[-2000:]
+    assert not list((tmp_path / "out").glob("step-*")) if (tmp_path / "out").exists() else True
+
+
+def test_a_second_run_into_a_finished_run_directory_says_resume(tmp_path, ckpt, data):
+    args = [a.format(c=ckpt, d=data) for a in BASE]
+    assert run_script("train.py", *args, *FAST, cwd=tmp_path).returncode == 0
+    again = run_script("train.py", *args, *FAST, cwd=tmp_path)
+    assert one_line_error(again, "--resume out"), again.stderr
+
+
+def test_full_disk_while_saving_is_one_line_and_removes_the_partial_save(tmp_path, ckpt, data):
+    out = tmp_path / "small"
+    out.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small file system here")  # the in-process test below covers the same path
+    try:
+        args = [a.format(c=ckpt, d=data) for a in with_base(["--out", str(out / "run")])]
+        result = run_script("train.py", *args, *FAST, cwd=tmp_path)
+        assert one_line_error(result, "disk is full", "--resume"), result.stderr[-2000:]
+        assert [p.name for p in (out / "run").iterdir()] == ["log.jsonl"]
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+
+
+def test_full_disk_in_process(tmp_path, ckpt, data, monkeypatch):
+    """As on a real small disk: the weights file cannot be written."""
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "save_checkpoint", no_space)
+    with pytest.raises(SystemExit, match="disk is full.*--resume"):
+        train.main([a.format(c=ckpt, d=data) for a in with_base(["--out", str(tmp_path / "run")])] + FAST)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.jsonl"]
+
+
+# -- resume, keep, kill ------------------------------------------------------------------------------------------
+
+def common(ckpt, data, out: Path) -> list[str]:
+    return ["--stage", "5", "--init", str(ckpt), "--data", str(data / "good.jsonl"), "--out", str(out), "--steps", "6",
+            "--batch", "2", "--micro-batch", "1", "--lr", "1e-3", "--save-every", "1", *FAST]
+
+
+@pytest.fixture(scope="module")
+def whole(ckpt, data, tmp_path_factory) -> list[dict]:
+    """The uninterrupted run every interrupted one must equal."""
+    return train.main(common(ckpt, data, tmp_path_factory.mktemp("whole") / "run"))
+
+
+def losses(records: list[dict]) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records if "step" in r]
+
+
+def logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def steps_kept(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name.startswith("step-"))
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_resume_through_several_saves_with_keep(ckpt, data, tmp_path, whole, keep):
+    out = tmp_path / "run"
+    args = common(ckpt, data, out) + ["--keep", str(keep)]
+    records = train.main(args + ["--stop-after", "2"])
+    records += train.main(["--resume", str(out), "--stop-after", "4", *FAST])
+    assert len(steps_kept(out)) == min(keep, 4)
+    records += train.main(["--resume", str(out), *FAST])
+    assert losses(records) == losses(whole)
+    assert losses(logged(out)) == losses(whole)
+    assert steps_kept(out) == [f"step-{n:08d}" for n in range(7 - keep, 7)]
+    assert (out / "latest").read_text().strip() == "step-00000006"
+
+
+def test_resume_from_an_older_step_with_keep_1(ckpt, data, tmp_path, whole):
+    out = tmp_path / "run"
+    train.main(common(ckpt, data, out) + ["--keep", "0", "--stop-after", "4"])
+    records = train.main(["--resume", str(out / "step-00000002"), "--keep", "1", *FAST])
+    assert losses(records) == losses(whole)[2:]
+    assert steps_kept(out) == ["step-00000006"] and (out / "latest").read_text().strip() == "step-00000006"
+    assert losses(logged(out)) == losses(whole)
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_every_state_a_killed_save_can_leave_resumes_exactly(ckpt, data, tmp_path, whole):
+    """A save is: a temporary directory filled, renamed to step-N, then `latest` replaced. A kill between any two
+    of these leaves one of the states made here by hand; each resumes like the uninterrupted run."""
+    out = tmp_path / "run"
+    train.main(common(ckpt, data, out) + ["--keep", "0", "--stop-after", "3"])
+    # killed while filling step 3's temporary directory: step-00000003 never appeared
+    os.rename(out / "step-00000003", out / f".tmp-{dead_pid()}-step-00000003")
+    (out / "latest").write_text("step-00000002\n")
+    records = train.main(["--resume", str(out), "--stop-after", "3", *FAST])
+    assert losses(records) == losses(whole)[2:3]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    # killed after the rename, before `latest` was replaced: step-00000003 exists, latest still names step 2
+    (out / "latest").write_text("step-00000002\n")
+    records = train.main(["--resume", str(out), "--stop-after", "4", *FAST])
+    assert losses(records) == losses(whole)[2:4]
+    # killed while writing `latest`'s temporary file
+    (out / f".tmp-{dead_pid()}-latest.part").write_text("step-0000")
+    records = train.main(["--resume", str(out), *FAST])
+    assert losses(records) == losses(whole)[4:]
+    assert losses(logged(out)) == losses(whole)
+
+
+def test_kill_9_during_training_resumes_with_identical_losses(ckpt, data, tmp_path, whole):
+    out = tmp_path / "run"
+    run = start_script("train.py", *common(ckpt, data, out), cwd=tmp_path)
+    run.wait_for("saved")  # at least one checkpoint
+    time.sleep(0.3)  # then anywhere in what follows: a step, a save, a prune
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    result = run_script("train.py", "--resume", str(out), *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert losses(logged(out)) == losses(whole)
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
