@@ -15,32 +15,44 @@ dtype (an n^3 matmul, n up to 4096) and its memory copy bandwidth, both measured
 every workload; the best of those measurements is the ceiling. Rates (TFLOP/s, tokens/s, GB/s, %) use each workload's fastest
 run, as the ceilings do: on a shared, noisy machine the best runs are the ones that compare.
 """
-import argparse
-import json
-import math
-import os
-import platform
-import resource
-import statistics
+import signal
 import sys
-import time
-from dataclasses import asdict, dataclass
-from functools import partial
-from pathlib import Path
-from typing import Callable
 
-import torch
-from torch import nn
 
-from ovis_min import flow
-from ovis_min.checkpoint import build_model
-from ovis_min.config import LLMConfig, MMDiTConfig, OvisConfig, RefinerConfig, VAEConfig
-from ovis_min.files import write_atomic
-from ovis_min.llm import attended_length, cache_length, compile_decode_step
-from ovis_min.model import OvisU1
-from ovis_min.pipeline import Condition, decode_latents, encode_image_tokens, sample_latents
-from ovis_min.tiny import tiny_config
-from ovis_min.vit import vision_layout
+def interrupted_while_starting(signum, frame):
+    sys.stderr.write("\nbench.py: interrupted\n")
+    raise SystemExit(130)
+
+
+signal.signal(signal.SIGINT, interrupted_while_starting)  # Ctrl-C while torch is imported: one line, no traceback
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ovis_min import flow  # noqa: E402
+from ovis_min.checkpoint import build_model  # noqa: E402
+from ovis_min.config import LLMConfig, MMDiTConfig, OvisConfig, RefinerConfig, VAEConfig  # noqa: E402
+from ovis_min.files import write_atomic  # noqa: E402
+from ovis_min.llm import attended_length, cache_length, compile_decode_step  # noqa: E402
+from ovis_min.model import OvisU1  # noqa: E402
+from ovis_min.pipeline import MAX_SIZE, Condition, decode_latents, encode_image_tokens, sample_latents  # noqa: E402
+from ovis_min.tiny import tiny_config  # noqa: E402
+from ovis_min.vit import vision_layout  # noqa: E402
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on run_cli reports Ctrl-C
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")
@@ -553,18 +565,21 @@ def format_table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
-    return value
+def whole_number(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {low} or more" + (f" and at most {high}" if high else "")
+                                             + f", got {value}")
+        return value
+    return parse
 
 
-def non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
+positive, non_negative = whole_number(1), whole_number(0)
 
 
 def parse_args(argv=None):
@@ -572,13 +587,14 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="weights and activations (default bf16 on a GPU "
                         "and on a CPU with native bf16, fp32 on other CPUs)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--size", type=positive, default=512, help="image side in pixels for W1-W3, W6 and --e2e "
+    parser.add_argument("--size", type=whole_number(32, MAX_SIZE), default=512, help="image side in pixels for W1-W3, W6 and --e2e "
                         "(default 512)")
     parser.add_argument("--only", default="", help="comma-separated subset of " + ",".join(WORKLOADS))
     parser.add_argument("--e2e", action="store_true", help="also time whole T2I and editing generations")
-    parser.add_argument("--steps", type=positive, default=50, help="denoising steps of the --e2e generations "
+    parser.add_argument("--steps", type=whole_number(1, 1000), default=50, help="denoising steps of the --e2e generations "
                         "(default 50)")
-    parser.add_argument("--decode-tokens", type=positive, default=32, help="tokens per llm_decode call "
+    parser.add_argument("--decode-tokens", type=whole_number(1, LLMConfig().max_position_embeddings - PROMPT_LEN),
+                        default=32, help="tokens per llm_decode call "
                         "(default 32)")
     parser.add_argument("--warmup", type=non_negative, default=1, help="untimed calls before timing (default 1)")
     parser.add_argument("--repeat", type=positive, default=3, help="timed calls per workload (default 3)")
@@ -592,7 +608,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.size % 16:
         parser.error(f"--size must be a multiple of 16, got {args.size}")
-    unknown = set(filter(None, args.only.split(","))) - set(WORKLOADS)
+    unknown = set(args.only.split(",")) - set(WORKLOADS) if args.only else set()
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)}: choose from {', '.join(WORKLOADS)}")
     try:
@@ -678,6 +694,8 @@ def run_cli() -> None:
         sys.exit("bench.py: interrupted")
     except torch.OutOfMemoryError:
         sys.exit("bench.py: error: out of memory; try a smaller --size, --only a subset, or --tiny")
+    except OSError as error:  # writing --json
+        sys.exit(f"bench.py: error: cannot write {error.filename or 'the results'} ({error.strerror or error})")
 
 
 if __name__ == "__main__":
