@@ -19,7 +19,7 @@ from huggingface_hub import HfApi, constants, snapshot_download
 from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError,
                                     LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                     RevisionNotFoundError)
-from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, logging
 
 
 class HubError(Exception):
@@ -59,6 +59,8 @@ def download(repo_id: str, revision: str, files: list[str] | tuple[str, ...], lo
     for name in files:
         if re.search(r"[*?\[\]]", name):
             raise HubError(f"refusing to fetch {name!r}: file names must not hold glob characters")
+    # huggingface_hub logs each retry and fallback as a warning; a failure is reported once, by the HubError
+    logging.set_verbosity_error()
     quiet = not progress and not are_progress_bars_disabled()
     if quiet:
         disable_progress_bars()
@@ -147,14 +149,18 @@ def _errors(repo_id: str, revision: str, local_dir: Path | None):
             raise HubError(f"cannot write {error.filename or local_dir or cache_dir()} (permission denied): choose "
                            "a folder you can write (--dir DIR, or HF_HUB_CACHE)") from None
         if isinstance(error, ConnectionError) or "connect" in type(error).__name__.lower():
-            raise HubError(f"lost the connection to {endpoint()} while fetching {where} ({_first_line(error)}); "
-                           "run the same command again to resume") from None
+            raise _unreachable(where, error) from None
         raise HubError(f"fetching {where} failed: {_first_line(error)}") from None
     except Exception as error:  # httpx's transport errors (connection lost mid-file, timeouts) are not OSErrors
         if type(error).__module__.split(".")[0].startswith("httpx"):
-            raise HubError(f"lost the connection to {endpoint()} while fetching {where} ({_first_line(error)}); "
-                           "run the same command again to resume") from None
+            raise _unreachable(where, error) from None
         raise
+
+
+def _unreachable(where: str, error: BaseException) -> HubError:
+    return HubError(f"cannot reach {endpoint()} while fetching {where} ({_first_line(error)}); check the network "
+                    "connection (or HF_ENDPOINT), then run the same command again: finished files are kept, a "
+                    "partial one resumes")
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,239 +1,302 @@
-"""Downloading for real, from a hub look-alike on 127.0.0.1 that serves a small checkpoint at the hub's URLs.
+"""Downloading for real, through huggingface_hub, from a hub look-alike on 127.0.0.1.
 
-The server speaks the parts of the hub's protocol the downloader uses: `/{repo}/resolve/{revision}/{file}`,
-404 for absent files, an `X-Repo-Commit` header, and HTTP Range requests (206 + Content-Range). It can drop the
-connection in the middle of a file, serve a file shorter than the real one, and insist on a token.
+The server speaks what huggingface_hub asks of the hub: the revision API (`/api/models/{repo}/revision/{rev}`),
+the tree API, HEAD and GET on `/{repo}/resolve/{rev}/{file}` with `X-Repo-Commit`, `ETag`, `X-Linked-Etag` and
+`X-Linked-Size`, 302 redirects of large files to a "CDN" on another host name (localhost) that rejects an
+`Authorization` header, Range requests, and errors as the hub sends them (`X-Error-Code`). Every run is a process
+(huggingface_hub reads HF_* variables when imported), started by tests/script_runner.py.
 """
+import hashlib
 import http.server
 import json
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pytest
-import torch
 
-from ovis_min import checkpoint
-from ovis_min.checkpoint import (INDEX_FILE, OPTIONAL_FILES, CheckpointError, download_checkpoint, open_checkpoint,
-                                 resolve_source, save_checkpoint)
+from ovis_min.tiny import write_tiny_checkpoint
+from script_runner import one_line_error, run_script, start_script
 
-ROOT = Path(__file__).resolve().parent.parent
-GOLDEN = ROOT / "tests" / "golden"
 REPO = "AIDC-AI/Ovis-U1-3B"
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
+COMMIT_A = "a" * 40
+COMMIT_B = "b" * 40
+PR_COMMIT = "c" * 40
+TOKEN = "hf_secret"
 
 
-class HubHandler(http.server.BaseHTTPRequestHandler):
-    root: Path  # served files: root/{repo}/{file}
-    drop_once: set = set()  # files whose first transfer stops half way
-    drop_always: set = set()  # files whose every transfer stops half way
-    redirect: bool = False  # send .safetensors to a "CDN" on another host name, as the hub does for large files
-    truncated: set = set()  # files served (consistently) shorter than they are
-    token: str | None = None  # when set, requests without "Authorization: Bearer <token>" get 401
-    log: list = []  # (path, Range header, Authorization header)
+class Hub(http.server.BaseHTTPRequestHandler):
+    """State on the class (one subclass per test): commits -> files, refs -> commit, and the failures to play."""
+    protocol_version = "HTTP/1.1"
+    commits: dict  # commit -> {file name: bytes}
+    refs: dict  # "main", "refs/pr/1" -> commit
+    gated: bool = False
+    need_token: bool = False
+    fail_once: set  # request paths answered `fail_status` (503 or 429) the first time
+    fail_status: int = 503
+    drop: set  # file names the CDN cuts off half way
+    log: list  # (method, path, Authorization)
+
+    def do_HEAD(self):
+        self.answer(head=True)
 
     def do_GET(self):
-        self.log.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
-        parts = self.path.split("/")  # "", org, name, "resolve", revision, file...  or  "", "cdn", org, name, file
-        if parts[1] == "cdn":
-            parts = ["", parts[2], parts[3], "resolve", COMMIT, *parts[4:]]
-        elif self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
-            return self.send_error(401)
-        if len(parts) < 6 or parts[3] != "resolve" or parts[4] not in ("main", COMMIT):
-            return self.send_error(404)
-        name = "/".join(parts[5:])
-        if self.redirect and name.endswith(".safetensors") and not self.path.startswith("/cdn/"):
-            self.send_response(302)
-            self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/cdn/{parts[1]}/"
-                                         f"{parts[2]}/{name}")
-            self.send_header("Content-Length", "0")
-            return self.end_headers()
-        path = self.root / parts[1] / parts[2] / name
-        if not path.is_file():
-            return self.send_error(404)
-        data = path.read_bytes()
-        if name in self.truncated:
-            data = data[: len(data) - 50]
-        start = 0
-        if self.headers.get("Range"):
-            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
-            if start >= len(data):
-                return self.send_error(416)
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.send_header("X-Repo-Commit", COMMIT)
+        self.answer(head=False)
+
+    def reply(self, status: int, body: bytes = b"", headers: dict | None = None, head: bool = False):
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        if name in self.drop_once or name in self.drop_always:
-            self.drop_once.discard(name)
-            self.wfile.write(data[start:start + (len(data) - start) // 2])
-            self.wfile.flush()
-            self.connection.shutdown(socket.SHUT_RDWR)  # the connection drops mid-file
+        if not head:
+            self.wfile.write(body)
+
+    def error(self, status: int, code: str, head: bool, message: str = ""):
+        self.reply(status, json.dumps({"error": code}).encode(),
+                   {"X-Error-Code": code, **({"X-Error-Message": message} if message else {})}, head)
+
+    def answer(self, head: bool):
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        auth = self.headers.get("Authorization")
+        self.log.append((self.command, path, auth))
+        if path in self.fail_once:
+            self.fail_once.discard(path)
+            return self.reply(self.fail_status, b"busy", {"Retry-After": "0"}, head)
+        if path.startswith("/cdn/"):
+            return self.cdn(path, auth, head)
+        if self.need_token and auth != f"Bearer {TOKEN}":
+            if auth:
+                return self.reply(401, b"{}", {"X-Error-Message": "Invalid credentials in Authorization header"}, head)
+            return self.error(401, "RepoNotFound", head)
+        if path.startswith("/api/models/"):
+            repo, _, rest = path[len("/api/models/"):].partition("/")
+            name, _, rest = rest.partition("/")
+            kind, _, revision = rest.partition("/")
+            if f"{repo}/{name}" != REPO:
+                return self.error(401, "RepoNotFound", head)
+            if self.gated:
+                return self.error(403, "GatedRepo", head)
+            commit = self.refs.get(revision, revision if revision in self.commits else None)
+            if commit is None:
+                return self.error(404, "RevisionNotFound", head)
+            files = self.commits[commit]
+            if kind == "revision":
+                info = {"_id": "x", "id": REPO, "sha": commit, "private": False, "disabled": False, "gated": False,
+                        "downloads": 0, "likes": 0, "tags": [], "lastModified": "2025-06-30T00:00:00.000Z",
+                        "siblings": [{"rfilename": n} for n in files]}
+                return self.reply(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
+            tree = [{"type": "file", "path": n, "size": len(data), "oid": hashlib.sha1(data).hexdigest(),
+                     **({"lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130}}
+                        if n.endswith(".safetensors") else {})} for n, data in files.items()]
+            return self.reply(200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, head)
+        parts = path.split("/")  # "", org, name, "resolve", revision..., file
+        if len(parts) < 6 or parts[3] != "resolve":
+            return self.reply(404, b"", {}, head)
+        if "/".join(parts[1:3]) != REPO:
+            return self.error(401, "RepoNotFound", head)
+        if self.gated:
+            return self.error(403, "GatedRepo", head)
+        rest = "/".join(parts[4:])
+        for revision in sorted([*self.refs, *self.commits], key=len, reverse=True):
+            if rest.startswith(revision + "/"):
+                commit, name = self.refs.get(revision, revision), rest[len(revision) + 1:]
+                break
+        else:
+            return self.error(404, "RevisionNotFound", head)
+        data = self.commits[commit].get(name)
+        if data is None:
+            return self.error(404, "EntryNotFound", head)
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{hashlib.sha1(data).hexdigest()}"'}
+        if name.endswith(".safetensors"):  # large files live on the CDN, as on the hub
+            port = self.server.server_address[1]
+            return self.reply(302, b"", {**headers, "Location": f"http://localhost:{port}/cdn/{commit}/{name}",
+                                         "X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"',
+                                         "X-Linked-Size": str(len(data))}, head)
+        self.reply(200, data, headers, head)
+
+    def cdn(self, path: str, auth: str | None, head: bool):
+        if auth:  # a signed URL: the hub's token must never reach another host
+            return self.reply(403, b"Authorization header not allowed", {}, head)
+        _, _, commit, name = path.split("/", 3)
+        data = self.commits[commit][name]
+        start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0]) if self.headers.get("Range") else 0
+        body = data[start:]
+        if name in self.drop and not head:
+            self.drop.discard(name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
             return
-        self.wfile.write(data[start:])
+        extra = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"} if start else {}
+        self.reply(206 if start else 200, body, extra, head)
 
     def log_message(self, *args):
         pass
 
 
-@pytest.fixture
-def hub(tmp_path):
-    """A served checkpoint: 2 shards + index, config, tokenizer, preprocessor config, and a Python file."""
-    served = tmp_path / "served" / REPO
-    torch.manual_seed(0)
-    save_checkpoint({f"block.{i}.weight": torch.randn(64, 64) for i in range(4)}, served, 2)
-    shutil.copy(GOLDEN / "tiny_model_config.json", served / "config.json")
-    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        shutil.copy(GOLDEN / "tiny_tokenizer" / name, served / name)
-    (served / "modeling_ovis_u1.py").write_text("raise SystemExit('checkpoint code must never run')\n")
+def checkpoint_files(directory: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
 
-    handler = type("Handler", (HubHandler,), {"root": tmp_path / "served", "drop_once": set(), "drop_always": set(),
-                                              "redirect": False, "truncated": set(), "token": None, "log": []})
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory) -> dict[str, bytes]:
+    """A tiny checkpoint in the published layout (slow tokenizer, bf16 + f32, 2 shards), plus what a hub repository
+    also holds and a download must leave alone: the remote code, an extra safetensors file the index does not name."""
+    files = checkpoint_files(write_tiny_checkpoint(tmp_path_factory.mktemp("release") / "ckpt", slow_tokenizer=True,
+                                                   published_dtypes=True))
+    return {**files, "modeling_ovis_u1.py": b"raise SystemExit('checkpoint code must never run')\n",
+            "README.md": b"# card\n", "unused/consolidated.safetensors": files["model-00001-of-00002.safetensors"]}
+
+
+@pytest.fixture
+def hub(tmp_path, release):
+    handler = type("Handler", (Hub,), {"commits": {COMMIT_A: dict(release), PR_COMMIT: dict(release)},
+                                       "refs": {"main": COMMIT_A, "refs/pr/1": PR_COMMIT}, "fail_once": set(),
+                                       "drop": set(), "log": []})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
-    handler.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-    handler.files = served
+    handler.env = {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path / "hf"),
+                   "HF_HUB_DISABLE_XET": "1", "HF_HUB_ETAG_TIMEOUT": "5", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
+                   "HF_TOKEN": "", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    handler.cache = tmp_path / "hf" / "hub" / "models--AIDC-AI--Ovis-U1-3B"
     yield handler
     server.shutdown()
     server.server_close()
 
 
-def same_files(downloaded: Path, served: Path, names) -> bool:
-    return all((downloaded / n).read_bytes() == (served / n).read_bytes() for n in names)
+WANTED = sorted(n for n in ("config.json", "preprocessor_config.json", "model.safetensors.index.json",
+                            "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "vocab.json",
+                            "merges.txt", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"))
 
 
-def test_download_into_a_directory(hub, tmp_path):
-    target = download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    names = sorted(p.name for p in target.iterdir())
-    assert names == sorted(p.name for p in hub.files.iterdir() if p.suffix != ".py")
-    assert same_files(target, hub.files, names)
-    assert not any("modeling" in path for path, _, _ in hub.log)  # code shipped with a checkpoint is never fetched
-    assert all(f"/resolve/{COMMIT}/" in path for path, _, _ in hub.log[1:])  # pinned to the commit of config.json
-    assert len(open_checkpoint(target).tensors) == 4
+def weights(hub, *args, **env):
+    return run_script("weights.py", *args, env={**hub.env, **env})
 
 
-def test_interrupted_transfer_resumes_with_a_range_request(hub, tmp_path):
-    shard = "model-00001-of-00002.safetensors"
-    hub.drop_once.add(shard)
-    target = download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    assert same_files(target, hub.files, [shard])
-    requests = [rng for path, rng, _ in hub.log if path.endswith(shard)]
-    size = (hub.files / shard).stat().st_size
-    assert requests == [None, f"bytes={size // 2}-"]  # the second request asks only for the missing half
-    assert not list(target.glob("*.incomplete"))
+def test_download_into_the_shared_cache_then_use_it_offline(hub, release):
+    run = weights(hub, "download", "--quiet")
+    assert run.returncode == 0, run.stderr
+    snapshot = hub.cache / "snapshots" / COMMIT_A
+    assert f"to {snapshot}" in run.stdout
+    assert sorted(p.name for p in snapshot.iterdir()) == WANTED  # no code, no README, no unindexed weights
+    assert all((snapshot / name).is_symlink() and (snapshot / name).read_bytes() == release[name] for name in WANTED)
+    assert (hub.cache / "refs" / "main").read_text() == COMMIT_A and (hub.cache / "blobs").is_dir()
+    assert not any("modeling" in path or "unused" in path for _, path, _ in hub.log)
+    check = weights(hub, "check", REPO, HF_HUB_OFFLINE="1")
+    assert check.returncode == 0 and "slow tokenizer files" in check.stdout, check.stderr
 
 
-def test_transfer_that_keeps_failing_keeps_the_part_for_the_next_run(hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(checkpoint, "ATTEMPTS", 2)
-    shard = "model-00001-of-00002.safetensors"
-    hub.drop_always.add(shard)
-    with pytest.raises(CheckpointError, match="run the same command again to resume"):
-        download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    assert (tmp_path / "out" / (shard + ".incomplete")).is_file() and not (tmp_path / "out" / shard).exists()
-    hub.drop_always.clear()
-    target = download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    assert same_files(target, hub.files, [shard])
-
-
-def test_redirect_to_another_host_keeps_the_range_and_drops_the_token(hub, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", "secret")
-    hub.redirect = True
-    shard = "model-00002-of-00002.safetensors"
-    hub.drop_once.add(shard)
-    target = download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    assert same_files(target, hub.files, [shard])
-    cdn = [(rng, auth) for path, rng, auth in hub.log if path.startswith("/cdn/") and path.endswith(shard)]
-    assert [auth for _, auth in cdn] == [None, None] and cdn[1][0] is not None  # resumed through the redirect
-    assert all(auth == "Bearer secret" for path, _, auth in hub.log if not path.startswith("/cdn/"))
-
-
-def test_partial_file_from_an_earlier_run_is_resumed(hub, tmp_path):
-    shard = "model-00002-of-00002.safetensors"
-    target = tmp_path / "out"
-    target.mkdir()
-    data = (hub.files / shard).read_bytes()
-    (target / (shard + ".incomplete")).write_bytes(data[:1000])
-    download_checkpoint(REPO, local_dir=target, endpoint=hub.endpoint, progress=False)
-    assert (target / shard).read_bytes() == data
-    assert [rng for path, rng, _ in hub.log if path.endswith(shard)] == ["bytes=1000-"]
-
-
-def test_truncated_file_is_detected_and_not_put_in_place(hub, tmp_path):
-    shard = "model-00002-of-00002.safetensors"
-    hub.truncated.add(shard)
-    with pytest.raises(CheckpointError, match=rf"{shard}.*damaged.*truncated"):
-        download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    assert not (tmp_path / "out" / shard).exists() and not (tmp_path / "out" / (shard + ".incomplete")).exists()
-
-    hub.truncated.clear()  # the next run repairs it
-    target = download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    assert same_files(target, hub.files, [shard])
-
-
-def test_download_into_the_hub_cache_layout(hub, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    target = download_checkpoint(REPO, progress=False)
-    repo_dir = tmp_path / "cache" / "models--AIDC-AI--Ovis-U1-3B"
-    assert target == repo_dir / "snapshots" / COMMIT
-    assert (repo_dir / "refs" / "main").read_text() == COMMIT
-    assert resolve_source(REPO) == target
-    # a second run finds every file complete and fetches nothing but config.json
+def test_download_into_a_folder_and_again_fetches_nothing(hub, tmp_path, release):
+    assert weights(hub, "download", "--dir", tmp_path / "ckpt", "--quiet").returncode == 0
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if not p.name.startswith("."))
+    assert names == WANTED and (tmp_path / "ckpt" / "vocab.json").read_bytes() == release["vocab.json"]
     hub.log.clear()
-    download_checkpoint(REPO, progress=False)
-    assert [path.rsplit("/", 1)[1] for path, _, _ in hub.log] == ["config.json"] + [
-        name for name in OPTIONAL_FILES if not (target / name).exists()]  # absent optional files are asked again
+    assert weights(hub, "download", "--dir", tmp_path / "ckpt", "--quiet").returncode == 0
+    assert not any(method == "GET" and "/resolve/" in path for method, path, _ in hub.log)
 
 
-def test_token_is_sent_as_bearer(hub, tmp_path, monkeypatch):
-    hub.token = "secret"
-    with pytest.raises(CheckpointError, match="HF_TOKEN"):
-        download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    monkeypatch.setenv("HF_TOKEN", "secret")
-    download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    assert all(auth == "Bearer secret" for _, _, auth in hub.log[1:])
+def test_token_goes_to_the_hub_and_never_to_the_cdn(hub, tmp_path):
+    hub.need_token = True
+    assert one_line_error(weights(hub, "download", "--dir", tmp_path / "a"), "hf auth login", "HF_TOKEN")
+    assert one_line_error(weights(hub, "download", "--dir", tmp_path / "b", HF_TOKEN="hf_wrong"), "refused the token")
+    run = weights(hub, "download", "--dir", tmp_path / "c", "--quiet", HF_TOKEN=TOKEN)
+    assert run.returncode == 0, run.stderr
+    cdn = [auth for _, path, auth in hub.log if path.startswith("/cdn/")]
+    assert cdn and all(auth is None for auth in cdn)
 
 
-def test_offline_gives_a_clear_message(tmp_path):
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(CheckpointError, match=rf"cannot reach http://127.0.0.1:{port}.*Offline"):
-        download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=f"http://127.0.0.1:{port}", progress=False)
+def test_a_pull_request_revision(hub):
+    run = weights(hub, "download", "--revision", "refs/pr/1", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert (hub.cache / "snapshots" / PR_COMMIT / "config.json").is_file()
+    assert weights(hub, "check", REPO, "--revision", "refs/pr/1", HF_HUB_OFFLINE="1").returncode == 0
 
 
-def test_unknown_repository_is_a_404_message(hub, tmp_path):
-    with pytest.raises(CheckpointError, match="not found"):
-        download_checkpoint("nobody/nothing", local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
+def test_retries_on_429_and_resumes_a_dropped_transfer(hub):
+    hub.fail_once.add(f"/cdn/{COMMIT_A}/model-00001-of-00002.safetensors")
+    hub.fail_status = 429
+    hub.drop.add("model-00002-of-00002.safetensors")
+    first = weights(hub, "download", "--quiet")
+    if first.returncode != 0:  # huggingface_hub gives up on a dropped transfer; the next run resumes it
+        assert one_line_error(first, "run the same command again")
+        assert weights(hub, "download", "--quiet").returncode == 0
+    assert weights(hub, "check", REPO, HF_HUB_OFFLINE="1").returncode == 0
 
 
-def test_served_index_with_a_path_outside_the_directory_is_refused(hub, tmp_path):
-    index = json.loads((hub.files / INDEX_FILE).read_text())
-    index["weight_map"]["block.0.weight"] = "../../escaped.safetensors"
-    (hub.files / INDEX_FILE).write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="refusing shard"):
-        download_checkpoint(REPO, local_dir=tmp_path / "a" / "b" / "out", endpoint=hub.endpoint, progress=False)
-    assert not list(tmp_path.rglob("escaped*"))
+def test_two_downloads_at_once(hub):
+    runs = [start_script("weights.py", "download", "--quiet", env=hub.env) for _ in range(2)]
+    assert [run.wait(120).returncode for run in runs] == [0, 0]
+    assert weights(hub, "check", REPO, HF_HUB_OFFLINE="1").returncode == 0
 
 
-def test_single_file_checkpoint_without_index(hub, tmp_path):
-    for path in hub.files.glob("model*"):
-        path.unlink()
-    save_checkpoint({"w": torch.ones(3)}, hub.files, 1)
-    target = download_checkpoint(REPO, local_dir=tmp_path / "out", endpoint=hub.endpoint, progress=False)
-    assert (target / "model.safetensors").is_file() and not (target / INDEX_FILE).exists()
+def test_incomplete_snapshot_is_named_offline_and_completed_online(hub):
+    assert weights(hub, "download", "--quiet").returncode == 0
+    snapshot = hub.cache / "snapshots" / COMMIT_A
+    for name in WANTED:  # what another tool that fetched only config.json leaves
+        if name != "config.json":
+            (snapshot / name).unlink()
+    offline = weights(hub, "check", REPO, HF_HUB_OFFLINE="1")
+    assert one_line_error(offline, "incomplete", "preprocessor_config.json", f"python weights.py download {REPO}")
+    run = run_script("sample.py", "--ask", "hi", "--max-new-tokens", "2", env={**hub.env})
+    assert run.returncode == 0, run.stderr  # online, sample.py completes the snapshot and answers
+    assert "completing it" in run.stderr
+    assert weights(hub, "check", REPO, HF_HUB_OFFLINE="1").returncode == 0
 
 
-def test_download_command_shows_progress(hub, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "weights.py"), "download", REPO, "--dir", str(tmp_path / "o")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120,
-                            env={"PATH": "", "HF_ENDPOINT": hub.endpoint, "HOME": str(tmp_path)})
-    assert result.returncode == 0, result.stderr
-    assert "model-00001-of-00002.safetensors" in result.stderr and "100.0%" in result.stderr
-    assert "python weights.py check" in result.stdout
+def test_a_partial_newer_main_leaves_the_complete_older_snapshot_usable(hub, release):
+    assert weights(hub, "download", "--quiet").returncode == 0
+    newer = dict(release)
+    newer["README.md"] = b"# new card\n"
+    hub.commits[COMMIT_B] = newer
+    hub.refs["main"] = COMMIT_B
+    hub.fail_once.update({f"/cdn/{COMMIT_B}/model-00001-of-00002.safetensors"})
+    hub.need_token = True  # the first shard's 503 is retried, then every hub call is refused: the run stops half way
+    weights(hub, "download", "--quiet")
+    hub.need_token = False
+    if (hub.cache / "refs" / "main").read_text() == COMMIT_B and not (
+            hub.cache / "snapshots" / COMMIT_B / "model-00002-of-00002.safetensors").exists():
+        offline = weights(hub, "check", REPO, HF_HUB_OFFLINE="1")
+        assert offline.returncode == 0, offline.stderr
+        assert f"checkpoint {hub.cache / 'snapshots' / COMMIT_A}" in offline.stdout
+        assert "incomplete" in offline.stderr and "python weights.py download" in offline.stderr
+    assert weights(hub, "download", "--quiet").returncode == 0  # online, the newer one is finished
+    assert (hub.cache / "snapshots" / COMMIT_B / "model-00002-of-00002.safetensors").is_file()
+
+
+@pytest.mark.parametrize("case", ["no repo", "gated", "revision", "missing shard", "not a checkpoint", "offline",
+                                  "unreachable", "endpoint", "dir is a file"])
+def test_each_hub_failure_is_one_line_with_the_fix(hub, tmp_path, case):
+    args, env, names = ["download", "--quiet"], {}, []
+    if case == "no repo":
+        args[1:1], names = ["AIDC-AI/Ovis-U1-3b"], ["not found", "AIDC-AI/Ovis-U1-3b", "check the id"]
+    elif case == "gated":
+        hub.gated, names = True, ["gated", f"{hub.env['HF_ENDPOINT']}/{REPO}", "accept"]
+    elif case == "revision":
+        args += ["--revision", "v9"]
+        names = ["no revision 'v9'", "--revision"]
+    elif case == "missing shard":
+        del hub.commits[COMMIT_A]["model-00002-of-00002.safetensors"]
+        names = ["model-00002-of-00002.safetensors", "lacks"]
+    elif case == "not a checkpoint":
+        for name in ("vocab.json", "preprocessor_config.json"):
+            del hub.commits[COMMIT_A][name]
+        names = ["not an Ovis-U1 checkpoint", "preprocessor_config.json", "vocab.json"]
+    elif case == "offline":
+        env, names = {"HF_HUB_OFFLINE": "1"}, ["HF_HUB_OFFLINE", "not in the Hugging Face cache"]
+    elif case == "unreachable":
+        env, names = {"HF_ENDPOINT": "http://127.0.0.1:9"}, ["cannot reach http://127.0.0.1:9", "network"]
+    elif case == "endpoint":
+        env, names = {"HF_ENDPOINT": "huggingface.co"}, ["HF_ENDPOINT", "not a URL"]
+    elif case == "dir is a file":
+        (tmp_path / "file").write_text("x")
+        args += ["--dir", str(tmp_path / "file")]
+        names = ["--dir", "is a file"]
+    run = weights(hub, *args, **env)
+    assert one_line_error(run, *names), run.stderr
+    assert len([line for line in run.stderr.splitlines() if line.strip()]) <= 2, run.stderr
