@@ -28,8 +28,8 @@ from . import hub
 from .config import ConfigError, OvisConfig, from_official, preprocess_from_official
 from .files import TEMP_PREFIX, write_atomic
 from .model import OvisU1
-from .prompt import (SLOW_TOKENIZER_EXTRAS, SLOW_TOKENIZER_FILES, TOKENIZER_FILE, TokenizerError, TokenizerNotFound,
-                     load_tokenizer, missing_tokenizer_files)
+from .prompt import (SLOW_TOKENIZER_EXTRAS, SLOW_TOKENIZER_FILES, TOKENIZER_FILE, Tokenizer, TokenizerError,
+                     TokenizerNotFound, missing_tokenizer_files)
 
 HUB_IDS = ("AIDC-AI/Ovis-U1-3B", "ATH-MaaS/Ovis-U1-3B")  # the same files under the team's old and new names
 DEFAULT_REPO = HUB_IDS[0]
@@ -280,7 +280,7 @@ def read_config(directory: Path | str) -> OvisConfig:
 def read_tokenizer_size(directory: Path) -> int:
     """The tokenizer's vocabulary size, added tokens included; CheckpointError when it cannot be read."""
     try:
-        return load_tokenizer(directory).get_vocab_size(with_added_tokens=True)
+        return len(Tokenizer(directory))  # as the pipeline opens it: the special tokens must be there too
     except (TokenizerError, TokenizerNotFound) as error:
         raise CheckpointError(f"{error}; {download_hint(directory)}") from None
 
