@@ -85,7 +85,7 @@ def manifest(tmp_path_factory) -> Path:
         {"image": "missing.png", "caption": "nothing here"},  # missing image
         {"images": ["broken.png"], "conversations": [{"from": "human", "value": "<image>\nx"},
                                                      {"from": "gpt", "value": "y"}]},  # unreadable image
-        {"image": images["red", "square"], "caption": "xyz " * 1000},  # too long for the model
+        {"image": images["red", "square"], "caption": "xyz " * 4000},  # too long for the model
         {"conversations": [{"from": "human", "value": "no answer follows"}]},  # nothing to learn
         {"source": images["red", "square"], "instruction": 7, "target": images["red", "square"]},  # malformed
     ]
