@@ -36,7 +36,7 @@ STAGES = {
 
 @dataclass
 class Condition:
-    """The text condition of one guidance branch, refined once per generation."""
+    """The text condition of one guidance branch (of one prompt), refined once per generation."""
     tokens: torch.Tensor  # (1, L, H) refined text tokens
     cls: torch.Tensor  # (1, H) global text vector
     cond_img: torch.Tensor | None = None  # (1, N, 16) VAE tokens of the image being edited, if this branch sees it
@@ -70,38 +70,47 @@ def encode_image_tokens(vae: AutoencoderKL, pixels: torch.Tensor, generator: tor
     return flow.pack_latents(latents)
 
 
-def guided_velocity(decoder: MMDiT, branches: list[Condition], combine: Callable[[list[torch.Tensor]], torch.Tensor],
+def guided_velocity(decoder: MMDiT, branches: list["Condition | list[Condition]"],
+                    combine: Callable[[list[torch.Tensor]], torch.Tensor],
                     batch: int, rows: int, cols: int) -> Callable[[torch.Tensor, float], torch.Tensor]:
     """velocity(x, t) for `flow.denoise`: the guided velocity of x (batch, rows*cols, 16) at time t.
 
+    A branch is one Condition shared by all `batch` images (one prompt, several seeds), or a list of `batch`
+    Conditions, one per image (different prompts or edit images in one call; see `Ovis.text_to_images`).
     Everything that does not change with the step is done here, once: the CLS vectors, the RoPE tables, and
     the batching of the branches. Branches that see the same image tokens run as ONE decoder call, their
     texts right-padded to the longest and masked as keys: the two T2I branches are one call. Editing makes
     two calls, (cond, no-text) with the edit image and no-both without it: putting no-both in the same batch
     would spend its compute on as many masked dummy image tokens as the image has.
     """
+    def per_image(branch) -> list[Condition]:
+        return branch if isinstance(branch, list) else [branch] * batch
+
     groups = []  # (branch indices, txt (G*B, L, H), txt_vec (G*B, H), cond_img, rope tables, key_mask)
     for has_cond in (True, False):
-        members = [i for i, branch in enumerate(branches) if (branch.cond_img is not None) == has_cond]
+        members = [i for i, branch in enumerate(branches) if (per_image(branch)[0].cond_img is not None) == has_cond]
         if not members:
             continue
-        lengths = [branches[i].tokens.shape[1] for i in members]
+        # row g*batch + j of the decoder call is branch g, image j
+        row_conditions = [c for i in members for c in per_image(branches[i])]
+        lengths = [c.tokens.shape[1] for c in row_conditions]
         L = max(lengths)
-        tokens = torch.cat([F.pad(branches[i].tokens, (0, 0, 0, L - n)) for i, n in zip(members, lengths)])
-        txt_vec = decoder.text_vector(torch.cat([branches[i].cls for i in members]))  # (G, H)
+        tokens = torch.cat([F.pad(c.tokens, (0, 0, 0, L - n)) for c, n in zip(row_conditions, lengths)])
+        # vector_in once per distinct condition: a prompt shared by several images is embedded once
+        distinct = list({id(c): c for c in row_conditions}.values())
+        vectors = decoder.text_vector(torch.cat([c.cls for c in distinct]))  # (U, H)
+        row_of = {id(c): k for k, c in enumerate(distinct)}
+        txt_vec = vectors[[row_of[id(c)] for c in row_conditions]]  # (G*B, H)
         device, dtype = tokens.device, tokens.dtype
         ids = flow.sequence_position_ids(L, rows, cols, edit_image=has_cond, device=device)  # (1, S, 3)
         rope = decoder.rope(ids, dtype)  # (cos, sin), (1, 1, S, hs)
-        cond_img = torch.cat([branches[i].cond_img for i in members]) if has_cond else None
+        cond_img = torch.cat([c.cond_img for c in row_conditions]) if has_cond else None
         key_mask = None
-        if min(lengths) < L:  # (G, S): the padded text positions are not keys
-            key_mask = torch.ones(len(members), rope[0].shape[2], dtype=torch.bool, device=device)
+        if min(lengths) < L:  # (G*B, S): the padded text positions are not keys
+            key_mask = torch.ones(len(row_conditions), rope[0].shape[2], dtype=torch.bool, device=device)
             for row, n in enumerate(lengths):
                 key_mask[row, n:L] = False
-        # every branch row is repeated for the `batch` images: row g*batch + i is branch g, image i
-        per_image = lambda z: None if z is None else z.repeat_interleave(batch, dim=0)
-        groups.append((members, per_image(tokens), per_image(txt_vec), per_image(cond_img), rope,
-                       per_image(key_mask)))
+        groups.append((members, tokens, txt_vec, cond_img, rope, key_mask))
 
     def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
         outputs = [None] * len(branches)
@@ -117,7 +126,7 @@ def guided_velocity(decoder: MMDiT, branches: list[Condition], combine: Callable
 
 
 @torch.no_grad()
-def sample_latents(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float], branches: list[Condition],
+def sample_latents(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float], branches: list,
                    combine: Callable[[list[torch.Tensor]], torch.Tensor], progress: Progress = None) -> torch.Tensor:
     """Euler-integrate the guided velocity from `noise` (B, 4, h, w) over `timesteps`; returns (B, N, 16) tokens.
 
@@ -208,13 +217,6 @@ class Ovis:
         images = [images or []] if single else [row or [] for row in (images or [[]] * len(questions))]
         if len(images) != len(questions):
             raise ValueError(f"got {len(questions)} questions but {len(images)} image lists")
-        prompts = [question_prompt(q, len(im)) for q, im in zip(questions, images)]
-        input_ids, attention_mask, pixel_values, grid_thws = self.prepare_prompts(prompts, images, "")
-        self.use("condition")
-        merged = self.model.merge_inputs(input_ids, attention_mask, pixel_values, grid_thws, left_padding=True)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(self.device).manual_seed(seed)
         streamer = TextStreamer(self.tokenizer, on_text) if on_text else None
 
         def push(step_ids: torch.Tensor) -> None:  # (B,) the ids of one decoding step
@@ -222,18 +224,38 @@ class Ovis:
                 streamer.push(step_ids)
             if on_token:
                 on_token(int(step_ids[0]))
+        new_ids = self.answer_ids(questions, images, max_new_tokens, temperature, top_p, seed,
+                                  on_step=push if streamer or on_token else None)
+        if streamer:
+            streamer.flush()
+        answers = [self.decode_answer(row)[0] for row in new_ids]
+        return answers[0] if single else answers
+
+    @torch.no_grad()
+    def answer_ids(self, questions: list[str], images: list[list], max_new_tokens: int = 512,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                   on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """The new token ids (B, T) of a batch of questions, left-padded in one LLM pass; finished rows hold
+        pad ids. `on_step(ids)` gets each step's (B,) ids."""
+        prompts = [question_prompt(q, len(im)) for q, im in zip(questions, images)]
+        input_ids, attention_mask, pixel_values, grid_thws = self.prepare_prompts(prompts, images, "")
+        self.use("condition")
+        merged = self.model.merge_inputs(input_ids, attention_mask, pixel_values, grid_thws, left_padding=True)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(self.device).manual_seed(seed)
         new_ids = self.model.llm.generate(
             merged.embeds, merged.attention_mask, max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-            temperature=temperature, top_p=top_p, generator=generator,
-            on_token=push if streamer or on_token else None, step=self.decode_step)
-        if streamer:
-            streamer.flush()
+            temperature=temperature, top_p=top_p, generator=generator, on_token=on_step, step=self.decode_step)
         if self.offload:  # the KV cache would otherwise travel with the LLM at every stage switch
             self.model.llm.free_cache()
-        answers = [self.tokenizer.decode([t for t in row.tolist() if t != self.tokenizer.pad_token_id])
-                   for row in new_ids]
-        return answers[0] if single else answers
+        return new_ids
+
+    def decode_answer(self, row_ids: torch.Tensor) -> tuple[str, int]:
+        """(text, number of generated tokens, its end-of-turn token included) of one row of `answer_ids`."""
+        ids = [t for t in row_ids.tolist() if t != self.tokenizer.pad_token_id]
+        return self.tokenizer.decode(ids), len(ids)
 
     # -- generation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -266,15 +288,35 @@ class Ovis:
                       txt_cfg: float = 5.0, seed: int = 42, num_images: int = 1,
                       progress: Progress = None) -> list[Image.Image]:
         height, width = check_size(height, width)
+        (cond,), uncond = self.t2i_branches([prompt], height, width)
+        noise = self.initial_noise(num_images, height, width, seed)
+        return self.sample_images([cond, uncond], lambda v: flow.text_guidance(v[0], v[1], txt_cfg), noise,
+                                  height, width, steps, progress)
+
+    @torch.no_grad()
+    def text_to_images(self, prompts: list[str], seeds: list[int], width: int = 1024, height: int = 1024,
+                       steps: int = 50, txt_cfg: float = 5.0, progress: Progress = None) -> list[Image.Image]:
+        """One image per prompt, all in one decoder call per step; image i starts from the noise of seeds[i].
+
+        Each image is what `text_to_image(prompts[i], seed=seeds[i])` makes, up to float rounding (the texts
+        are padded to the longest and masked); a batch of one is the same computation, byte for byte."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        height, width = check_size(height, width)
+        conds, uncond = self.t2i_branches(prompts, height, width)
+        noise = torch.cat([self.initial_noise(1, height, width, seed) for seed in seeds])  # (B, 4, h, w)
+        return self.sample_images([conds, uncond], lambda v: flow.text_guidance(v[0], v[1], txt_cfg), noise,
+                                  height, width, steps, progress)
+
+    def t2i_branches(self, prompts: list[str], height: int, width: int) -> tuple[list[Condition], Condition]:
+        """The refined conditions of each prompt, and the unconditional one they all share."""
         blank = blank_image(width, height)
         self.use("condition")
-        cond_txt, _ = self.condition(t2i_prompt(prompt), blank, height, width)
+        cond_txts = [self.condition(t2i_prompt(prompt), blank, height, width)[0] for prompt in prompts]
         uncond_txt, _ = self.condition(UNCONDITIONAL_PROMPT, blank, height, width)
         # The official script also VAE-encodes the blank image here and never uses the result: skipped.
         self.use("decoder")
-        branches = [self.refine(cond_txt), self.refine(uncond_txt)]
-        return self.sample_images(branches, lambda v: flow.text_guidance(v[0], v[1], txt_cfg), num_images, height,
-                                  width, steps, seed, progress)
+        return [self.refine(txt) for txt in cond_txts], self.refine(uncond_txt)
 
     @torch.no_grad()
     def edit(self, image, instruction: str, steps: int = 50, txt_cfg: float = 6.0, img_cfg: float = 1.5,
@@ -282,29 +324,67 @@ class Ovis:
              progress: Progress = None) -> list[Image.Image]:
         """Edit `image` following `instruction`. The output size is the input size rounded to multiples of 32
         (the official edit script's smart_resize), unless width/height are given."""
-        image = load_image(image)
-        if width is None or height is None:
-            width, height = edit_target_size(image.width, image.height)
-            image = resize_for_edit(image)
-        height, width = check_size(height, width)
-        self.use("condition")
-        cond_txt, vae_pixels = self.condition(edit_prompt(instruction), image, height, width)
-        no_txt_txt, _ = self.condition(UNCONDITIONAL_PROMPT, image, height, width)
-        no_both_txt, _ = self.condition(UNCONDITIONAL_PROMPT, blank_image(width, height), height, width)
-        generator = torch.Generator(self.device).manual_seed(seed)
-        self.use("vae")
-        image_tokens = encode_image_tokens(self.model.visual_generator.vae, vae_pixels, generator=generator)
-        self.use("decoder")
-        branches = [self.refine(cond_txt, image_tokens), self.refine(no_txt_txt, image_tokens),
-                    self.refine(no_both_txt)]
-        return self.sample_images(branches, lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg),
-                                  num_images, height, width, steps, seed, progress)
-
-    def sample_images(self, branches: list[Condition], combine: Callable[[list[torch.Tensor]], torch.Tensor],
-                      num_images: int, height: int, width: int, steps: int, seed: int,
-                      progress: Progress) -> list[Image.Image]:
-        """The part T2I and editing share: seeded noise, the guided Euler loop (decoder stage), VAE decode."""
+        (image,), height, width = self.edit_inputs([image], width, height)
+        (cond, no_txt), no_both = self.edit_branches([image], [instruction], [seed], height, width)
         noise = self.initial_noise(num_images, height, width, seed)
+        return self.sample_images([cond[0], no_txt[0], no_both],
+                                  lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg),
+                                  noise, height, width, steps, progress)
+
+    @torch.no_grad()
+    def edit_images(self, images: list, instructions: list[str], seeds: list[int], steps: int = 50,
+                    txt_cfg: float = 6.0, img_cfg: float = 1.5, width: int | None = None, height: int | None = None,
+                    progress: Progress = None) -> list[Image.Image]:
+        """Several edits in one decoder call per branch group and step: image i follows instructions[i] from the
+        noise (and VAE posterior sample) of seeds[i], as `edit(images[i], instructions[i], seed=seeds[i])` does up
+        to float rounding. All images must come out at one size (the same edit size, or width/height given)."""
+        if not len(images) == len(instructions) == len(seeds):
+            raise ValueError(f"got {len(images)} images, {len(instructions)} instructions and {len(seeds)} seeds")
+        images, height, width = self.edit_inputs(images, width, height)
+        conds, no_txts, no_both = self.edit_branches(images, instructions, seeds, height, width)
+        noise = torch.cat([self.initial_noise(1, height, width, seed) for seed in seeds])  # (B, 4, h, w)
+        return self.sample_images([conds, no_txts, no_both],
+                                  lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg),
+                                  noise, height, width, steps, progress)
+
+    def edit_inputs(self, images: list, width: int | None, height: int | None
+                    ) -> tuple[list[Image.Image], int, int]:
+        """The loaded images and the one (height, width) they are edited at."""
+        images = [load_image(image) for image in images]
+        if width is None or height is None:
+            sizes = {edit_target_size(image.width, image.height) for image in images}
+            if len(sizes) > 1:
+                raise ValueError(f"edits of different sizes cannot share a batch: {sorted(sizes)}")
+            (width, height), = sizes
+            images = [resize_for_edit(image) for image in images]
+        height, width = check_size(height, width)
+        return images, height, width
+
+    def edit_branches(self, images: list[Image.Image], instructions: list[str], seeds: list[int], height: int,
+                      width: int) -> tuple[list[Condition], list[Condition], Condition]:
+        """Per image the cond and no-text conditions (both see its VAE tokens), and the shared no-both one."""
+        self.use("condition")
+        cond_txts, no_txt_txts, vae_pixels = [], [], []
+        for image, instruction in zip(images, instructions):
+            cond_txt, pixels = self.condition(edit_prompt(instruction), image, height, width)
+            cond_txts.append(cond_txt)
+            no_txt_txts.append(self.condition(UNCONDITIONAL_PROMPT, image, height, width)[0])
+            vae_pixels.append(pixels)
+        no_both_txt, _ = self.condition(UNCONDITIONAL_PROMPT, blank_image(width, height), height, width)
+        self.use("vae")
+        # each edit samples the VAE posterior from its own seed, as it does alone
+        image_tokens = [encode_image_tokens(self.model.visual_generator.vae, pixels,
+                                            generator=torch.Generator(self.device).manual_seed(seed))
+                        for pixels, seed in zip(vae_pixels, seeds)]
+        self.use("decoder")
+        return ([self.refine(txt, tokens) for txt, tokens in zip(cond_txts, image_tokens)],
+                [self.refine(txt, tokens) for txt, tokens in zip(no_txt_txts, image_tokens)],
+                self.refine(no_both_txt))
+
+    def sample_images(self, branches: list, combine: Callable[[list[torch.Tensor]], torch.Tensor],
+                      noise: torch.Tensor, height: int, width: int, steps: int,
+                      progress: Progress) -> list[Image.Image]:
+        """The part T2I and editing share: the guided Euler loop from `noise` (decoder stage), VAE decode."""
         tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width),
                                 branches, combine, progress)
         self.use("vae")
