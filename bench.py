@@ -46,7 +46,8 @@ from ovis_min import flow  # noqa: E402
 from ovis_min.checkpoint import build_model  # noqa: E402
 from ovis_min.config import LLMConfig, MMDiTConfig, OvisConfig, RefinerConfig, VAEConfig  # noqa: E402
 from ovis_min.files import write_atomic  # noqa: E402
-from ovis_min.llm import attended_length, cache_length, compile_decode_step  # noqa: E402
+from ovis_min.generate import (attended_length, cache_length, compile_decode_step, compile_decoder_blocks,  # noqa: E402
+                               matrix_vector_kernels)
 from ovis_min.model import OvisU1  # noqa: E402
 from ovis_min.pipeline import MAX_SIZE, Condition, decode_latents, encode_image_tokens, sample_latents  # noqa: E402
 from ovis_min.tiny import tiny_config  # noqa: E402
@@ -463,7 +464,7 @@ def make_workloads(model: OvisU1, args, device: torch.device) -> list[Workload]:
 
 
 def decode_workload(llm, embeds: torch.Tensor, tokens: int, compiled: bool = False) -> Workload:
-    """Greedy decoding of `tokens` tokens after the prompt `embeds`, the loop of `Qwen3.generate` without its
+    """Greedy decoding of `tokens` tokens after the prompt `embeds`, the loop of `generate.generate` without its
     stopping logic. The prompt is prefilled once outside the timed call; each call decodes from the same slots.
     `compiled`: the step is `compile_decode_step`'s, as `Ovis.compile` makes it (CUDA graphs on a GPU)."""
     batch, prompt, _ = embeds.shape
@@ -482,7 +483,9 @@ def decode_workload(llm, embeds: torch.Tensor, tokens: int, compiled: bool = Fal
         for i in range(tokens):
             slot = prompt + i
             key_mask[:, slot] = True
-            token = step(token[:, None], position, slots[slot:slot + 1], key_mask[:, :attended_length(slot)]).argmax(-1)
+            with matrix_vector_kernels(device):  # as generate.generate calls the step
+                logits = step(token[:, None], position, slots[slot:slot + 1], key_mask[:, :attended_length(slot)])
+            token = logits.argmax(-1)
             position = position + 1
         return token
 
@@ -660,7 +663,7 @@ def main(argv=None) -> dict:
     build_s = time.perf_counter() - start
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if args.compile:
-        model.visual_generator.backbone.compile_blocks()
+        compile_decoder_blocks(model.visual_generator.backbone)
     print(f"{describe_device(device)} | torch {torch.__version__} | {args.dtype} | weights {weight_bytes / 1e9:.2f} GB "
           f"(built in {build_s:.1f} s)", flush=True)
     memory = PeakMemory(device)

@@ -17,7 +17,7 @@ from PIL import Image
 
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
-from .llm import compile_decode_step
+from .generate import compile_decode_step, compile_decoder_blocks, generate
 from .mmdit import MMDiT
 from .model import OvisU1, pad_rows
 from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
@@ -175,7 +175,7 @@ class Ovis:
     def compile(self) -> None:
         """torch.compile what runs many times: each decoder block (once per step and guidance branch) and the
         LLM's one-token decode step (`compile_decode_step`). The first call of each shape pays the compilation."""
-        self.model.visual_generator.backbone.compile_blocks()
+        compile_decoder_blocks(self.model.visual_generator.backbone)
         self.decode_step = compile_decode_step(self.model.llm, self.device)
 
     @property
@@ -244,8 +244,8 @@ class Ovis:
         generator = None
         if seed is not None:
             generator = torch.Generator(self.device).manual_seed(seed)
-        new_ids = self.model.llm.generate(
-            merged.embeds, merged.attention_mask, max_new_tokens=max_new_tokens,
+        new_ids = generate(
+            self.model.llm, merged.embeds, merged.attention_mask, max_new_tokens=max_new_tokens,
             eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             temperature=temperature, top_p=top_p, generator=generator, on_token=on_step, step=self.decode_step)
         if self.offload:  # the KV cache would otherwise travel with the LLM at every stage switch

@@ -1,5 +1,6 @@
-"""Properties of the Qwen3 decoder (ovis_min/llm.py) that the golden forward alone does not pin down:
-KV-cache decoding, left padding, the image-generation condition, sampling, weight tying and the full-size layout."""
+"""Properties of the Qwen3 decoder (ovis_min/llm.py) and its decoding loop (ovis_min/generate.py) that the golden
+forward alone does not pin down: KV-cache decoding, left padding, the image-generation condition, sampling, weight
+tying and the full-size layout."""
 import json
 from pathlib import Path
 
@@ -9,8 +10,9 @@ from torch import nn
 
 from golden_case import GOLDEN_DIR, GoldenCase
 from ovis_min.config import LLMConfig
-from ovis_min import llm
-from ovis_min.llm import Qwen3, attended_length, cache_length, next_token
+from ovis_min import generate as decoding, llm
+from ovis_min.generate import attended_length, cache_length, generate, next_token
+from ovis_min.llm import Qwen3
 
 TINY = LLMConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
                  head_dim=16, max_position_embeddings=256)
@@ -53,7 +55,7 @@ def hf_positions(mask: torch.Tensor) -> torch.Tensor:
 def test_cached_greedy_decode_equals_full_reforward():
     model = tiny_model()
     embeds, mask = random_prompts(model, [9, 5, 7])
-    new = model.generate(embeds, mask, max_new_tokens=12)
+    new = generate(model, embeds, mask, max_new_tokens=12)
     assert new.shape == (3, 12)
     with torch.no_grad():
         for t in range(new.shape[1]):
@@ -66,9 +68,9 @@ def test_cached_greedy_decode_equals_full_reforward():
 def test_left_padded_batch_equals_each_row_alone():
     model = tiny_model()
     embeds, mask = random_prompts(model, [10, 3, 6])
-    batch = model.generate(embeds, mask, max_new_tokens=10)
+    batch = generate(model, embeds, mask, max_new_tokens=10)
     for i in range(3):
-        alone = model.generate(embeds[i:i + 1][:, mask[i]], max_new_tokens=10)
+        alone = generate(model, embeds[i:i + 1][:, mask[i]], max_new_tokens=10)
         assert torch.equal(batch[i:i + 1], alone), f"row {i}"
 
 
@@ -82,15 +84,30 @@ def test_a_large_enough_cache_is_reused_and_cleared():
     for layer in model.model.layers:
         layer.self_attn.k_cache.fill_(float("nan"))
         layer.self_attn.v_cache.fill_(float("nan"))
-    assert torch.equal(model.generate(embeds, mask, max_new_tokens=10), fresh.generate(embeds, mask, max_new_tokens=10))
+    assert torch.equal(generate(model, embeds, mask, max_new_tokens=10),
+                       generate(fresh, embeds, mask, max_new_tokens=10))
     assert model.model.layers[0].self_attn.k_cache is cache and model.cache_len() == cache_length(3000)
 
 
 def test_the_attended_prefix_is_never_the_whole_cache():
     # so the prefix is always a strided view of the cache, never the contiguous whole (one compiled graph)
-    for tokens in range(1, 3 * llm.KV_BLOCK + 2):
+    for tokens in range(1, 3 * decoding.KV_BLOCK + 2):
         last_slot = tokens - 1
         assert tokens <= attended_length(last_slot) < cache_length(tokens)
+
+
+def test_the_decode_step_traces_as_one_graph():
+    """torch.compile takes `decode_step` whole: no graph break (the CPU kernel switch is entered around the call,
+    in generate.py, and not inside the step, where dynamo cannot trace it and would run the step eagerly)."""
+    model = tiny_model()
+    model.setup_cache(2, cache_length(8))
+    key_mask = torch.zeros(2, attended_length(6), dtype=torch.bool)
+    key_mask[:, :7] = True
+    with decoding.matrix_vector_kernels(torch.device("cpu")):
+        explained = torch._dynamo.explain(model.decode_step)(torch.tensor([[3], [5]]), torch.tensor([[6], [6]]),
+                                                             torch.tensor([6]), key_mask)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
 
 
 def test_attention_does_not_depend_on_the_memory_order_of_the_sdpa_output(monkeypatch):
@@ -110,11 +127,11 @@ def test_attention_does_not_depend_on_the_memory_order_of_the_sdpa_output(monkey
 def test_eos_stops_rows_and_pads_them():
     model = tiny_model()
     embeds, mask = random_prompts(model, [8, 6])
-    free = model.generate(embeds, mask, max_new_tokens=10)
+    free = generate(model, embeds, mask, max_new_tokens=10)
     eos, pad = [int(free[0, 2]), int(free[1, 4])], 96  # both rows finish within 5 steps
     steps = []
-    stopped = model.generate(embeds, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad,
-                             on_token=steps.append)
+    stopped = generate(model, embeds, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad,
+                        on_token=steps.append)
     expected, ends = free.clone(), []
     for row in expected:
         first = int(torch.isin(row, torch.tensor(eos)).nonzero()[0])
@@ -123,7 +140,7 @@ def test_eos_stops_rows_and_pads_them():
     assert max(ends) < free.shape[1]
     assert torch.equal(stopped, expected[:, :max(ends)])
     assert torch.equal(torch.stack(steps, 1), stopped)  # streaming sees exactly the returned steps
-    assert torch.equal(model.generate(embeds, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad), stopped)
+    assert torch.equal(generate(model, embeds, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=pad), stopped)
 
 
 def test_condition_states_equal_full_forward_hidden_states():
@@ -151,15 +168,15 @@ def test_condition_states_with_one_layer_returns_the_embeddings_as_second_last()
 def test_top_p_sampling_is_seeded_and_top_p_zero_is_greedy():
     model = tiny_model()
     embeds, mask = random_prompts(model, [6, 9])
-    runs = [model.generate(embeds, mask, max_new_tokens=16, temperature=1.3, top_p=0.9,
-                           generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [generate(model, embeds, mask, max_new_tokens=16, temperature=1.3, top_p=0.9,
+                     generator=torch.Generator().manual_seed(7)) for _ in range(2)]
     assert torch.equal(runs[0], runs[1])
-    other = model.generate(embeds, mask, max_new_tokens=16, temperature=1.3, top_p=0.9,
-                           generator=torch.Generator().manual_seed(8))
+    other = generate(model, embeds, mask, max_new_tokens=16, temperature=1.3, top_p=0.9,
+                     generator=torch.Generator().manual_seed(8))
     assert not torch.equal(runs[0], other)
-    greedy = model.generate(embeds, mask, max_new_tokens=16)
-    narrow = model.generate(embeds, mask, max_new_tokens=16, temperature=1.3, top_p=0.0,
-                            generator=torch.Generator().manual_seed(7))
+    greedy = generate(model, embeds, mask, max_new_tokens=16)
+    narrow = generate(model, embeds, mask, max_new_tokens=16, temperature=1.3, top_p=0.0,
+                      generator=torch.Generator().manual_seed(7))
     assert torch.equal(narrow, greedy)
 
 
@@ -186,9 +203,9 @@ def test_official_understanding_decode():
     with torch.no_grad():
         case.expect("prompt_logits", model(inputs_embeds=embeds, attention_mask=mask))
     steps = case.meta["max_new_tokens"]
-    case.expect("generated_ids", model.generate(embeds, mask, steps, eos_token_id=ids[config["eos_token"]],
-                                                pad_token_id=ids[config["pad_token"]]))
-    case.expect("generated_ids_noeos", model.generate(embeds, mask, steps))
+    case.expect("generated_ids", generate(model, embeds, mask, steps, eos_token_id=ids[config["eos_token"]],
+                                          pad_token_id=ids[config["pad_token"]]))
+    case.expect("generated_ids_noeos", generate(model, embeds, mask, steps))
 
 
 def test_tied_head_loads_with_and_without_lm_head_and_when_nested():

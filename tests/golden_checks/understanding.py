@@ -2,6 +2,7 @@
 import torch
 
 from golden_checks.common import load_model
+from ovis_min.generate import generate
 from ovis_min.prompt import Tokenizer
 
 
@@ -31,6 +32,6 @@ def check_understanding(case):
         case.expect("prompt_logits", model.llm(inputs_embeds=merged.embeds, attention_mask=merged.attention_mask))
         max_new = case.output("generated_ids").shape[1]
         for name, eos in (("generated_ids", tokenizer.eos_token_id), ("generated_ids_noeos", None)):
-            new_ids = model.llm.generate(merged.embeds, merged.attention_mask, max_new_tokens=max_new,
-                                         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            new_ids = generate(model.llm, merged.embeds, merged.attention_mask, max_new_tokens=max_new,
+                               eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
             case.expect(name, new_ids)
