@@ -40,36 +40,28 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_0
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_rotations(ids: torch.Tensor, axes_dim: tuple, theta: float) -> torch.Tensor:
-    """(B, N, n_axes) position ids -> (B, 1, N, D/2, 2, 2) float32 2x2 rotations, D = sum(axes_dim).
+def rope_tables(ids: torch.Tensor, axes_dim: tuple, theta: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, n_axes) position ids -> the tables (cos, sin), each (B, 1, S, D) in `dtype`, D = sum(axes_dim), that
+    `apply_rope` rotates with; made once per generation, so no attention upcasts q and k to float32.
 
-    Axis a owns axes_dim[a]/2 consecutive channel pairs; pair j of that axis turns by pos_a * theta^(-2j/axes_dim[a]).
-    The matrices are [[cos, -sin], [sin, cos]], the official layout, so they broadcast over heads as they are.
+    Axis a owns axes_dim[a]/2 consecutive channel pairs; pair j of that axis turns by pos_a * theta^(-2j/axes_dim[a])
+    (computed in float32, as the official code does). Pair i holds (cos_i, cos_i) and (-sin_i, sin_i): the rows of
+    its rotation matrix [[cos, -sin], [sin, cos]].
     """
     if ids.shape[-1] != len(axes_dim):
         raise ValueError(f"position ids have {ids.shape[-1]} axes but axes_dim {tuple(axes_dim)} has {len(axes_dim)}")
-    rotations = []
+    angles = []
     for axis, dim in enumerate(axes_dim):
         freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim)  # (dim/2,)
-        angles = ids[..., axis].float()[..., None] * freqs  # (B, N, dim/2)
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        rotations.append(torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)))  # (B, N, dim/2, 2, 2)
-    return torch.cat(rotations, dim=-3).unsqueeze(1)
-
-
-def rope_cos_sin(pe: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rotations of `rope_rotations` (B, 1, S, D/2, 2, 2) as two full-width tables cos, sin (B, 1, S, D) in
-    `dtype`, the form `apply_rope` uses; made once per generation, so no attention upcasts q and k to float32.
-
-    Pair i holds (cos_i, cos_i) and (-sin_i, sin_i): the signs of the two rows of its rotation matrix.
-    """
-    cos = pe[..., 0, 0].repeat_interleave(2, dim=-1)
-    sin = torch.stack([pe[..., 0, 1], pe[..., 1, 0]], dim=-1).flatten(-2)
-    return cos.to(dtype), sin.to(dtype)
+        angles.append(ids[..., axis].float()[..., None] * freqs)  # (B, S, dim/2)
+    angles = torch.cat(angles, dim=-1)[:, None]  # (B, 1, S, D/2)
+    cos, sin = angles.cos(), angles.sin()
+    return cos.repeat_interleave(2, dim=-1).to(dtype), torch.stack([-sin, sin], dim=-1).flatten(-2).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the adjacent channel pairs (2i, 2i+1) of x (B, nh, L, D) by the tables of `rope_cos_sin`:
+    """Rotate the adjacent channel pairs (2i, 2i+1) of x (B, nh, L, D) by the tables of `rope_tables`:
     (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), computed in x's dtype."""
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
     return torch.addcmul(x * cos, swapped, sin)
@@ -77,7 +69,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
               key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """RoPE + softmax attention over all tokens. q, k, v (B, nh, L, hs); rope = (cos, sin) from `rope_cos_sin`;
+    """RoPE + softmax attention over all tokens. q, k, v (B, nh, L, hs); rope = (cos, sin) from `rope_tables`;
     key_mask (B, L), True = real token (it masks keys only) -> (B, L, nh*hs)."""
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, L)
@@ -287,25 +279,16 @@ class MMDiT(nn.Module):
     def rope(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids (B, S, 3) of the whole sequence [txt, img(, cond_img)] -> the (cos, sin) tables
         (B, 1, S, hs) in `dtype` that every attention of `predict_velocity` applies."""
-        return rope_cos_sin(rope_rotations(ids, self.config.axes_dim, self.config.theta), dtype)
+        return rope_tables(ids, self.config.axes_dim, self.config.theta, dtype)
 
     def text_vector(self, cls: torch.Tensor) -> torch.Tensor:
         """The CLS part of the modulation vector, vector_in(cls) (B, H): it does not change with the step."""
         return self.vector_in(cls)
 
-    def compile_blocks(self) -> None:
-        """torch.compile each block: they run once per step and guidance branch, and compiling fuses the
-        element-wise work (norms, modulation, RoPE, gates) around the matmuls."""
-        # Every (batch, text padding or not, image size) a block sees is one compilation of its forward; past
-        # torch's default of 8 per function it would quietly run uncompiled.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for block in (*self.double_blocks, *self.single_blocks):
-            block.compile()
-
     def predict_velocity(self, img: torch.Tensor, txt_tokens: torch.Tensor, txt_vec: torch.Tensor,
                          rope: tuple[torch.Tensor, torch.Tensor], timesteps: torch.Tensor,
-                         cond_img: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                         trace: dict | None = None) -> torch.Tensor:
+                         cond_img: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
+                         ) -> torch.Tensor:
         """One decoder evaluation -> velocity (B, N, out_channels) for the N noise tokens.
 
         img (B, N, in_channels) noise tokens; txt_tokens from `encode_text` and txt_vec = `text_vector(cls)`;
@@ -314,7 +297,6 @@ class MMDiT(nn.Module):
         in_channels) VAE tokens of the edited image.
         key_mask (B, L+N+Nc) bool, True for real tokens: lets rows with padded text (or without a cond image,
         padded with dummy tokens) share one batch; padded positions are never attended to.
-        trace: if a dict is given, it receives the intermediates (vec, double.i.img/txt, single.i, final).
         txt_vec and rope depend only on the condition and the grid, so a sampler makes them once per generation
         and a step does only the work that changes with the step.
         """
@@ -330,27 +312,19 @@ class MMDiT(nn.Module):
         img = self.img_in(img)  # (B, N+Nc, H)
         vec = self.time_in(timestep_embedding(timesteps).to(img.dtype)) + txt_vec  # (B, H)
         txt = txt_tokens
-        if trace is not None:
-            trace["vec"] = vec
-        for i, block in enumerate(self.double_blocks):
+        for block in self.double_blocks:
             img, txt = block(img, txt, vec, rope, key_mask)
-            if trace is not None:
-                trace[f"double.{i}.img"], trace[f"double.{i}.txt"] = img, txt
         x = torch.cat([txt, img], dim=1)  # (B, S, H)
-        for i, block in enumerate(self.single_blocks):
+        for block in self.single_blocks:
             x = block(x, vec, rope, key_mask)
-            if trace is not None:
-                trace[f"single.{i}"] = x
         out = self.final_layer(x[:, L:], vec)  # (B, N+Nc, out_channels)
-        if trace is not None:
-            trace["final"] = out
         return out[:, :num_img]
 
     def forward(self, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
                 timesteps: torch.Tensor, cond_img: torch.Tensor | None = None,
-                cond_img_ids: torch.Tensor | None = None, trace: dict | None = None) -> torch.Tensor:
+                cond_img_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The official call: raw LLM condition txt (B, L, context_in_dim) and position ids -> velocity (B, N, C)."""
         txt_tokens, cls = self.encode_text(txt)
         ids = [txt_ids, img_ids] if cond_img is None else [txt_ids, img_ids, cond_img_ids]
         rope = self.rope(torch.cat(ids, dim=1), img.dtype)
-        return self.predict_velocity(img, txt_tokens, self.text_vector(cls), rope, timesteps, cond_img, trace=trace)
+        return self.predict_velocity(img, txt_tokens, self.text_vector(cls), rope, timesteps, cond_img)

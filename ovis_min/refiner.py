@@ -82,8 +82,8 @@ class TokenRefiner(nn.Module):
         self.c_embedder = TextProjection(config.context_in_dim, config.hidden_size)
         self.individual_token_refiner = RefinerBlocks(config)
 
-    def forward(self, txt: torch.Tensor, key_mask: torch.Tensor | None = None,
-                trace: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, txt: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """txt (B, L, context_in_dim) -> (tokens (B, L, H), cls (B, H)).
 
         key_mask: optional (B, L) bool, True for real tokens (right padding); padded rows must not be attended
@@ -101,10 +101,6 @@ class TokenRefiner(nn.Module):
             # the CLS token (position 0) is always a valid key
             attn_mask = F.pad(key_mask.bool(), (1, 0), value=True)[:, None, None, :]  # (B, 1, 1, L+1)
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.input_embedder(txt)], dim=1)  # (B, L+1, H)
-        if trace is not None:
-            trace["c"], trace["embedded"] = c, x
-        for i, block in enumerate(self.individual_token_refiner.blocks):
+        for block in self.individual_token_refiner.blocks:
             x = block(x, c, attn_mask)
-            if trace is not None:
-                trace[f"block.{i}"] = x
         return x[:, 1:], x[:, 0]

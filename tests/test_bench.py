@@ -201,16 +201,6 @@ def test_sampler_t2i_with_unequal_texts_equals_per_branch_sampling(model):
     torch.testing.assert_close(batched, plain, rtol=0, atol=1e-5)
 
 
-def test_rope_tables_rotate_like_the_official_matrices():
-    from ovis_min.mmdit import apply_rope, rope_cos_sin, rope_rotations
-    pe = rope_rotations(torch.cat([torch.zeros(1, 5, 3), flow.latent_position_ids(3, 4, time_index=1)], dim=1),
-                        (4, 14, 14), 10_000)
-    x = torch.randn(2, 3, 17, 32)
-    pairs = x.unflatten(-1, (-1, 1, 2))
-    official = (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).flatten(-2)  # the official apply_rope
-    torch.testing.assert_close(apply_rope(x, *rope_cos_sin(pe, x.dtype)), official, rtol=0, atol=1e-6)
-
-
 def test_head_rms_norm_equals_rms_norm():
     from ovis_min.mmdit import HeadRMSNorm
     norm = HeadRMSNorm(16)

@@ -5,8 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from golden_checks.decoder import rope_rotations
+from ovis_min import flow
 from ovis_min.config import MMDiTConfig, RefinerConfig
-from ovis_min.mmdit import MMDiT
+from ovis_min.mmdit import MMDiT, apply_rope, rope_tables
 from ovis_min.refiner import TokenRefiner
 
 MANIFEST = Path(__file__).parent / "golden" / "full_manifest.json"
@@ -53,6 +55,16 @@ def test_forward_equals_split_calls(edit):
         split = model.predict_velocity(img, tokens, model.text_vector(cls), rope, t, cond_img=cond)
     assert full.shape == (B, N, 16)
     torch.testing.assert_close(split, full, rtol=0, atol=1e-6)
+
+
+def test_rope_tables_rotate_like_the_official_matrices():
+    ids = torch.cat([torch.zeros(1, 5, 3), flow.latent_position_ids(3, 4, time_index=1)], dim=1)
+    pe = rope_rotations(ids, (4, 14, 14), 10_000)  # the official 2x2 form
+    x = torch.randn(2, 3, 17, 32)
+    pairs = x.unflatten(-1, (-1, 1, 2))
+    official = (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).flatten(-2)  # the official apply_rope
+    torch.testing.assert_close(apply_rope(x, *rope_tables(ids, (4, 14, 14), 10_000, x.dtype)), official,
+                               rtol=0, atol=1e-6)
 
 
 def test_refiner_key_mask_reproduces_unpadded_rows():

@@ -1,22 +1,57 @@
-"""Golden checks of the image decoder: the text refiner (`refiner`) and the MMDiT (`mmdit_t2i`, `mmdit_edit`)."""
-import torch
+"""Golden checks of the image decoder: the text refiner (`refiner`) and the MMDiT (`mmdit_t2i`, `mmdit_edit`).
 
-from ovis_min.mmdit import MMDiT, rope_cos_sin, rope_rotations
+The intermediates the cases store are taken with forward hooks on the blocks, so the model has no test hooks.
+"""
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ovis_min.mmdit import MMDiT
 from ovis_min.refiner import TokenRefiner
+
+
+def rope_rotations(ids: torch.Tensor, axes_dim: tuple, theta: float) -> torch.Tensor:
+    """The official RoPE form `pe`: (B, S, n_axes) ids -> (B, 1, S, D/2, 2, 2) float32 rotation matrices
+    [[cos, -sin], [sin, cos]], one per adjacent channel pair, as the official `EmbedND` returns them."""
+    rotations = []
+    for axis, dim in enumerate(axes_dim):
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
+        angles = ids[..., axis].float()[..., None] * freqs  # (B, S, dim/2)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        rotations.append(torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)))  # (B, S, dim/2, 2, 2)
+    return torch.cat(rotations, dim=-3).unsqueeze(1)
+
+
+@contextmanager
+def recording(modules: dict[str, nn.Module], inputs: bool = False):
+    """Record what each named module returns (or, with `inputs`, the positional arguments it is called with)
+    during the `with` body: yields the dict that fills with name -> output (or argument tuple)."""
+    seen, handles = {}, []
+    for name, module in modules.items():
+        def record(module, args, output=None, name=name):
+            seen[name] = args if inputs else output
+        handles.append(module.register_forward_pre_hook(record) if inputs else module.register_forward_hook(record))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def check_refiner(case):
     config = case.config()
     refiner = TokenRefiner(config.refiner).eval()
     refiner.load_state_dict(case.state_dict(case.meta["weight_keys_prefix"]), strict=True)
-    trace = {}
-    with torch.no_grad():
-        tokens, cls = refiner(case.input("x"), trace=trace)
+    first_block = refiner.individual_token_refiner.blocks[0]
+    with torch.no_grad(), recording({"c": refiner.c_embedder, "block0": first_block}) as outputs, \
+            recording({"block0": first_block}, inputs=True) as inputs:
+        tokens, cls = refiner(case.input("x"))
     case.expect("txt_fea", tokens)
     case.expect("txt_fea_avg", cls)
-    case.expect("c", trace["c"])
-    case.expect("x_in_with_cls", trace["embedded"])
-    case.expect("block0_out", trace["block.0"])
+    case.expect("c", outputs["c"])
+    case.expect("x_in_with_cls", inputs["block0"][0])  # the first block's x: [CLS, input_embedder(txt)]
+    case.expect("block0_out", outputs["block0"])
 
 
 def check_mmdit(case):
@@ -28,25 +63,27 @@ def check_mmdit(case):
     img, img_ids, txt, txt_ids, t = (case.input(n) for n in ("img", "img_ids", "txt", "txt_ids", "timesteps"))
     cond_img = case.input("cond_img") if edit else None
     cond_ids = case.input("cond_img_ids") if edit else None
+    ids = torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1)
+    blocks = {"double0": model.double_blocks[0], "single0": model.single_blocks[0], "final": model.final_layer}
 
     with torch.no_grad():
         # the official-shaped call ...
         pred = model(img, img_ids, txt, txt_ids, t, cond_img=cond_img, cond_img_ids=cond_ids)
         # ... and the split form a sampler uses, whose intermediates are compared
         txt_tokens, cls = model.encode_text(txt)
-        pe = rope_rotations(torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1),
-                            config.mmdit.axes_dim, config.mmdit.theta)  # the official 2x2 rotation matrices
-        trace = {}
-        pred_split = model.predict_velocity(img, txt_tokens, model.text_vector(cls), rope_cos_sin(pe, img.dtype), t,
-                                            cond_img=cond_img, trace=trace)
+        rope = model.rope(ids, img.dtype)
+        with recording(blocks) as outputs, recording({"final": model.final_layer}, inputs=True) as inputs:
+            pred_split = model.predict_velocity(img, txt_tokens, model.text_vector(cls), rope, t, cond_img=cond_img)
 
     assert torch.equal(pred, pred_split), "forward and encode_text + rope tables + predict_velocity differ"
     case.expect("pred", pred)
     case.expect("intermediate.txt_fea", txt_tokens)
     case.expect("intermediate.txt_fea_avg", cls)
-    case.expect("intermediate.pe", pe)
-    case.expect("vec", trace["vec"])
-    case.expect("intermediate.double0_img", trace["double.0.img"])
-    case.expect("intermediate.double0_txt", trace["double.0.txt"])
-    case.expect("intermediate.single0_out", trace["single.0"])
-    case.expect("intermediate.final_layer_out", trace["final"])
+    # the official RoPE form, 2x2 matrices (test_mmdit checks that our tables rotate as these do)
+    case.expect("intermediate.pe", rope_rotations(ids, config.mmdit.axes_dim, config.mmdit.theta))
+    case.expect("vec", inputs["final"][1])  # the modulation vector every block (and the final layer) gets
+    case.expect("intermediate.double0_img", outputs["double0"][0])
+    case.expect("intermediate.double0_txt", outputs["double0"][1])
+    case.expect("intermediate.single0_out", outputs["single0"])
+    case.expect("intermediate.final_layer_out", outputs["final"])
+
