@@ -11,10 +11,12 @@ Facts from the official Ovis-U1 code (`modeling_aimv2.py`, `configuration_aimv2.
   window_size pixels; `fullatt_block_indexes = None` (the config default) makes every block attend per image;
 * pre-norm blocks with a SwiGLU MLP; no biases except the patch conv's.
 
-Everything that depends only on the image sizes (window order, rotary tables, attention runs, position-table
-resampling weights) is computed by `vision_layout`, a pure function of `grid_thws`: callers can cache it per
-image size, and with it the forward pass has no host synchronisation.
+The modules come first. Everything that depends only on the image sizes (window order, rotary tables, attention
+runs, position-table resampling weights) follows them, apart: `vision_layout` computes it as a pure function of
+`grid_thws`, so callers can cache it per image size, and with it the forward pass has no host synchronisation.
 """
+from __future__ import annotations
+
 from typing import NamedTuple
 
 import torch
@@ -27,183 +29,7 @@ from ovis_min.layers import RMSNorm, apply_rope_half
 ROPE_THETA = 10000.0
 
 
-def _grids(grid_thws: torch.Tensor, hidden_stride: int) -> list[tuple[int, int, int]]:
-    grids = [tuple(int(v) for v in row) for row in grid_thws.tolist()]
-    for t, h, w in grids:
-        if h % hidden_stride or w % hidden_stride:
-            raise ValueError(f"grid (t={t}, h={h}, w={w}) is not a multiple of hidden_stride={hidden_stride}: "
-                             f"resize images to a multiple of patch_size * hidden_stride pixels")
-    return grids
-
-
-def _raster_to_units(x: torch.Tensor, t: int, h: int, w: int, stride: int) -> torch.Tensor:
-    """Reorder per-patch rows of one image from raster order to unit order (each stride x stride group adjacent)."""
-    x = x.reshape(t, h // stride, stride, w // stride, stride, *x.shape[1:])
-    return x.transpose(2, 3).reshape(t * h * w, *x.shape[5:])
-
-
-# -- pure functions of grid_thws ------------------------------------------------------------------------------
-
-def rope_angles(grid_thws: torch.Tensor, head_dim: int, hidden_stride: int) -> torch.Tensor:
-    """Rotary angles of every patch in input (unit) order: (N, head_dim/2) float32, [row freqs | col freqs]."""
-    dim = head_dim // 2
-    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (head_dim/4,)
-    positions = []
-    for t, h, w in _grids(grid_thws, hidden_stride):
-        rows = torch.arange(h)[:, None].expand(h, w)
-        cols = torch.arange(w)[None, :].expand(h, w)
-        row_col = torch.stack([rows, cols], dim=-1).reshape(h * w, 2)
-        positions.append(_raster_to_units(row_col, 1, h, w, hidden_stride).repeat(t, 1))
-    positions = torch.cat(positions)  # (N, 2)
-    return (positions[:, :, None].float() * inv_freq).flatten(1)  # (N, 2 * head_dim/4)
-
-
-def _window_table(t: int, units_h: int, units_w: int, window_units: int) -> torch.Tensor:
-    """(t, n_windows, window_units^2) unit ids of one image, window by window, -1 where a window is padding.
-
-    As in the official code the grid is always padded by at least one window row and column (a whole empty
-    row/column of windows when it divides evenly), and windows are read in raster order.
-    """
-    n_wh, n_ww = units_h // window_units + 1, units_w // window_units + 1
-    table = torch.full((t, n_wh * window_units, n_ww * window_units), -1, dtype=torch.long)
-    table[:, :units_h, :units_w] = torch.arange(t * units_h * units_w).reshape(t, units_h, units_w)
-    table = table.reshape(t, n_wh, window_units, n_ww, window_units).transpose(2, 3)
-    return table.reshape(t, n_wh * n_ww, window_units * window_units)
-
-
-def window_partition(grid_thws: torch.Tensor, window_units: int, hidden_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official window order of the merged units and its cumulative window lengths in patches.
-
-    Returns `window_index` (N/s^2,), the unit at each window-ordered position, and `cu_seqlens` with one entry
-    per window including the empty padding windows (so boundaries repeat). The encoder itself uses the same
-    windows but sorts them by size within each frame (see `vision_layout`).
-    """
-    units = hidden_stride * hidden_stride
-    window_index, cu_seqlens, offset = [], [0], 0
-    for t, h, w in _grids(grid_thws, hidden_stride):
-        table = _window_table(t, h // hidden_stride, w // hidden_stride, window_units)
-        window_index.append(table[table >= 0] + offset)
-        for length in ((table >= 0).sum(-1).flatten() * units).tolist():
-            cu_seqlens.append(cu_seqlens[-1] + length)
-        offset += t * (h // hidden_stride) * (w // hidden_stride)
-    return torch.cat(window_index), torch.tensor(cu_seqlens, dtype=torch.long)
-
-
-def attention_runs(seqlens: list[int]) -> tuple[tuple[int, int], ...]:
-    """Consecutive segments of a packed sequence grouped into runs of equal length: ((n_segments, length), ...).
-
-    Each run is one batched SDPA call over a contiguous slice: no mask, no padding, and window attention costs
-    O(N * window) instead of O(N^2). Empty segments are dropped.
-    """
-    runs = []
-    for length in seqlens:
-        if length == 0:
-            continue
-        if runs and runs[-1][1] == length:
-            runs[-1][0] += 1
-        else:
-            runs.append([1, length])
-    return tuple((n, length) for n, length in runs)
-
-
-def pos_embed_resamplers(grid_thws: torch.Tensor, cfg: VitConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """Per image, the weights that resize the learned position table to that image (see `position_embeddings`).
-
-    Resizing is linear in the table, so its weights are found once per image size by resizing the identity with
-    the official call. `two_dim` (bicubic, align_corners False) is separable: a (h, side) matrix for the rows and
-    a (w, side) one for the columns. `one_dim` (linear over the flattened raster table) mixes at most two table
-    entries per patch: their indices and weights, (h*w, 2) each.
-    """
-    side = cfg.image_size // cfg.patch_size
-    eye = torch.eye(side * side if cfg.interpolate_pe_method == "one_dim" else side)
-    resamplers = []
-    for t, h, w in _grids(grid_thws, cfg.hidden_stride):
-        if cfg.interpolate_pe_method == "two_dim":
-            rows = F.interpolate(eye.view(1, side, side, 1), size=(h, 1), mode="bicubic", align_corners=False)
-            cols = F.interpolate(eye.view(1, side, 1, side), size=(1, w), mode="bicubic", align_corners=False)
-            resamplers.append((rows[0, :, :, 0].T, cols[0, :, 0, :].T))  # (h, side), (w, side)
-        elif cfg.interpolate_pe_method == "one_dim":
-            matrix = F.interpolate(eye[None], size=h * w, mode="linear", align_corners=False)[0].T  # (h*w, P)
-            weights, index = matrix.topk(min(2, side * side), dim=-1)
-            resamplers.append((index, weights))
-        else:
-            raise ValueError(f"interpolate_pe_method must be 'one_dim' or 'two_dim', got {cfg.interpolate_pe_method!r}")
-    return tuple(resamplers)
-
-
-class VisionLayout(NamedTuple):
-    """Everything in the encoder that depends only on the image sizes (cache it per grid_thws).
-
-    The blocks run in "attention order": the official window order, except that the windows of each frame are
-    sorted by size so that equal windows are adjacent. Attention is permutation-equivariant inside a window and
-    the outputs are put back in input order, so this changes nothing but the number of SDPA calls.
-    """
-    grids: tuple[tuple[int, int, int], ...]  # (t, h, w) of each image, in patches
-    unit_order: torch.Tensor  # (N/s^2,) the unit at each attention-order position
-    unit_restore: torch.Tensor  # (N/s^2,) the attention-order position of each unit
-    rope_cos: torch.Tensor  # (N, 1, 1, head_dim) float32, attention order
-    rope_sin: torch.Tensor  # (N, 1, 1, head_dim) float32, attention order
-    window_runs: tuple[tuple[int, int], ...]  # attention_runs of the windows
-    image_runs: tuple[tuple[int, int], ...]  # attention_runs of whole frames
-    pos_resample: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # pos_embed_resamplers (empty without a table)
-
-
-def vision_layout(grid_thws: torch.Tensor, cfg: VitConfig, device: torch.device | None = None) -> VisionLayout:
-    stride = cfg.hidden_stride
-    units = stride * stride
-    window_units = cfg.window_size // stride // cfg.patch_size
-    grids = tuple(_grids(grid_thws, stride))
-    unit_order, window_lengths, offset = [], [], 0
-    for t, h, w in grids:
-        table = _window_table(t, h // stride, w // stride, window_units)  # (t, n_windows, m*m)
-        sizes = (table >= 0).sum(-1)  # (t, n_windows) units per window
-        by_size = sizes.sort(dim=-1, descending=True, stable=True).indices  # per frame: frames stay contiguous
-        table = table.gather(1, by_size[..., None].expand_as(table))
-        unit_order.append(table[table >= 0] + offset)
-        window_lengths += (sizes.gather(1, by_size).flatten() * units).tolist()
-        offset += t * (h // stride) * (w // stride)
-    unit_order = torch.cat(unit_order)
-    angles = rope_angles(grid_thws, cfg.hidden_size // cfg.num_heads, stride)  # (N, head_dim/2), input order
-    angles = angles.reshape(-1, units, angles.shape[-1])[unit_order].reshape(-1, 1, 1, angles.shape[-1])
-    angles = torch.cat([angles, angles], dim=-1)  # rotate-half: both halves use the same angles
-    resample = pos_embed_resamplers(grid_thws, cfg) if cfg.preserve_original_pe else ()
-    return VisionLayout(
-        grids=grids,
-        unit_order=unit_order.to(device),
-        unit_restore=torch.argsort(unit_order).to(device),
-        rope_cos=angles.cos().to(device),
-        rope_sin=angles.sin().to(device),
-        window_runs=attention_runs(window_lengths),
-        image_runs=attention_runs([h * w for t, h, w in grids for _ in range(t)]),
-        pos_resample=tuple((a.to(device), b.to(device)) for a, b in resample),
-    )
-
-
-def position_embeddings(pos_embed: torch.Tensor, layout: VisionLayout, method: str, hidden_stride: int) -> torch.Tensor:
-    """The learned (1, P, D) position table resized to each image, in input (unit) order: (N, D) float32.
-
-    Float32 whatever the weight dtype, as a few small matmuls with the `pos_embed_resamplers` weights (the
-    bicubic kernel itself is slow on GPU for 1024 channels).
-    """
-    table = pos_embed[0].float()  # (P, D)
-    side = int(table.shape[0] ** 0.5)
-    per_image = []
-    for (t, h, w), (a, b) in zip(layout.grids, layout.pos_resample):
-        if method == "two_dim":  # a: (h, side) row weights, b: (w, side) column weights
-            pe = torch.einsum("hi,ijd,wj->hwd", a, table.view(side, side, -1), b).reshape(h * w, -1)
-        else:  # one_dim, a: (h*w, 2) table indices, b: (h*w, 2) their weights
-            pe = (table[a] * b[..., None]).sum(1)
-        per_image.append(_raster_to_units(pe.repeat(t, 1), t, h, w, hidden_stride))  # (t*h*w, D)
-    return torch.cat(per_image)
-
-
-def _reorder_units(x: torch.Tensor, index: torch.Tensor, units: int) -> torch.Tensor:
-    """Permute whole units (groups of `units` adjacent rows) of a (N, D) tensor."""
-    n, d = x.shape
-    return x.reshape(n // units, units * d).index_select(0, index).reshape(n, d)
-
-
-# -- modules ----------------------------------------------------------------------------------------------------
+# -- modules ---------------------------------------------------------------------------------------------------------
 
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: VitConfig):
@@ -304,6 +130,12 @@ class Trunk(nn.Module):
         self.post_trunk_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
+def _reorder_units(x: torch.Tensor, index: torch.Tensor, units: int) -> torch.Tensor:
+    """Permute whole units (groups of `units` adjacent rows) of a (N, D) tensor."""
+    n, d = x.shape
+    return x.reshape(n // units, units * d).index_select(0, index).reshape(n, d)
+
+
 class VisionOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (N, D) post_trunk_norm of the last block, input order
     hidden_states: list[torch.Tensor]  # num_layers x (N, D): each block's output, input order, no final norm
@@ -344,3 +176,155 @@ class VisionEncoder(nn.Module):
             hidden_states.append(_reorder_units(tokens, layout.unit_restore, units))
         # The norm is per token, so normalising the un-permuted last block output is the same thing.
         return VisionOutput(self.trunk.post_trunk_norm(hidden_states[-1]), hidden_states)
+
+
+# -- layout: pure functions of grid_thws -----------------------------------------------------------------------------
+
+class VisionLayout(NamedTuple):
+    """Everything in the encoder that depends only on the image sizes (cache it per grid_thws).
+
+    The blocks run in "attention order": the official window order, except that the windows of each frame are
+    sorted by size so that equal windows are adjacent. Attention is permutation-equivariant inside a window and
+    the outputs are put back in input order, so this changes nothing but the number of SDPA calls.
+    """
+    grids: tuple[tuple[int, int, int], ...]  # (t, h, w) of each image, in patches
+    unit_order: torch.Tensor  # (N/s^2,) the unit at each attention-order position
+    unit_restore: torch.Tensor  # (N/s^2,) the attention-order position of each unit
+    rope_cos: torch.Tensor  # (N, 1, 1, head_dim) float32, attention order
+    rope_sin: torch.Tensor  # (N, 1, 1, head_dim) float32, attention order
+    window_runs: tuple[tuple[int, int], ...]  # attention_runs of the windows
+    image_runs: tuple[tuple[int, int], ...]  # attention_runs of whole frames
+    pos_resample: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # pos_embed_resamplers (empty without a table)
+
+
+def vision_layout(grid_thws: torch.Tensor, cfg: VitConfig, device: torch.device | None = None) -> VisionLayout:
+    stride = cfg.hidden_stride
+    units = stride * stride
+    window_units = cfg.window_size // stride // cfg.patch_size
+    grids = tuple(_grids(grid_thws, stride))
+    unit_order, window_lengths, offset = [], [], 0
+    for t, h, w in grids:
+        table = window_table(t, h // stride, w // stride, window_units)  # (t, n_windows, m*m)
+        sizes = (table >= 0).sum(-1)  # (t, n_windows) units per window
+        by_size = sizes.sort(dim=-1, descending=True, stable=True).indices  # per frame: frames stay contiguous
+        table = table.gather(1, by_size[..., None].expand_as(table))
+        unit_order.append(table[table >= 0] + offset)
+        window_lengths += (sizes.gather(1, by_size).flatten() * units).tolist()
+        offset += t * (h // stride) * (w // stride)
+    unit_order = torch.cat(unit_order)
+    angles = rope_angles(grid_thws, cfg.hidden_size // cfg.num_heads, stride)  # (N, head_dim/2), input order
+    angles = angles.reshape(-1, units, angles.shape[-1])[unit_order].reshape(-1, 1, 1, angles.shape[-1])
+    angles = torch.cat([angles, angles], dim=-1)  # rotate-half: both halves use the same angles
+    resample = pos_embed_resamplers(grid_thws, cfg) if cfg.preserve_original_pe else ()
+    return VisionLayout(
+        grids=grids,
+        unit_order=unit_order.to(device),
+        unit_restore=torch.argsort(unit_order).to(device),
+        rope_cos=angles.cos().to(device),
+        rope_sin=angles.sin().to(device),
+        window_runs=attention_runs(window_lengths),
+        image_runs=attention_runs([h * w for t, h, w in grids for _ in range(t)]),
+        pos_resample=tuple((a.to(device), b.to(device)) for a, b in resample),
+    )
+
+
+def position_embeddings(pos_embed: torch.Tensor, layout: VisionLayout, method: str, hidden_stride: int) -> torch.Tensor:
+    """The learned (1, P, D) position table resized to each image, in input (unit) order: (N, D) float32.
+
+    Float32 whatever the weight dtype, as a few small matmuls with the `pos_embed_resamplers` weights (the
+    bicubic kernel itself is slow on GPU for 1024 channels).
+    """
+    table = pos_embed[0].float()  # (P, D)
+    side = int(table.shape[0] ** 0.5)
+    per_image = []
+    for (t, h, w), (a, b) in zip(layout.grids, layout.pos_resample):
+        if method == "two_dim":  # a: (h, side) row weights, b: (w, side) column weights
+            pe = torch.einsum("hi,ijd,wj->hwd", a, table.view(side, side, -1), b).reshape(h * w, -1)
+        else:  # one_dim, a: (h*w, 2) table indices, b: (h*w, 2) their weights
+            pe = (table[a] * b[..., None]).sum(1)
+        per_image.append(_raster_to_units(pe.repeat(t, 1), t, h, w, hidden_stride))  # (t*h*w, D)
+    return torch.cat(per_image)
+
+
+def rope_angles(grid_thws: torch.Tensor, head_dim: int, hidden_stride: int) -> torch.Tensor:
+    """Rotary angles of every patch in input (unit) order: (N, head_dim/2) float32, [row freqs | col freqs]."""
+    dim = head_dim // 2
+    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (head_dim/4,)
+    positions = []
+    for t, h, w in _grids(grid_thws, hidden_stride):
+        rows = torch.arange(h)[:, None].expand(h, w)
+        cols = torch.arange(w)[None, :].expand(h, w)
+        row_col = torch.stack([rows, cols], dim=-1).reshape(h * w, 2)
+        positions.append(_raster_to_units(row_col, 1, h, w, hidden_stride).repeat(t, 1))
+    positions = torch.cat(positions)  # (N, 2)
+    return (positions[:, :, None].float() * inv_freq).flatten(1)  # (N, 2 * head_dim/4)
+
+
+def window_table(t: int, units_h: int, units_w: int, window_units: int) -> torch.Tensor:
+    """(t, n_windows, window_units^2) unit ids of one image, window by window, -1 where a window is padding.
+
+    As in the official code the grid is always padded by at least one window row and column (a whole empty
+    row/column of windows when it divides evenly), and windows are read in raster order.
+    """
+    n_wh, n_ww = units_h // window_units + 1, units_w // window_units + 1
+    table = torch.full((t, n_wh * window_units, n_ww * window_units), -1, dtype=torch.long)
+    table[:, :units_h, :units_w] = torch.arange(t * units_h * units_w).reshape(t, units_h, units_w)
+    table = table.reshape(t, n_wh, window_units, n_ww, window_units).transpose(2, 3)
+    return table.reshape(t, n_wh * n_ww, window_units * window_units)
+
+
+def attention_runs(seqlens: list[int]) -> tuple[tuple[int, int], ...]:
+    """Consecutive segments of a packed sequence grouped into runs of equal length: ((n_segments, length), ...).
+
+    Each run is one batched SDPA call over a contiguous slice: no mask, no padding, and window attention costs
+    O(N * window) instead of O(N^2). Empty segments are dropped.
+    """
+    runs = []
+    for length in seqlens:
+        if length == 0:
+            continue
+        if runs and runs[-1][1] == length:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, length])
+    return tuple((n, length) for n, length in runs)
+
+
+def pos_embed_resamplers(grid_thws: torch.Tensor, cfg: VitConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Per image, the weights that resize the learned position table to that image (see `position_embeddings`).
+
+    Resizing is linear in the table, so its weights are found once per image size by resizing the identity with
+    the official call. `two_dim` (bicubic, align_corners False) is separable: a (h, side) matrix for the rows and
+    a (w, side) one for the columns. `one_dim` (linear over the flattened raster table) mixes at most two table
+    entries per patch: their indices and weights, (h*w, 2) each.
+    """
+    side = cfg.image_size // cfg.patch_size
+    eye = torch.eye(side * side if cfg.interpolate_pe_method == "one_dim" else side)
+    resamplers = []
+    for t, h, w in _grids(grid_thws, cfg.hidden_stride):
+        if cfg.interpolate_pe_method == "two_dim":
+            rows = F.interpolate(eye.view(1, side, side, 1), size=(h, 1), mode="bicubic", align_corners=False)
+            cols = F.interpolate(eye.view(1, side, 1, side), size=(1, w), mode="bicubic", align_corners=False)
+            resamplers.append((rows[0, :, :, 0].T, cols[0, :, 0, :].T))  # (h, side), (w, side)
+        elif cfg.interpolate_pe_method == "one_dim":
+            matrix = F.interpolate(eye[None], size=h * w, mode="linear", align_corners=False)[0].T  # (h*w, P)
+            weights, index = matrix.topk(min(2, side * side), dim=-1)
+            resamplers.append((index, weights))
+        else:
+            raise ValueError(f"interpolate_pe_method must be 'one_dim' or 'two_dim', got {cfg.interpolate_pe_method!r}")
+    return tuple(resamplers)
+
+
+def _grids(grid_thws: torch.Tensor, hidden_stride: int) -> list[tuple[int, int, int]]:
+    grids = [tuple(int(v) for v in row) for row in grid_thws.tolist()]
+    for t, h, w in grids:
+        if h % hidden_stride or w % hidden_stride:
+            raise ValueError(f"grid (t={t}, h={h}, w={w}) is not a multiple of hidden_stride={hidden_stride}: "
+                             f"resize images to a multiple of patch_size * hidden_stride pixels")
+    return grids
+
+
+def _raster_to_units(x: torch.Tensor, t: int, h: int, w: int, stride: int) -> torch.Tensor:
+    """Reorder per-patch rows of one image from raster order to unit order (each stride x stride group adjacent)."""
+    x = x.reshape(t, h // stride, stride, w // stride, stride, *x.shape[1:])
+    return x.transpose(2, 3).reshape(t * h * w, *x.shape[5:])
