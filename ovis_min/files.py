@@ -30,6 +30,7 @@ def write_atomic(path: Path | str, data: bytes | str, replace: bool = True) -> P
     payload = data.encode() if isinstance(data, str) else data
     fd, temp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".part", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -50,6 +51,12 @@ def write_atomic(path: Path | str, data: bytes | str, replace: bool = True) -> P
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def disk_full(error: BaseException) -> bool:
