@@ -325,7 +325,7 @@ class Ovis:
         """Edit `image` following `instruction`. The output size is the input size rounded to multiples of 32
         (the official edit script's smart_resize), unless width/height are given."""
         (image,), height, width = self.edit_inputs([image], width, height)
-        (cond, no_txt), no_both = self.edit_branches([image], [instruction], [seed], height, width)
+        cond, no_txt, no_both = self.edit_branches([image], [instruction], [seed], height, width)
         noise = self.initial_noise(num_images, height, width, seed)
         return self.sample_images([cond[0], no_txt[0], no_both],
                                   lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg),
