@@ -40,6 +40,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, PngImagePlugin, UnidentifiedImageError  # noqa: E402
 
+from ovis_min import benchmarks  # noqa: E402
 from ovis_min.checkpoint import CheckpointError, resolve_source  # noqa: E402
 from ovis_min.config import LLMConfig  # noqa: E402
 from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomic  # noqa: E402
@@ -128,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     ans.add_argument("--top-p", type=float, metavar="P",
                      help="nucleus sampling: keep the most likely tokens up to this total probability (default 1; "
                           "needs --temperature > 0)")
+
+    sets = parser.add_argument_group(
+        "benchmark sets (resumable; under torchrun --nproc_per_node N each process takes every N-th item)")
+    sets.add_argument("--prompts", type=Path, metavar="FILE_OR_DIR",
+                      help="make the images of a prompt set into --out DIR: a GenEval metadata file (DIR/00000/"
+                           "metadata.jsonl, DIR/00000/samples/0000.png ...), a DPG-Bench prompts folder of <id>.txt "
+                           "(DIR/<id>.png, the images of a prompt as a 2x2 grid), or JSON lines with prompt and "
+                           "optional id, seed, width, height (DIR/<id>.png)")
+    sets.add_argument("--edits", type=Path, metavar="FILE",
+                      help="JSON lines with image (relative to FILE), instruction and id, optional subdir: writes "
+                           "--out DIR/[subdir/]<id>.png at the official edit size")
+    sets.add_argument("--questions", type=Path, metavar="FILE",
+                      help="JSON lines with id, question, images (paths relative to FILE): appends "
+                           '{"id", "answer", "tokens", "seconds"} lines to --out FILE.jsonl')
+    sets.add_argument("--images-per-prompt", type=int, metavar="N",
+                      help="images per prompt of --prompts (default 4 for GenEval and DPG-Bench, else 1); image j "
+                           "of an item uses its seed + j")
+    sets.add_argument("--batch-size", type=int, metavar="N",
+                      help="images per decoder call (prompts of one size batch together), or questions per LLM "
+                           "pass (default 1). Each item's seed comes from --seed (default 0) and its id, so batch "
+                           "size, process count and order do not change which image an item gets")
 
     run = parser.add_argument_group("model and runtime")
     run.add_argument("--weights", metavar="DIR_OR_ID",
@@ -500,6 +522,8 @@ def settle(args: argparse.Namespace) -> tuple[str, torch.device, torch.dtype]:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if any(getattr(args, name) is not None for name in BENCHMARK_SETS):
+        return run_benchmark(args)
     task, device, dtype = settle(args)
     # Everything that can fail without the model fails here, before minutes of loading.
     images = [load_image(path) for path in args.image or []]
@@ -526,6 +550,124 @@ def run(argv: list[str] | None = None) -> int:
     except ValueError as error:  # the model's own checks: a prompt too long, <image> markers that do not add up
         raise RunError(str(error)) from None
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Benchmark sets: --prompts, --edits, --questions (the readers and layouts are ovis_min/benchmarks.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+BENCHMARK_SETS = ("prompts", "edits", "questions")
+ONE_RUN_FLAGS = ("prompt", "ask", "image", "from_png", "num_images")
+
+
+def choose_benchmark(args: argparse.Namespace) -> str:
+    """prompts, edits or questions; the flags of one image or answer, or of the other kind of set, are refused."""
+    given = [name for name in BENCHMARK_SETS if getattr(args, name) is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(map(flag, given))} are different runs; give one of them")
+    kind = given[0]
+    single = [flag(name) for name in ONE_RUN_FLAGS if getattr(args, name) is not None]
+    if single:
+        raise UsageError(f"{', '.join(single)}: a {flag(kind)} run takes its inputs from the file; leave "
+                         f"{'it' if len(single) == 1 else 'them'} out")
+    if kind == "questions":
+        wrong = [name for name in (*GENERATION_FLAGS, "images_per_prompt") if name != "out"]
+    else:
+        wrong = [*ANSWER_FLAGS, *(("img_cfg",) if kind == "prompts" else ("images_per_prompt",))]
+    wrong = [flag(name) for name in wrong if getattr(args, name) is not None]
+    if wrong:
+        raise UsageError(f"{', '.join(wrong)} {'is' if len(wrong) == 1 else 'are'} not for {flag(kind)}")
+    if args.out is None:
+        raise UsageError(f"{flag(kind)} needs --out: " + ("the answers file, e.g. --out answers.jsonl" if
+                         kind == "questions" else "the folder its scorer reads, e.g. --out bench-images"))
+    for name in ("batch_size", "images_per_prompt"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"{flag(name)} {value}: must be at least 1")
+    if kind == "edits" and (args.width is None) != (args.height is None):
+        raise UsageError("--edits: give both --width and --height, or neither (each edit at its official size)")
+    return kind
+
+
+def write_png(image: Image.Image, path: Path, settings: dict) -> None:
+    """A benchmark image with this script's metadata (so --from-png re-makes it), written whole, never over a file."""
+    try:
+        write_atomic(path, png_bytes(image, settings), replace=False)
+    except FileExistsError:
+        raise RunError(f"{path} appeared while this ran (another run writing into the same --out?); not "
+                       "replacing it") from None
+    except OSError as error:
+        if disk_full(error):
+            raise RunError(f"the disk is full: cannot write {path}; free some space and run the same command "
+                           "again (finished images are kept, nothing was left half-written)") from None
+        raise RunError(f"cannot write {path} ({error.strerror or error})") from None
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """A whole benchmark set: read, shared out round-robin over torchrun's processes, resumed where it stopped."""
+    kind = choose_benchmark(args)
+    check_range(args)
+    device = pick_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as in `settle`
+        args.offload = False
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # as in `run`: the same bytes from run to run
+        torch.backends.cudnn.deterministic = True
+    args.weights = args.weights or DEFAULT_WEIGHTS
+    seed = 0 if args.seed is None else args.seed  # never random: a resumed or sharded run must make the same images
+    read = {"prompts": benchmarks.read_prompts, "edits": benchmarks.read_edits,
+            "questions": benchmarks.read_questions}[kind]
+    try:
+        bench = read(getattr(args, kind).expanduser())
+    except benchmarks.InputError as error:
+        raise RunError(f"{flag(kind)} {error}") from None
+    out = Path(args.out).expanduser()
+    if kind == "questions" and out.is_dir():
+        raise RunError(f"--out {out} is a folder; --questions appends its answers to a file, e.g. answers.jsonl")
+    writable_folder(out.parent if kind == "questions" else out)
+    ranks = benchmarks.join_ranks(device)
+    if ranks.rank == 0:
+        for bad_row in bench.bad_rows:
+            log(f"{bad_row}; skipped")
+    if not bench.items:
+        raise RunError(f"{flag(kind)} {getattr(args, kind)}: no usable rows")
+    if kind == "prompts":
+        width, height = image_size(args, "t2i", None)  # rows with their own width and height keep them
+    else:
+        width, height = (None, None) if args.width is None else (round_to_16(args.width), round_to_16(args.height))
+    ovis = load(args, ranks.device, dtype)
+    try:
+        if kind == "questions":
+            failed = benchmarks.answer_set(
+                ovis, bench, out, args.batch_size or 1, args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+                args.temperature or 0.0, 1.0 if args.top_p is None else args.top_p, seed, ranks, log)
+        else:
+            task = "t2i" if kind == "prompts" else "edit"
+            settings = benchmarks.GenerationSettings(
+                steps=args.steps or DEFAULT_STEPS,
+                txt_cfg=DEFAULT_TXT_CFG[task] if args.txt_cfg is None else args.txt_cfg,
+                img_cfg=DEFAULT_IMG_CFG if args.img_cfg is None else args.img_cfg, width=width, height=height,
+                base_seed=seed, batch_size=args.batch_size or 1,
+                images_per_prompt=args.images_per_prompt or benchmarks.DEFAULT_IMAGES_PER_PROMPT.get(bench.kind, 1))
+            if ranks.rank == 0:
+                size = f"{width}x{height}" if width else "the official edit size"
+                log(f"{TASK_NAMES[task]}, {bench.kind} set, base seed {seed}, {size}, {settings.steps} steps, "
+                    f"txt_cfg {settings.txt_cfg:g}" + (f", img_cfg {settings.img_cfg:g}" if task == "edit" else ""))
+            failed = benchmarks.generate_set(ovis, bench, out, settings, write_png, ranks, log)
+    except OSError as error:  # the answers file: images go through write_png
+        if disk_full(error):
+            raise RunError(f"the disk is full: cannot write {out}; free some space and run the same command again "
+                           "(finished items are kept)") from None
+        raise RunError(f"cannot write {out} ({error.strerror or error})") from None
+    ranks.close()
+    skipped = len(bench.bad_rows) + failed
+    if skipped and ranks.rank == 0:
+        raise RunError(f"{skipped} bad row{'s were' if skipped > 1 else ' was'} skipped (listed above), the rest is "
+                       "done; fix them and run the same command again: finished outputs are kept")
+    return 1 if skipped else 0
 
 
 def main(argv: list[str] | None = None) -> int:
