@@ -492,6 +492,10 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
                 save_png(grid([images[j] for j in range(n)]), out / f"{item.id}.png",
                          png_settings(bench, first, settings, ovis.model_id))
 
+    if bench.kind == "geneval":  # killed between a folder's last sample and its metadata: nothing left to make
+        for item in mine:
+            if not (out / item.id / "metadata.jsonl").is_file() and item_complete_but_metadata(item, out, n):
+                write_atomic(out / item.id / "metadata.jsonl", item.raw + "\n")
     rounds = ranks.most(len(batches))  # every rank takes part in each round's count, idle or not
     for round_ in range(rounds):
         made = 0
