@@ -8,6 +8,7 @@ The flags say which task to run:
     python sample.py --image a.jpg b.jpg --ask "What differs between them?"  # ... about several images
     python sample.py --ask "Write a haiku about autumn."                     # text chat
     python sample.py --from-png outputs/t2i-0001.png                         # re-make an image from its metadata
+    python sample.py --prompts evaluation_metadata.jsonl --out geneval-images  # a benchmark set (README: Benchmarks)
 
 --weights is a checkpoint directory or a hub id. The default, AIDC-AI/Ovis-U1-3B, is read from the Hugging Face
 cache, or downloaded into it on first use (about 7.3 GB; `python weights.py download` does the same up front).

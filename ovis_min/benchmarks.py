@@ -480,7 +480,7 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
             (out / file).parent.mkdir(parents=True, exist_ok=True)
             remove_cut_short(out / file)
             save_png(image, out / file, png_settings(bench, job, settings, ovis.model_id))
-        if bench.kind == "geneval" and item_complete_but_metadata(item, out, n):
+        if bench.kind == "geneval" and samples_complete(item, out, n):
             # written last: a folder with its metadata.jsonl holds all its samples
             write_atomic(out / item.id / "metadata.jsonl", item.raw + "\n")
         if bench.kind == "dpg":
@@ -494,7 +494,7 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
 
     if bench.kind == "geneval":  # killed between a folder's last sample and its metadata: nothing left to make
         for item in mine:
-            if not (out / item.id / "metadata.jsonl").is_file() and item_complete_but_metadata(item, out, n):
+            if not (out / item.id / "metadata.jsonl").is_file() and samples_complete(item, out, n):
                 write_atomic(out / item.id / "metadata.jsonl", item.raw + "\n")
     rounds = ranks.most(len(batches))  # every rank takes part in each round's count, idle or not
     for round_ in range(rounds):
@@ -509,7 +509,8 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
     return ranks.sum(len(failed))
 
 
-def item_complete_but_metadata(item: Item, out: Path, n: int) -> bool:
+def samples_complete(item: Item, out: Path, n: int) -> bool:
+    """All the samples of a GenEval folder are written (its metadata.jsonl comes after them)."""
     return all(png_complete(out / image_file("geneval", item, j, n)) for j in range(n))
 
 
