@@ -15,16 +15,11 @@ dtype (an n^3 matmul, n up to 4096) and its memory copy bandwidth, both measured
 every workload; the best of those measurements is the ceiling. Rates (TFLOP/s, tokens/s, GB/s, %) use each workload's fastest
 run, as the ceilings do: on a shared, noisy machine the best runs are the ones that compare.
 """
-import signal
 import sys
 
+from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises
 
-def interrupted_while_starting(signum, frame):
-    sys.stderr.write("\nbench.py: interrupted\n")
-    raise SystemExit(130)
-
-
-signal.signal(signal.SIGINT, interrupted_while_starting)  # Ctrl-C while torch is imported: one line, no traceback
+ctrl_c_quits_quietly("bench.py")  # covers the seconds the imports below take
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -53,7 +48,7 @@ from ovis_min.pipeline import MAX_SIZE, Condition, decode_latents, encode_image_
 from ovis_min.tiny import tiny_config  # noqa: E402
 from ovis_min.vit import vision_layout  # noqa: E402
 
-signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on run_cli reports Ctrl-C
+ctrl_c_raises()
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 WORKLOADS = ("W1", "W2", "W3", "W4", "W5", "W6")

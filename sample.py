@@ -16,19 +16,13 @@ Images are PNGs that carry their settings (prompt, seed, steps, guidance, size, 
 files are never replaced, new ones get the next free number. The same flags and seed on the same device give
 the same image, byte for byte.
 """
-import signal
 import sys
 
+from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises
 
-def interrupted_while_starting(signum, frame):
-    # Ctrl-C while torch is still being imported: nothing has been written yet, so just say so and stop.
-    sys.stderr.write("\nsample.py: interrupted\n")
-    raise SystemExit(130)
+ctrl_c_quits_quietly("sample.py")  # covers the seconds the imports below take
 
-
-signal.signal(signal.SIGINT, interrupted_while_starting)
-
-import argparse  # noqa: E402  (the handler above covers the seconds these imports take)
+import argparse  # noqa: E402
 import io  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
@@ -48,7 +42,7 @@ from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomi
 from ovis_min.pipeline import MAX_SIZE, MIN_SIZE, Ovis, round_to_16  # noqa: E402
 from ovis_min.preprocess import SMART_RESIZE_MAX_PIXELS, ImageError, edit_target_size, load_image  # noqa: E402
 
-signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt: main() reports it
+ctrl_c_raises()
 
 DEFAULT_WEIGHTS = "AIDC-AI/Ovis-U1-3B"
 DEFAULT_SIZE = 1024

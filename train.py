@@ -53,19 +53,13 @@ RUN = torchrun --nproc_per_node 8 train.py; U, T, E = understanding, T2I and edi
       --out runs/ft                                  # a small fine-tune on one GPU
   python train.py --resume runs/ft                   # continue an interrupted run with its arguments
 """
-import signal
 import sys
 
+from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises
 
-def interrupted_while_starting(signum, frame):
-    # Ctrl-C while torch is still being imported: nothing has been written yet, so just say so and stop.
-    sys.stderr.write("\ntrain.py: interrupted\n")
-    raise SystemExit(130)
+ctrl_c_quits_quietly("train.py")  # covers the seconds the imports below take
 
-
-signal.signal(signal.SIGINT, interrupted_while_starting)
-
-import argparse  # noqa: E402  (the handler above covers the seconds these imports take)
+import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import gc  # noqa: E402
 import hashlib  # noqa: E402
@@ -96,7 +90,7 @@ from ovis_min.model import OvisU1  # noqa: E402
 from ovis_min.pipeline import encode_image_tokens  # noqa: E402
 from ovis_min.prompt import IGNORE_ID, Tokenizer  # noqa: E402
 
-signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on Ctrl-C is a KeyboardInterrupt: run_cli reports it
+ctrl_c_raises()
 
 
 class TrainError(SystemExit):
@@ -730,7 +724,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
         raise TrainError(f"--mix: stage {args.stage} ({stage.name}) trains on {', '.join(stage.mix)}, not "
                          f"{', '.join(stray)}")
     if not any(args.mix.values()):
-        raise TrainError(f"--mix: every ratio is 0; give at least one task a ratio above 0")
+        raise TrainError("--mix: every ratio is 0; give at least one task a ratio above 0")
     if args.stop_after is not None and args.stop_after > args.steps:
         raise TrainError(f"--stop-after {args.stop_after} is past --steps {args.steps}")
 

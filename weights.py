@@ -6,18 +6,23 @@
     python weights.py tiny /tmp/tiny-ovis             # a tiny random checkpoint in the official layout
     python weights.py manifest --compare tests/golden/full_manifest.json
 """
-import argparse
-import json
-import sys
-from pathlib import Path
+from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises
 
-from ovis_min.files import disk_full
+ctrl_c_quits_quietly("weights.py")  # covers the seconds the imports below take
 
-from ovis_min.checkpoint import (DEFAULT_REPO, HUB_IDS, CheckpointError, build_model, check_checkpoint,
-                                 download_checkpoint, format_counts, match, read_config, resolve_source,
-                                 table1_counts)
-from ovis_min.config import OvisConfig
-from ovis_min.tiny import write_tiny_checkpoint
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ovis_min.checkpoint import (DEFAULT_REPO, HUB_IDS, CheckpointError, build_model,  # noqa: E402
+                                 check_checkpoint, download_checkpoint, format_counts, match, read_config,
+                                 resolve_source, table1_counts)
+from ovis_min.config import OvisConfig  # noqa: E402
+from ovis_min.files import disk_full  # noqa: E402
+from ovis_min.tiny import write_tiny_checkpoint  # noqa: E402
+
+ctrl_c_raises()
 
 
 def cmd_download(args) -> int:

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import hub
 from .config import ConfigError, OvisConfig, from_official, preprocess_from_official
-from .files import TEMP_PREFIX, write_atomic
+from .files import TEMP_PREFIX, read_json, write_atomic
 from .model import OvisU1
 from .prompt import (SLOW_TOKENIZER_EXTRAS, SLOW_TOKENIZER_FILES, TOKENIZER_FILE, Tokenizer, TokenizerError,
                      TokenizerNotFound, missing_tokenizer_files)
@@ -243,14 +243,7 @@ def open_checkpoint(directory: Path | str) -> Checkpoint:
 
 
 def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error}); fix it or download the checkpoint again") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}; fix it or download the "
-                              "checkpoint again")
-    return value
+    return read_json(path, dict, CheckpointError, "fix it or download the checkpoint again")
 
 
 def read_config(directory: Path | str) -> OvisConfig:

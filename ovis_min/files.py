@@ -5,6 +5,7 @@ the destination's own folder and renamed into place: a rename within one file sy
 crash, a full disk or Ctrl-C sees either the old state or the whole new file, never part of it.
 """
 import errno
+import json
 import os
 import re
 import shutil
@@ -94,3 +95,16 @@ def remove_leftovers(folder: Path | str) -> list[Path]:
             continue
         removed.append(entry)
     return removed
+
+
+def read_json(path: Path, kind: type, error: type[Exception], fix: str):
+    """The JSON value in `path`, which must be a `kind` (dict or list); anything else raises `error` with a message
+    that names the file and ends with `fix`."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as reason:
+        raise error(f"{path}: not valid JSON ({reason}); {fix}") from None
+    if not isinstance(value, kind):
+        raise error(f"{path}: expected a JSON {'object' if kind is dict else 'list'}, got {type(value).__name__}; "
+                    f"{fix}")
+    return value

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ovis_min.config import PreprocessConfig
+from ovis_min.files import read_json
 from ovis_min.preprocess import preprocess_images
 
 IGNORE_ID = -100  # label of positions that carry no loss
@@ -103,14 +104,7 @@ def missing_tokenizer_files(directory: Path) -> list[str]:
 
 
 def _read_json(path: Path, kind: type = dict):
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise TokenizerError(f"{path}: cannot be read ({error}); download it again") from None
-    if not isinstance(value, kind):
-        raise TokenizerError(f"{path}: expected a JSON {'object' if kind is dict else 'list'}, got "
-                             f"{type(value).__name__}; download it again")
-    return value
+    return read_json(path, kind, TokenizerError, "download it again")
 
 
 def _slow_added_tokens(directory: Path) -> list[dict]:

@@ -6,7 +6,6 @@ files of an uninterrupted one), 2 processes under torchrun (gloo, CPU) write the
 golden tolerance, and bad rows counted. Runs are processes forked by tests/script_runner.py.
 """
 import json
-import os
 import signal
 import subprocess
 import sys

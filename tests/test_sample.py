@@ -7,7 +7,6 @@ steps. The network is never used: the Hugging Face cache is an empty folder, and
 (signals, a full disk, two runs at once) are in test_sample_errors.py.
 """
 import os
-import sys
 from pathlib import Path
 
 import numpy as np

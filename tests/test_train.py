@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 import train
 from ovis_min.checkpoint import load_model, open_checkpoint
-from ovis_min.tiny import write_tiny_checkpoint
 from ovis_min.data import (DataConfig, Mixture, SkipRow, collate, edit_example, index_manifests, load_example,
                            t2i_example, understanding_example)
 from ovis_min.prompt import Tokenizer
@@ -49,18 +48,7 @@ def draw(path: Path, color: str, shape: str, size: int = 48) -> str:
     return path.name
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are microseconds long: OpenMP threads only add contention (badly so on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=0, shards=2)
+pytestmark = pytest.mark.usefixtures("single_thread")  # ckpt: the tiny checkpoint of conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,11 @@ from PIL import Image
 
 import train
 from script_runner import one_line_error, run_script, start_script
-from ovis_min.tiny import write_tiny_checkpoint
 
 FAST = ["--resolution", "32", "--workers", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """As the script runs (OMP_NUM_THREADS=1): the in-process and script runs compare losses bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=0, shards=2)
+pytestmark = pytest.mark.usefixtures("single_thread")  # ckpt: the tiny checkpoint of conftest.py
 
 
 @pytest.fixture(scope="module")
