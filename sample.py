@@ -340,14 +340,9 @@ class Outputs:
         while True:
             path = self.next_free()
             try:
-                write_atomic(path, png, replace=False)
+                write_new(path, png, "free some space or choose another --out")
             except FileExistsError:  # another run took this name a moment ago: take the next one
                 continue
-            except OSError as error:
-                if disk_full(error):
-                    raise RunError(f"the disk is full: cannot write {path}; free some space or choose another "
-                                   "--out (nothing was left half-written)") from None
-                raise RunError(f"cannot write {path} ({error.strerror or error})") from None
             if self.named_file and path != self.path:
                 log(f"note: {self.path} exists: wrote {path.name}")
             return path
@@ -364,6 +359,20 @@ def writable_folder(folder: Path) -> None:
         os.unlink(probe)
     except OSError as error:
         raise RunError(f"cannot write images into {folder} ({error.strerror or error}); choose another --out") from None
+
+
+def write_new(path: Path, data: bytes, if_full: str) -> None:
+    """Write a new file whole (temporary name, then linked in; FileExistsError if the name is taken); a failure is
+    one line, `if_full` saying what to do when the disk is full."""
+    try:
+        write_atomic(path, data, replace=False)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        if disk_full(error):
+            raise RunError(f"the disk is full: cannot write {path}; {if_full} (nothing was left half-written)") \
+                from None
+        raise RunError(f"cannot write {path} ({error.strerror or error})") from None
 
 
 def png_bytes(image: Image.Image, settings: dict) -> bytes:
@@ -482,12 +491,8 @@ def answer(ovis: Ovis, args: argparse.Namespace, images: list[Image.Image], devi
         f"{peak_memory(device)}")
 
 
-def settle(args: argparse.Namespace) -> tuple[str, torch.device, torch.dtype]:
-    """Check the flags, fill in the defaults of the chosen task; returns (task, device, dtype)."""
-    if args.from_png is not None:
-        apply_png_settings(args, read_png_settings(args.from_png))
-    task = choose_task(args)
-    check_range(args)
+def set_up_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    """(device, dtype) of --device and --dtype, with the settings every run on them needs."""
     device = pick_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
     dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
@@ -497,7 +502,20 @@ def settle(args: argparse.Namespace) -> tuple[str, torch.device, torch.dtype]:
     if args.offload and device.type == "cpu":
         log("note: --offload has no effect on the CPU: the model is in CPU memory anyway")
         args.offload = False
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False  # its timing-based choice of kernels would change the bytes
+        torch.backends.cudnn.deterministic = True
     args.weights = args.weights or DEFAULT_WEIGHTS
+    return device, dtype
+
+
+def settle(args: argparse.Namespace) -> tuple[str, torch.device, torch.dtype]:
+    """Check the flags, fill in the defaults of the chosen task; returns (task, device, dtype)."""
+    if args.from_png is not None:
+        apply_png_settings(args, read_png_settings(args.from_png))
+    task = choose_task(args)
+    check_range(args)
+    device, dtype = set_up_device(args)
     if task in ("t2i", "edit"):
         args.steps = args.steps or DEFAULT_STEPS
         args.txt_cfg = DEFAULT_TXT_CFG[task] if args.txt_cfg is None else args.txt_cfg
@@ -533,9 +551,6 @@ def run(argv: list[str] | None = None) -> int:
             + (f", img_cfg {args.img_cfg:g}" if task == "edit" else ""))
     elif args.temperature > 0:
         log(f"seed {args.seed}")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # its timing-based choice of kernels would change the bytes
-        torch.backends.cudnn.deterministic = True
     ovis = load(args, device, dtype)
     try:
         if task in ("t2i", "edit"):
@@ -587,31 +602,18 @@ def choose_benchmark(args: argparse.Namespace) -> str:
 def write_png(image: Image.Image, path: Path, settings: dict) -> None:
     """A benchmark image with this script's metadata (so --from-png re-makes it), written whole, never over a file."""
     try:
-        write_atomic(path, png_bytes(image, settings), replace=False)
+        write_new(path, png_bytes(image, settings), "free some space and run the same command again (finished "
+                  "images are kept)")
     except FileExistsError:
         raise RunError(f"{path} appeared while this ran (another run writing into the same --out?); not "
                        "replacing it") from None
-    except OSError as error:
-        if disk_full(error):
-            raise RunError(f"the disk is full: cannot write {path}; free some space and run the same command "
-                           "again (finished images are kept, nothing was left half-written)") from None
-        raise RunError(f"cannot write {path} ({error.strerror or error})") from None
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
     """A whole benchmark set: read, shared out round-robin over torchrun's processes, resumed where it stopped."""
     kind = choose_benchmark(args)
     check_range(args)
-    device = pick_device(args.device)
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
-    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as in `settle`
-        args.offload = False
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False  # as in `run`: the same bytes from run to run
-        torch.backends.cudnn.deterministic = True
-    args.weights = args.weights or DEFAULT_WEIGHTS
+    device, dtype = set_up_device(args)
     seed = 0 if args.seed is None else args.seed  # never random: a resumed or sharded run must make the same images
     read = {"prompts": benchmarks.read_prompts, "edits": benchmarks.read_edits,
             "questions": benchmarks.read_questions}[kind]
