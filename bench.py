@@ -17,7 +17,7 @@ run, as the ceilings do: on a shared, noisy machine the best runs are the ones t
 """
 import sys
 
-from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises
+from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises, whole_number
 
 ctrl_c_quits_quietly("bench.py")  # covers the seconds the imports below take
 
@@ -561,20 +561,6 @@ def format_table(results: list[Result]) -> str:
         lines.append(f"{r.name:<20}{r.seconds:>9.3f}{r.min_s:>9.3f}{r.max_s:>9.3f}{r.flops / 1e9:>9.1f}"
                      f"{r.tflops:>8.3f}{r.peak_pct:>7.1f}{r.peak_mem_gb:>7.2f}{decode}")
     return "\n".join(lines)
-
-
-def whole_number(low: int, high: int | None = None):
-    """An argparse type: an integer in [low, high]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {low} or more" + (f" and at most {high}" if high else "")
-                                             + f", got {value}")
-        return value
-    return parse
 
 
 positive, non_negative = whole_number(1), whole_number(0)

@@ -55,7 +55,7 @@ RUN = torchrun --nproc_per_node 8 train.py; U, T, E = understanding, T2I and edi
 """
 import sys
 
-from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises
+from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises, real, whole_number
 
 ctrl_c_quits_quietly("train.py")  # covers the seconds the imports below take
 
@@ -562,34 +562,6 @@ RESUME_CHECKED = ("stage", "batch", "micro_batch", "lr", "min_lr", "warmup", "st
                   "drop_prompt", "drop_image", "weight_decay", "overfit")
 
 
-def counted(low: int):
-    """An argparse type: an integer of at least `low`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
-def real(low: float = 0.0, high: float = math.inf, open_low: bool = False, open_high: bool = False):
-    """An argparse type: a finite number in [low, high] (ends excluded where open)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or value < low or value > high or (open_low and value == low) \
-                or (open_high and value == high):
-            interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
-            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
-        return value
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, choices=sorted(STAGES), help="training stage of Table 2 (required "
@@ -604,21 +576,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mix", help="task ratios, e.g. understanding=2,t2i=1,edit=1 (default: the stage's tasks "
                         "in the ratios of the table above)")
     parser.add_argument("--out", type=Path, help="run directory for checkpoints and log.jsonl")
-    parser.add_argument("--steps", type=counted(1), help="optimizer steps (default: the stage's)")
-    parser.add_argument("--batch", type=counted(1), help="samples per optimizer step over all processes (default: the "
+    parser.add_argument("--steps", type=whole_number(1), help="optimizer steps (default: the stage's)")
+    parser.add_argument("--batch", type=whole_number(1), help="samples per optimizer step over all processes (default: the "
                         "stage's)")
-    parser.add_argument("--micro-batch", type=counted(1), default=4, help="samples per forward pass per process "
+    parser.add_argument("--micro-batch", type=whole_number(1), default=4, help="samples per forward pass per process "
                         "(default 4)")
     parser.add_argument("--lr", type=real(0, open_low=True), help="peak learning rate (default: the stage's)")
     parser.add_argument("--min-lr", type=real(0), help="final learning rate of the cosine (default lr/10)")
-    parser.add_argument("--warmup", type=counted(1), help="linear warmup steps (default 2%% of steps, at least 1, at most "
+    parser.add_argument("--warmup", type=whole_number(1), help="linear warmup steps (default 2%% of steps, at least 1, at most "
                         "2000)")
     parser.add_argument("--weight-decay", type=real(0), default=0.01, help="AdamW weight decay (default 0.01)")
     parser.add_argument("--beta1", type=real(0, 1, open_high=True), default=0.9, help="AdamW beta1 (default 0.9)")
     parser.add_argument("--beta2", type=real(0, 1, open_high=True), default=0.95, help="AdamW beta2 (default 0.95)")
     parser.add_argument("--grad-clip", type=real(0), default=1.0, help="max gradient norm (default 1; 0: no "
                         "clipping)")
-    parser.add_argument("--resolution", type=counted(32), help="side of the square generation images, a multiple of 16 "
+    parser.add_argument("--resolution", type=whole_number(32), help="side of the square generation images, a multiple of 16 "
                         "(default: 512 for stages 0-2, 1024 for 4-5)")
     parser.add_argument("--drop-prompt", type=real(0, 1), default=0.1, help="rate at which generation prompts become "
                         "the unconditional prompt (edits keep their image; default 0.1)")
@@ -630,17 +602,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "backward pass (less memory, ~30%% more compute)")
     parser.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
-    parser.add_argument("--save-every", type=counted(1), default=1000, help="steps between checkpoints (and at the end; "
+    parser.add_argument("--save-every", type=whole_number(1), default=1000, help="steps between checkpoints (and at the end; "
                         "default 1000)")
-    parser.add_argument("--keep", type=counted(0), default=3, help="checkpoints to keep (default 3; 0: all)")
-    parser.add_argument("--stop-after", type=counted(1), help="stop after this step with a checkpoint, keeping the "
+    parser.add_argument("--keep", type=whole_number(0), default=3, help="checkpoints to keep (default 3; 0: all)")
+    parser.add_argument("--stop-after", type=whole_number(1), help="stop after this step with a checkpoint, keeping the "
                         "schedule of --steps (for jobs with a time limit)")
-    parser.add_argument("--workers", type=counted(0), default=4, help="threads that read and preprocess images "
+    parser.add_argument("--workers", type=whole_number(0), default=4, help="threads that read and preprocess images "
                         "(default 4)")
-    parser.add_argument("--seed", type=counted(0), default=0, help="seed of the data order, --scratch weights, noise and "
+    parser.add_argument("--seed", type=whole_number(0), default=0, help="seed of the data order, --scratch weights, noise and "
                         "dropout (default 0)")
     parser.add_argument("--device", help="default: cuda if available")
-    parser.add_argument("--overfit", type=counted(0), default=0, metavar="N", help="debugging: train on the first N rows "
+    parser.add_argument("--overfit", type=whole_number(0), default=0, metavar="N", help="debugging: train on the first N rows "
                         "of each task over and over, with the same noise and timesteps (the loss must fall)")
     return parser
 

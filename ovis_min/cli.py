@@ -1,5 +1,6 @@
-"""What the four command-line scripts share before anything heavy is imported. Standard library only: this runs
-before torch is imported, which takes seconds."""
+"""What the command-line scripts share. Standard library only: it is imported before torch, which takes seconds."""
+import argparse
+import math
 import os
 import signal
 import sys
@@ -18,3 +19,32 @@ def ctrl_c_quits_quietly(script: str) -> None:
 def ctrl_c_raises() -> None:
     """From here on Ctrl-C is a KeyboardInterrupt, which each script's main turns into its one line."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def whole_number(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (no upper end when high is None)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be at least {low}" + (f" and at most {high}" if high else "")
+                                             + f", got {value}")
+        return value
+    return parse
+
+
+def real(low: float = 0.0, high: float = math.inf, open_low: bool = False, open_high: bool = False):
+    """An argparse type: a finite number in [low, high] (ends excluded where open)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < low or value > high or (open_low and value == low) \
+                or (open_high and value == high):
+            interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
+        return value
+    return parse
