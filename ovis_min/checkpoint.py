@@ -26,7 +26,7 @@ from torch import nn
 
 from . import hub
 from .config import ConfigError, OvisConfig, from_official, preprocess_from_official
-from .files import TEMP_PREFIX, read_json, write_atomic
+from .files import default_mode, read_json, temp_prefix, write_atomic
 from .model import OvisU1
 from .prompt import (SLOW_TOKENIZER_EXTRAS, SLOW_TOKENIZER_FILES, TOKENIZER_FILE, Tokenizer, TokenizerError,
                      TokenizerNotFound, missing_tokenizer_files)
@@ -625,9 +625,10 @@ def save_checkpoint(state: dict[str, torch.Tensor], directory: Path | str, shard
     files = [SINGLE_FILE] if shards == 1 else [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
     for file, group in zip(files, groups):
         # written under a temporary name and renamed, as files.write_atomic does, without a copy in memory
-        temp = directory / f"{TEMP_PREFIX}{file}.part"
+        temp = directory / f"{temp_prefix()}{file}.part"  # the next run removes it if this process is killed
         try:
             save_file({n: state[n].contiguous() for n in group}, str(temp), metadata={"format": "pt"})
+            os.chmod(temp, default_mode())  # safetensors creates the file private to its owner
             os.replace(temp, directory / file)
         finally:
             temp.unlink(missing_ok=True)

@@ -31,7 +31,7 @@ def write_atomic(path: Path | str, data: bytes | str, replace: bool = True) -> P
     payload = data.encode() if isinstance(data, str) else data
     fd, temp = tempfile.mkstemp(prefix=temp_prefix(), suffix=".part", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private; outputs get the usual permissions
+        os.fchmod(fd, default_mode())  # mkstemp makes the file private; outputs get the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -54,10 +54,12 @@ def write_atomic(path: Path | str, data: bytes | str, replace: bool = True) -> P
     return path
 
 
-def _umask() -> int:
+def default_mode(directory: bool = False) -> int:
+    """The permissions a plain `open(path, "w")` (or `mkdir`) would give a new file (folder): 0o666 (0o777) less
+    the umask. Temporary files and folders are made private; what is renamed into place gets these."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return (0o777 if directory else 0o666) & ~mask
 
 
 def disk_full(error: BaseException) -> bool:

@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import CONFIG_FILE, PREPROCESSOR_FILE, CheckpointError, build_model, save_checkpoint
 from .config import (AdapterConfig, LLMConfig, MMDiTConfig, OvisConfig, PreprocessConfig, RefinerConfig,
                      VAEConfig, VitConfig, to_official)
-from .files import TEMP_PREFIX, write_atomic
+from .files import default_mode, temp_prefix, write_atomic
 from .prompt import QWEN_SPLIT, TOKENIZER_FILE
 
 
@@ -184,17 +184,14 @@ def write_tiny_checkpoint(directory: Path | str, seed: int = 0, shards: int = 2,
         files["special_tokens_map.json"] = json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n"
 
     directory.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{directory.name}-", dir=directory.parent))
+    temp = Path(tempfile.mkdtemp(prefix=f"{temp_prefix()}{directory.name}-", dir=directory.parent))
     try:
         save_checkpoint(state, temp, shards)
         for name, text in files.items():
             write_atomic(temp / name, text)
-        mask = _umask()  # temporary files and folders are private (0600/0700); a checkpoint gets the usual modes
-        for path in temp.iterdir():
-            os.chmod(path, 0o666 & ~mask)
-        os.chmod(temp, 0o777 & ~mask)
+        os.chmod(temp, default_mode(directory=True))  # mkdtemp makes it private; the files already have their modes
         if directory.exists():  # with force: swap the old one out, the new one in, then delete the old one
-            old = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{directory.name}-old-", dir=directory.parent))
+            old = Path(tempfile.mkdtemp(prefix=f"{temp_prefix()}{directory.name}-old-", dir=directory.parent))
             os.replace(directory, old / directory.name)
             os.replace(temp, directory)
             shutil.rmtree(old, ignore_errors=True)
@@ -203,9 +200,3 @@ def write_tiny_checkpoint(directory: Path | str, seed: int = 0, shards: int = 2,
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     return directory
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
