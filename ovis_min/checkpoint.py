@@ -162,11 +162,8 @@ def read_index(directory: Path) -> tuple[dict[str, str], int | None]:
     """The weight map of `model.safetensors.index.json` (tensor name -> shard name) and its total_size."""
     path = directory / INDEX_FILE
     fix = "delete it and download the checkpoint again"
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error}); {fix}") from None
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    index = read_json(path, dict, CheckpointError, fix)
+    weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{path}: not a valid index (expected a JSON object with a non-empty 'weight_map' of "
                               f"tensor name -> shard file); {fix}")
@@ -427,10 +424,6 @@ def newest_step(run_directory: Path) -> Path | None:
 def looks_like_hub_id(source: str | Path) -> bool:
     """`owner/name` as the hub spells repository ids (a relative path such as `ckpt/x` reads the same)."""
     return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) is not None
-
-
-def hub_cache_dir() -> Path:
-    return hub.cache_dir()
 
 
 def missing_files(directory: Path) -> list[str]:

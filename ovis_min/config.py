@@ -150,7 +150,6 @@ REQUIRED = {
     "visual_generator_config": ("in_channels", "out_channels", "vec_in_dim", "context_in_dim", "hidden_size",
                                 "num_heads", "depth", "depth_single_blocks", "axes_dim"),
     "visual_generator_config.vae_config": ("block_out_channels", "layers_per_block", "latent_channels"),
-    "preprocessor_config.json": (),
 }
 ANY_SIGN = ("base_shift", "max_shift", "shift_factor")  # float fields that may be zero or negative
 COUNTS_FROM_ZERO = ("fullatt_block_indexes",)  # integer lists whose entries may be 0 (block indexes)
@@ -204,15 +203,20 @@ def _checked(where: str, value, kind: type, default):
     raise AssertionError(kind)
 
 
-def _pick(cls, values: dict, section: str, renames: dict | None = None, **overrides):
-    """Build dataclass `cls` from one section of an official config: known fields are type-checked, renamed
-    ones mapped, the section's REQUIRED keys must be there, the rest keeps its default."""
+def _require(values: dict, section: str) -> None:
+    """`values` is a JSON object holding the section's REQUIRED keys."""
     if not isinstance(values, dict):
         raise ConfigError(f"{section}: expected a JSON object, got {type(values).__name__}")
     missing = [key for key in REQUIRED.get(section, ()) if values.get(key) is None]
     if missing:
         raise ConfigError(f"{section}: missing {', '.join(missing)} (the weight shapes depend on "
                           f"{'it' if len(missing) == 1 else 'them'}; refusing to guess)")
+
+
+def _pick(cls, values: dict, section: str, renames: dict | None = None, **overrides):
+    """Build dataclass `cls` from one section of an official config: known fields are type-checked, renamed
+    ones mapped, the section's REQUIRED keys must be there, the rest keeps its default."""
+    _require(values, section)
     renames = renames or {}
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
@@ -273,6 +277,7 @@ def from_official(config: dict, preprocessor: dict | None = None) -> OvisConfig:
                 {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads"})
     hidden_stride = _checked("visual_tokenizer_config.hidden_stride", tok_dict.get("hidden_stride", vit.hidden_stride),
                              int, None)
+    _require(tok_dict, "visual_tokenizer_config")  # read field by field below, not through _pick
     adapter = AdapterConfig(visual_vocab_size=_checked("visual_tokenizer_config.vocab_size", tok_dict["vocab_size"],
                                                        int, None),
                             vision_hidden_size=vit.hidden_size, hidden_stride=hidden_stride,

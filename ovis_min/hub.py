@@ -8,7 +8,6 @@ checksums, file locks (two downloads at once), retries on 429/5xx, resumed trans
 What this module adds: only the files the caller names are fetched (never the repository's Python code), and
 every failure becomes a `HubError` whose one-line message names the cause and the fix.
 """
-import errno
 import os
 import re
 from contextlib import contextmanager
@@ -20,6 +19,8 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
                                     LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
                                     RevisionNotFoundError)
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, logging
+
+from .files import disk_full
 
 
 class HubError(Exception):
@@ -97,10 +98,6 @@ def other_snapshots(repo_id: str, besides: Path) -> list[Path]:
     snapshots = [revision for repo in info.repos if repo.repo_id == repo_id and repo.repo_type == "model"
                  for revision in repo.revisions if Path(revision.snapshot_path) != besides]
     return [Path(r.snapshot_path) for r in sorted(snapshots, key=lambda r: r.last_modified, reverse=True)]
-
-
-def disk_full(error: BaseException) -> bool:
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager

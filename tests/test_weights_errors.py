@@ -40,6 +40,8 @@ LLM, GEN, VIT = "llm_config", "visual_generator_config", "visual_tokenizer_confi
 # (name, how to damage a copy of the checkpoint, names the message must hold)
 CHECK_CASES = [
     ("no hidden_size", ("config.json", config_change(LLM, "hidden_size", DELETE)), ["config.json", "hidden_size"]),
+    ("no visual vocab_size", ("config.json", config_change("visual_tokenizer_config", "vocab_size", DELETE)),
+     ["config.json", "vocab_size"]),
     ("num_heads 0", ("config.json", config_change(GEN, "num_heads", 0)), ["num_heads", "positive integer"]),
     ("hidden_size string", ("config.json", config_change(LLM, "hidden_size", "64")), ["llm_config.hidden_size"]),
     ("layers negative", ("config.json", config_change(VIT, "num_hidden_layers", -1)), ["num_hidden_layers"]),
