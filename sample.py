@@ -53,6 +53,8 @@ DEFAULT_MAX_NEW_TOKENS = 4096  # the official test_img_to_txt.py
 DEFAULT_OUT = "outputs"
 MAX_STEPS = 1000  # the official scripts use 50; beyond this a typo is likelier than a wish
 MAX_NEW_TOKENS = LLMConfig().max_position_embeddings  # the LLM's context: nothing longer can be answered
+MAX_BATCH_SIZE = 256  # images per decoder call or questions per LLM pass: far past what one GPU holds at 1024x1024
+MAX_IMAGES_PER_PROMPT = 64  # GenEval and DPG-Bench use 4
 TASK_NAMES = {"t2i": "text-to-image", "edit": "editing", "understanding": "understanding", "chat": "text chat"}
 
 # Flags that belong to one kind of task: giving them to the other kind is a mistake worth reporting.
@@ -246,7 +248,8 @@ def pick_device(name: str | None) -> torch.device:
 
 def check_range(args: argparse.Namespace) -> None:
     for name, low, high in (("steps", 1, MAX_STEPS), ("num_images", 1, None), ("max_new_tokens", 1, MAX_NEW_TOKENS),
-                            ("seed", 0, 2 ** 63 - 1)):
+                            ("seed", 0, 2 ** 63 - 1), ("batch_size", 1, MAX_BATCH_SIZE),
+                            ("images_per_prompt", 1, MAX_IMAGES_PER_PROMPT)):
         value = getattr(args, name)
         if value is not None and value < low:
             raise UsageError(f"{flag(name)} {value}: must be at least {low}")
@@ -590,10 +593,6 @@ def choose_benchmark(args: argparse.Namespace) -> str:
     if args.out is None:
         raise UsageError(f"{flag(kind)} needs --out: " + ("the answers file, e.g. --out answers.jsonl" if
                          kind == "questions" else "the folder its scorer reads, e.g. --out bench-images"))
-    for name in ("batch_size", "images_per_prompt"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"{flag(name)} {value}: must be at least 1")
     if kind == "edits" and (args.width is None) != (args.height is None):
         raise UsageError("--edits: give both --width and --height, or neither (each edit at its official size)")
     return kind
@@ -634,7 +633,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if kind == "prompts":
         width, height = image_size(args, "t2i", None)  # rows with their own width and height keep them
     else:
-        width, height = (None, None) if args.width is None else (round_to_16(args.width), round_to_16(args.height))
+        width, height = (None, None) if args.width is None else image_size(args, "t2i", None)  # rounded, with a note
     ovis = load(args, ranks.device, dtype)
     try:
         if kind == "questions":

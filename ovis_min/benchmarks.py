@@ -11,6 +11,8 @@ every image or answer, and writes each where its scorer looks:
 
 Work is split by item, round-robin over torchrun's ranks, so no file is written by two ranks. Every image's seed
 comes from the base seed and its item's id (`item_seed`), so it does not depend on batch size, rank or order.
+Answers are greedy by default and then independent of all three too; sampled ones (--temperature > 0) draw from
+one generator per batch, seeded by its first item, so they change with --batch-size.
 A finished output is skipped on the next run; outputs are written whole under a temporary name and renamed, and
 a PNG is only taken as finished if it ends with PNG's end chunk, so a crash never leaves a file that passes.
 Rows that cannot be used are reported with their line number and skipped; the caller counts them.
