@@ -86,6 +86,8 @@ BAD_INPUTS = [
     (["--from-png", "{f}/notes.txt"], ["--from-png", "notes.txt"]),
     (["--from-png", "{f}/photo.png"], ["--from-png", "metadata"]),
     (["--prompt", "a cat", *FAST, "--weights", "{f}/empty-dir"], ["empty-dir"]),
+    (["--prompts", "{f}/notes.txt", "--out", "set", "--batch-size", "100000"], ["--batch-size", "at most"]),
+    (["--prompts", "{f}/notes.txt", "--out", "set", "--images-per-prompt", "0"], ["--images-per-prompt"]),
     (["--prompt", "a cat", *FAST, "--weights", "{f}/nowhere"], ["nowhere", "weights.py download"]),
 ]
 
