@@ -44,7 +44,8 @@ from ovis_min.files import write_atomic  # noqa: E402
 from ovis_min.generate import (attended_length, cache_length, compile_decode_step, compile_decoder_blocks,  # noqa: E402
                                matrix_vector_kernels)
 from ovis_min.model import OvisU1  # noqa: E402
-from ovis_min.pipeline import MAX_SIZE, Condition, decode_latents, encode_image_tokens, sample_latents  # noqa: E402
+from ovis_min.model import decode_image_tokens, encode_image_tokens  # noqa: E402
+from ovis_min.pipeline import MAX_SIZE, Condition, sample_latents  # noqa: E402
 from ovis_min.tiny import tiny_config  # noqa: E402
 from ovis_min.vit import vision_layout  # noqa: E402
 
@@ -450,7 +451,7 @@ def make_workloads(model: OvisU1, args, device: torch.device) -> list[Workload]:
 
     if "W6" in wanted:
         tokens = flow.pack_latents(noise)
-        workloads.append(Workload(f"vae_decode_{size}", lambda: decode_latents(vae, tokens, size, size),
+        workloads.append(Workload(f"vae_decode_{size}", lambda: decode_image_tokens(vae, tokens, size, size),
                                   vae_decode_flops(config.vae, latent)))
 
     if args.e2e:
@@ -518,7 +519,7 @@ def e2e_workloads(model: OvisU1, gen: torch.Generator, size: int, steps: int, de
             if any(with_cond) else None
         branches = [Condition(*decoder.encode_text(s), cond_img if c else None) for s, c in zip(states, with_cond)]
         tokens = sample_latents(decoder, noise, timesteps, branches, combine)
-        return decode_latents(vae, tokens, size, size)
+        return decode_image_tokens(vae, tokens, size, size)
 
     def flops(text: tuple[int, ...], with_cond: tuple[bool, ...]) -> int:
         total = vae_decode_flops(config.vae, latent) + (vae_encode_flops(config.vae, size) if any(with_cond) else 0)

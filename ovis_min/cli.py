@@ -48,3 +48,11 @@ def real(low: float = 0.0, high: float = math.inf, open_low: bool = False, open_
             raise argparse.ArgumentTypeError(f"must be a finite number in {interval}, got {text}")
         return value
     return parse
+
+
+class TrainError(SystemExit):
+    """Something a user can fix stops train.py: one line on stderr, exit status 1 (a SystemExit, so that code
+    calling train.main() stops the same way)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"train.py: error: {message}")

@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from .config import PreprocessConfig
-from .model import pad_rows
+from .layers import pad_rows
 from .preprocess import ImageError, blank_image, condition_images, load_image, resize_center_crop
 from .prompt import (IGNORE_ID, UNCONDITIONAL_PROMPT, Tokenizer, check_image_count, check_length, edit_prompt,
                      preprocess_inputs, t2i_prompt)

@@ -32,3 +32,15 @@ def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     `cos`/`sin` have the full head width D (the D/2 frequencies repeated twice) and broadcast against `x`.
     """
     return x * cos + rotate_half(x) * sin
+
+
+def pad_rows(rows: list[torch.Tensor], value, left_padding: bool) -> torch.Tensor:
+    """Stack variable-length rows into (B, L_max, ...), padding on the left or the right."""
+    longest = max(len(r) for r in rows)
+    out = rows[0].new_full((len(rows), longest, *rows[0].shape[1:]), value)
+    for i, row in enumerate(rows):
+        if left_padding:
+            out[i, longest - len(row):] = row
+        else:
+            out[i, :len(row)] = row
+    return out

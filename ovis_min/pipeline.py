@@ -19,9 +19,10 @@ from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
 from .generate import compile_decode_step, compile_decoder_blocks, generate
 from .mmdit import MMDiT
-from .model import OvisU1, pad_rows
+from .layers import pad_rows
+from .model import OvisU1, decode_image_tokens, encode_image_tokens
 from .preprocess import blank_image, condition_images, edit_target_size, load_image, resize_for_edit
-from .vae import AutoencoderKL, to_uint8
+from .vae import to_uint8
 from .prompt import UNCONDITIONAL_PROMPT, Tokenizer, edit_prompt, preprocess_inputs, question_prompt, t2i_prompt
 
 Progress = Callable[[int, int], None] | None  # called as progress(step_done, total_steps)
@@ -45,29 +46,6 @@ class Condition:
 def round_to_16(size: int) -> int:
     """The official sampler floors the image size to a multiple of 16 (8x VAE, then 2x2 packing)."""
     return 16 * (size // 16)
-
-
-def channels_last(vae: AutoencoderKL) -> AutoencoderKL:
-    """The VAE's convolution weights in channels_last (NHWC) layout, converted in place the first time: oneDNN
-    and cuDNN convolve fastest in it (about 1.3x on the CPU). Every VAE op keeps its input's memory format."""
-    return vae.to(memory_format=torch.channels_last)
-
-
-def decode_latents(vae: AutoencoderKL, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, N, 16) packed latent tokens -> (B, 3, H, W) pixels, nominally in [-1, 1] (not clamped yet)."""
-    latents = flow.unpack_latents(tokens.float(), height, width)  # (B, 4, H/8, W/8)
-    latents = vae.from_latent_space(latents.to(next(vae.parameters()).dtype))
-    return channels_last(vae).decode(latents.contiguous(memory_format=torch.channels_last)).float()
-
-
-def encode_image_tokens(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None = None,
-                        noise: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, 3, H, W) pixels in [-1, 1] -> (B, N, 16) packed latent tokens sampled from the VAE posterior."""
-    weight = next(vae.parameters())
-    pixels = pixels.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
-    mean, logvar = channels_last(vae).encode(pixels)
-    latents = vae.to_latent_space(vae.sample_latent(mean, logvar, generator=generator, noise=noise))
-    return flow.pack_latents(latents)
 
 
 def guided_velocity(decoder: MMDiT, branches: list["Condition | list[Condition]"],
@@ -266,8 +244,8 @@ class Ovis:
             self.tokenizer, prompt, [encoder_image], self.config.preprocess, generation_preface=None,
             max_length=self.config.multimodal_max_length)
         input_ids = input_ids[None]
-        txt = self.model.generation_condition(input_ids, input_ids != self.tokenizer.pad_token_id,
-                                              pixel_values, grid_thws)
+        txt, _ = self.model.generation_condition(input_ids, input_ids != self.tokenizer.pad_token_id,
+                                                 pixel_values, grid_thws)
         return txt, vae_pixels[None]
 
     def refine(self, txt: torch.Tensor, cond_img: torch.Tensor | None = None) -> Condition:
@@ -388,7 +366,7 @@ class Ovis:
         tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width),
                                 branches, combine, progress)
         self.use("vae")
-        return to_pil(decode_latents(self.model.visual_generator.vae, tokens, height, width))
+        return to_pil(decode_image_tokens(self.model.visual_generator.vae, tokens, height, width))
 
 
 MIN_SIZE = 32  # pixels per side: at least 2x2 packed latent tokens (one token covers 16x16 pixels)

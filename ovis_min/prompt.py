@@ -16,12 +16,10 @@ from PIL import Image
 
 from ovis_min.config import PreprocessConfig
 from ovis_min.files import read_json
+from ovis_min.model import IGNORE_ID, IMAGE_ATOM_ID, IMAGE_INDICATOR_IDS
 from ovis_min.preprocess import preprocess_images
 
-IGNORE_ID = -100  # label of positions that carry no loss
 IMAGE_TOKEN = "<image>"
-IMAGE_ATOM_ID = -300  # replaced by the image's visual embeddings
-IMAGE_INDICATOR_IDS = (-301, -302, -303, -304)  # -301/-302 open/close an image; -303/-304 were meant for video
 IMAGE_PLACEHOLDER_IDS = (IMAGE_INDICATOR_IDS[0], IMAGE_ATOM_ID, IMAGE_INDICATOR_IDS[1])
 
 # Qwen3 chat markup, as the official formatter writes it.

@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench
 from ovis_min import flow
 from ovis_min.tiny import tiny_config
-from ovis_min.pipeline import Condition, decode_latents, guided_velocity, sample_latents
+from ovis_min.model import decode_image_tokens
+from ovis_min.pipeline import Condition, guided_velocity, sample_latents
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_vit_flops(model):
 def test_vae_flops(model):
     vae, config = model.visual_generator.vae, model.config.vae
     latent = 8
-    got = counted(lambda: decode_latents(vae, torch.randn(1, (latent // 2) ** 2, 16), 8 * latent, 8 * latent))
+    got = counted(lambda: decode_image_tokens(vae, torch.randn(1, (latent // 2) ** 2, 16), 8 * latent, 8 * latent))
     assert got == bench.vae_decode_flops(config, latent)
     assert counted(lambda: vae.encode(torch.randn(1, 3, 64, 64))) == bench.vae_encode_flops(config, 64)
 
@@ -230,7 +231,7 @@ def test_grouped_query_attention_equals_sdpa_with_repeated_kv(masked):
 
 
 def test_channels_last_vae_paths_equal_plain_calls(model):
-    from ovis_min.pipeline import encode_image_tokens
+    from ovis_min.model import encode_image_tokens
     from ovis_min.vae import AutoencoderKL
     plain = AutoencoderKL(model.config.vae).eval()
     plain.load_state_dict(model.visual_generator.vae.state_dict())
@@ -238,7 +239,7 @@ def test_channels_last_vae_paths_equal_plain_calls(model):
     vae.load_state_dict(plain.state_dict())
     tokens, pixels, eps = torch.randn(1, 16, 16), torch.rand(1, 3, 64, 64) * 2 - 1, torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        decoded = decode_latents(vae, tokens, 64, 64)
+        decoded = decode_image_tokens(vae, tokens, 64, 64)
         assert decoded.is_contiguous(memory_format=torch.channels_last)
         expected = plain.decode(plain.from_latent_space(flow.unpack_latents(tokens, 64, 64)))
         torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-5)

@@ -16,10 +16,12 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import train
+from ovis_min import losses
 from ovis_min.checkpoint import load_model, open_checkpoint
 from ovis_min.data import (DataConfig, Mixture, SkipRow, collate, edit_example, index_manifests, load_example,
                            t2i_example, understanding_example)
 from ovis_min.prompt import Tokenizer
+from ovis_min.stages import STAGES, set_trainable
 
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 60), "yellow": (230, 200, 20)}
@@ -105,7 +107,7 @@ def test_stage_learns_changes_only_its_parts_and_writes_an_official_checkpoint(s
                    "--overfit", 1])
     losses = [r["loss"] for r in records]
     assert len(losses) == 6 and losses[-1] < 0.95 * losses[0], losses
-    assert set(records[0]["task_loss"]) == set(train.STAGES[stage].mix)
+    assert set(records[0]["task_loss"]) == set(STAGES[stage].mix)
 
     step_dir = out / "step-00000006"
     assert (out / "latest").read_text().strip() == step_dir.name
@@ -223,10 +225,11 @@ def test_training_condition_equals_the_inference_condition_row_by_row(tiny, mani
                        cfg)
     batch = collate([short, long], cfg.tokenizer.pad_token_id)
     with torch.no_grad():
-        txt, mask = train.generation_condition(model, batch)
+        txt, mask = model.generation_condition(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                               batch.grid_thws, left_padding=False)
     for row, example in enumerate((short, long)):
         alone = model.generation_condition(example.input_ids[None], torch.ones(1, len(example.input_ids), dtype=bool),
-                                           example.pixel_values, example.grid_thws)[0]
+                                           example.pixel_values, example.grid_thws)[0][0]
         assert int(mask[row].sum()) == len(alone)
         torch.testing.assert_close(txt[row, :len(alone)], alone, rtol=1e-5, atol=1e-5)
 
@@ -240,8 +243,8 @@ def test_a_samples_flow_loss_does_not_depend_on_its_batch_mates(tiny, manifest):
     no_image = edit_example(row, manifest.parent, 6, replace(cfg, drop_image=1.0))  # "no text, no image" branch
     assert edit.source is not None and no_image.source is None
     with torch.no_grad():
-        together, _ = train.generation_loss(model, collate([edit, no_image], cfg.tokenizer.pad_token_id), False)
-        alone = [train.generation_loss(model, collate([e], cfg.tokenizer.pad_token_id), False)[0]
+        together, _ = losses.generation_loss(model, collate([edit, no_image], cfg.tokenizer.pad_token_id), False)
+        alone = [losses.generation_loss(model, collate([e], cfg.tokenizer.pad_token_id), False)[0]
                  for e in (edit, no_image)]
     torch.testing.assert_close(together, (alone[0] + alone[1]) / 2, rtol=1e-5, atol=1e-6)
 
@@ -255,7 +258,7 @@ def test_understanding_loss_is_cross_entropy_on_the_answer_tokens_only(tiny, man
     assert example.labels[example.labels != -100].tolist() == answer
     batch = collate([example], cfg.tokenizer.pad_token_id)
     with torch.no_grad():
-        loss, _ = train.understanding_loss(model, batch)
+        loss, _ = losses.understanding_loss(model, batch)
         merged = model.merge_inputs(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.grid_thws,
                                     batch.labels, left_padding=False)
         logits = model.llm(inputs_embeds=merged.embeds, attention_mask=merged.attention_mask)
@@ -266,11 +269,11 @@ def test_understanding_loss_is_cross_entropy_on_the_answer_tokens_only(tiny, man
 def test_text_only_batches_still_give_every_trained_weight_a_gradient(ckpt, tiny):
     """DDP and FSDP need the same parameters used on every rank, also when a rank's batch has no image."""
     model = load_model(ckpt, dtype=torch.float32).model
-    trained = train.set_trainable(model, 2)
+    trained = set_trainable(model, 2)
     cfg = tiny[1]
     example = understanding_example({"conversations": [{"from": "human", "value": "hi"},
                                                        {"from": "gpt", "value": "hello"}]}, Path("."), 0, cfg)
-    loss, _ = train.TrainStep(model)(collate([example], cfg.tokenizer.pad_token_id))
+    loss, _ = losses.TrainStep(model)(collate([example], cfg.tokenizer.pad_token_id))
     loss.backward()
     params = dict(model.named_parameters())
     assert all(params[name].grad is not None for name in trained)
@@ -307,7 +310,7 @@ def test_help_explains_stages_data_and_examples(capsys):
         train.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for stage in train.STAGES:
+    for stage in STAGES:
         assert f"RUN --stage {stage} " in text
     for needle in ("conversations", "caption", "instruction", "torchrun", "--resume", "flow matching"):
         assert needle in text

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import train
+from ovis_min import train_checkpoint
 from script_runner import one_line_error, run_script, start_script
 
 FAST = ["--resolution", "32", "--workers", "0"]
@@ -165,7 +166,7 @@ def test_full_disk_in_process(tmp_path, ckpt, data, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(train, "save_checkpoint", no_space)
+    monkeypatch.setattr(train_checkpoint, "save_checkpoint", no_space)
     with pytest.raises(SystemExit, match="disk is full.*--resume"):
         train.main([a.format(c=ckpt, d=data) for a in with_base(["--out", str(tmp_path / "run")])] + FAST)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.jsonl"]

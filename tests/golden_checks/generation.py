@@ -4,7 +4,8 @@ import torch
 from ovis_min.flow import (edit_guidance, latent_position_ids, pack_latents, text_guidance, time_schedule,
                            unpack_latents)
 from ovis_min.mmdit import MMDiT
-from ovis_min.pipeline import Condition, decode_latents, sample_latents
+from ovis_min.model import decode_image_tokens
+from ovis_min.pipeline import Condition, sample_latents
 from ovis_min.vae import AutoencoderKL, to_uint8
 
 
@@ -72,6 +73,6 @@ def check_sampler(case):
         final = sample_latents(decoder, noise, timesteps, branches, combine)
         case.expect("final_latent_tokens", final)
         case.expect("vae_decode_in", vae.from_latent_space(unpack_latents(final, height, width)))
-        decoded = decode_latents(vae, final, height, width)
+        decoded = decode_image_tokens(vae, final, height, width)
         case.expect("decoded", decoded)
         case.expect("image_uint8_hwc", to_uint8(decoded))

@@ -8,7 +8,8 @@ from PIL import Image
 
 from golden_checks.common import load_model
 from ovis_min import flow
-from ovis_min.pipeline import Ovis, decode_latents, sample_latents
+from ovis_min.model import decode_image_tokens
+from ovis_min.pipeline import Ovis, sample_latents
 from ovis_min.preprocess import blank_image, condition_images, edit_target_size, resize_for_edit
 from ovis_min.prompt import UNCONDITIONAL_PROMPT, Tokenizer, preprocess_inputs
 from ovis_min.vae import to_uint8
@@ -40,7 +41,7 @@ def finish(case, ovis: Ovis, branches, combine, height, width):
     assert torch.allclose(torch.tensor(timesteps), torch.tensor(meta["timesteps"]), atol=1e-7, rtol=0)
     final = sample_latents(ovis.model.visual_generator.backbone, noise, timesteps, branches, combine)
     case.expect("final_latent_tokens", final)
-    decoded = decode_latents(ovis.model.visual_generator.vae, final, height, width)
+    decoded = decode_image_tokens(ovis.model.visual_generator.vae, final, height, width)
     case.expect("decoded", decoded)
     case.expect("image_uint8_hwc", to_uint8(decoded)[0])
 

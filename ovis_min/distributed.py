@@ -1,0 +1,84 @@
+"""Several processes (torchrun): the process group, DDP or FSDP2 around the training step, and the few
+collectives the training loop needs. With one process every function here is a no-op."""
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(device_name: str | None) -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then join the process group (NCCL on GPU, gloo on CPU)."""
+    use_cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
+    if "RANK" not in os.environ:
+        return Runtime(0, 1, torch.device(device_name or ("cuda" if use_cuda else "cpu")))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+
+
+def wrap(step_module: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
+    """DDP ("ddp"), or FSDP2 ("fsdp", for training the LLM): one shard group per LLM/encoder block plus the root.
+    `step_module.model` is the OvisU1 the step runs."""
+    if runtime.world == 1:
+        return step_module
+    if parallel == "ddp":
+        return nn.parallel.DistributedDataParallel(step_module)
+    from torch.distributed.fsdp import fully_shard
+    model = step_module.model
+    for block in [*model.llm.model.layers, *model.visual_tokenizer.backbone.trunk.blocks]:
+        fully_shard(block)
+    # Frozen decoder and VAE weights stay whole on every rank, never gathered (stage 3 does not even use them).
+    fully_shard(step_module, ignored_params={p for p in model.visual_generator.parameters() if not p.requires_grad})
+    return step_module
+
+
+def gradient_sync(module: nn.Module, sync: bool):
+    """Gradients are reduced on the last micro-batch of a step only."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        return contextlib.nullcontext() if sync else module.no_sync()
+    if hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 module
+        module.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
+    if runtime.world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def all_gather(obj, runtime: Runtime) -> list:
+    if runtime.world == 1:
+        return [obj]
+    gathered = [None] * runtime.world
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of every parameter's bytes: equal across ranks iff the replicas are bit-identical."""
+    digest = hashlib.sha256()
+    for name, param in model.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
