@@ -236,8 +236,11 @@ def e2e_workloads(model: OvisU1, gen: torch.Generator, size: int, steps: int, de
     noise = torch.randn(1, mm.in_channels // 4, latent, latent, generator=gen, device=device).to(dtype)
     timesteps = flow.time_schedule(steps, N, shift=mm.timestep_shift)
 
+    texts = {n: torch.randn(1, n - image_tokens, config.llm.hidden_size, generator=gen, device=device).to(dtype)
+             for n in sorted({*T2I_TEXT, *EDIT_TEXT})}  # the embedded prompts, drawn once
+
     def condition(length: int) -> torch.Tensor:
-        text = torch.randn(1, length - image_tokens, config.llm.hidden_size, generator=gen, device=device).to(dtype)
+        text = texts[length]
         image = model.visual_embeddings(patches, grid_thws)[0][None]
         last, second_last = llm.condition_states(torch.cat([image, text], dim=1))
         return torch.cat([last, second_last], dim=-1)
