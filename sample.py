@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from PIL import Image, PngImagePlugin, UnidentifiedImageError  # noqa: E402
 
 from ovis_min import benchmarks, perf  # noqa: E402
-from ovis_min.checkpoint import DEFAULT_REPO, CheckpointError, resolve_source  # noqa: E402
+from ovis_min.checkpoint import DEFAULT_REPO, CheckpointError  # noqa: E402
+from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.config import LLMConfig  # noqa: E402
 from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomic  # noqa: E402
 from ovis_min.pipeline import MAX_SIZE, MIN_SIZE, Ovis, round_to_16  # noqa: E402

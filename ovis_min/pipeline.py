@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
+from .hub import resolve_source
 from .generate import compile_decode_step, compile_decoder_blocks, generate
 from .mmdit import MMDiT
 from .model import OvisU1, pad_rows
@@ -157,9 +158,9 @@ class Ovis:
                         dtype: torch.dtype = torch.bfloat16, offload: bool = False, download: bool = True,
                         revision: str = "main") -> "Ovis":
         """The official checkpoint from a directory or a hub id (Hugging Face cache, downloaded if missing)."""
-        loaded = load_model(source, dtype=dtype, device="cpu" if offload else device, revision=revision,
-                            download=download)
-        return cls(loaded.model, Tokenizer(loaded.directory), str(source), device=device, offload=offload)
+        directory = resolve_source(source, revision=revision, download=download)
+        loaded = load_model(directory, dtype=dtype, device="cpu" if offload else device)
+        return cls(loaded.model, loaded.tokenizer, str(source), device=device, offload=offload)
 
     def use(self, stage: str) -> None:
         """With offload, bring `stage`'s modules to the device and send the other stages back to the CPU."""
