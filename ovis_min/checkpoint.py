@@ -1,4 +1,4 @@
-"""The official Ovis-U1-3B checkpoint: where its tensors go, how to read it strictly and safely, how to fetch it.
+"""The official Ovis-U1-3B checkpoint: where its tensors go, how to read, check and write it strictly and safely.
 
 The checkpoint is read as published (Hugging Face `AIDC-AI/Ovis-U1-3B`, mirrored as `ATH-MaaS/Ovis-U1-3B`):
 `config.json`, `model.safetensors.index.json` with its shards (or one `model.safetensors`), the tokenizer
@@ -9,7 +9,7 @@ official name lands in.
 
 Safety: only safetensors are read (never a pickle), shard names from an index may not leave the checkpoint
 directory, and the Python files the official repository ships for `trust_remote_code` are neither downloaded
-nor run. The hub is reached through huggingface_hub (ovis_min/hub.py).
+nor run. Finding a checkpoint (a directory, a training run, a hub id) and downloading one is ovis_min/hub.py's.
 """
 import json
 import os
@@ -382,8 +382,8 @@ def load_checkpoint(model: nn.Module, source: "Path | str | Checkpoint", dtype: 
                                       "them (tie_word_embeddings); this checkpoint is not for a tied model")
     unfilled = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unfilled:
-        raise CheckpointError(f"after loading, {len(unfilled)} tensors are still unset: {few_names(unfilled)}; a module "
-                              "must not create tensors outside its state dict in __init__ (they stay on meta)")
+        raise CheckpointError(f"after loading, {len(unfilled)} tensors are still unset: {few_names(unfilled)}; a "
+                              "module must not create tensors outside its state dict in __init__ (they stay on meta)")
     return model
 
 

@@ -25,7 +25,8 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, logging
 
 from .checkpoint import (CONFIG_FILE, DEFAULT_REPO, HUB_IDS, INDEX_FILE, LATEST_FILE, OPTIONAL_FILES,
-                         REQUIRED_FILES, SINGLE_FILE, CheckpointError, download_hint, few_names, missing_files, open_checkpoint, read_index)
+                         REQUIRED_FILES, SINGLE_FILE, CheckpointError, download_hint, few_names, missing_files,
+                         open_checkpoint, read_index)
 from .files import disk_full
 from .prompt import SLOW_TOKENIZER_FILES, TOKENIZER_FILE, missing_tokenizer_files
 
@@ -223,7 +224,8 @@ def resolve_source(source: str | Path, revision: str = "main", download: bool = 
         if incomplete is None:
             _note(f"{repo_id}@{revision} is not in the Hugging Face cache ({cache_dir()}): downloading it")
         else:
-            _note(f"the cached {repo_id}@{revision} is incomplete (missing {few_names(incomplete[2], 3)}): completing it")
+            _note(f"the cached {repo_id}@{revision} is incomplete (missing {few_names(incomplete[2], 3)}): "
+                  "completing it")
         return download_checkpoint(repo_id, revision=revision)
     if incomplete is None:
         if offline() and download:
@@ -242,8 +244,8 @@ def resolve_source(source: str | Path, revision: str = "main", download: bool = 
                       f"{few_names(missing, 3)}); using the complete snapshot {older.name[:12]}; finish the newer one "
                       f"with: {finish}")
                 return older
-    raise CheckpointError(f"the cached {candidate}@{revision} ({snapshot}) is incomplete: missing {few_names(missing)}; "
-                          f"finish it with: {finish}")
+    raise CheckpointError(f"the cached {candidate}@{revision} ({snapshot}) is incomplete: missing "
+                          f"{few_names(missing)}; finish it with: {finish}")
 
 
 def _note(message: str) -> None:
