@@ -18,7 +18,7 @@ the same image, byte for byte.
 """
 import sys
 
-from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises
+from ovis_min.cli import ProgressBar, ctrl_c_quits_quietly, ctrl_c_raises
 
 ctrl_c_quits_quietly("sample.py")  # covers the seconds the imports below take
 
@@ -35,8 +35,9 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, PngImagePlugin, UnidentifiedImageError  # noqa: E402
 
-from ovis_min import benchmarks  # noqa: E402
-from ovis_min.checkpoint import CheckpointError, resolve_source  # noqa: E402
+from ovis_min import benchmarks, perf  # noqa: E402
+from ovis_min.checkpoint import DEFAULT_REPO, CheckpointError  # noqa: E402
+from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.config import LLMConfig  # noqa: E402
 from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomic  # noqa: E402
 from ovis_min.pipeline import MAX_SIZE, MIN_SIZE, Ovis, round_to_16  # noqa: E402
@@ -44,7 +45,6 @@ from ovis_min.preprocess import SMART_RESIZE_MAX_PIXELS, ImageError, edit_target
 
 ctrl_c_raises()
 
-DEFAULT_WEIGHTS = "AIDC-AI/Ovis-U1-3B"
 DEFAULT_SIZE = 1024
 DEFAULT_STEPS = 50
 DEFAULT_TXT_CFG = {"t2i": 5.0, "edit": 6.0}  # the official test_txt_to_img.py and test_img_edit.py
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = parser.add_argument_group("model and runtime")
     run.add_argument("--weights", metavar="DIR_OR_ID",
-                     help=f"checkpoint directory or hub id (default {DEFAULT_WEIGHTS}: from the Hugging Face cache, "
+                     help=f"checkpoint directory or hub id (default {DEFAULT_REPO}: from the Hugging Face cache, "
                           "or downloaded on first use)")
     run.add_argument("--revision", default="main",
                      help="for a hub id: branch, tag, commit or refs/pr/N (default main)")
@@ -394,37 +394,12 @@ def png_bytes(image: Image.Image, settings: dict) -> bytes:
 # Running
 # ---------------------------------------------------------------------------------------------------------------
 
-class ProgressBar:
-    """Denoising steps on stderr: redrawn in place on a terminal, one line when done otherwise (logs, pipes)."""
-
-    def __init__(self, label: str):
-        self.label, self.start, self.drawn = label, time.perf_counter(), 0.0
-        self.live = sys.stderr.isatty()
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.perf_counter()
-        if not (done == total or (self.live and now - self.drawn > 0.1)):
-            return
-        self.drawn = now
-        filled = 30 * done // total
-        line = (f"{self.label}[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} steps "
-                f"{now - self.start:6.1f} s")
-        end = "\n" if done == total else ""
-        sys.stderr.write(("\r" if self.live else "") + line + end)
-        sys.stderr.flush()
-
-
 def peak_memory(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
-    if device.type == "mps":
-        return f"MPS memory {torch.mps.driver_allocated_memory() / 2 ** 30:.2f} GiB"
-    try:
-        import resource
-    except ImportError:  # Windows
+    peak = perf.peak_memory(device)
+    if peak is None:
         return "peak memory unknown"
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return f"peak process memory {peak * (1 if sys.platform == 'darwin' else 1024) / 2 ** 30:.2f} GiB"
+    what = {"cuda": "peak GPU memory", "mps": "MPS memory"}.get(device.type, "peak process memory")
+    return f"{what} {peak / 2 ** 30:.2f} GiB"
 
 
 def find_weights(source: str, revision: str = "main") -> Path:
@@ -465,11 +440,11 @@ def generate(ovis: Ovis, args: argparse.Namespace, task: str, source: Image.Imag
         label = f"image {i + 1}/{count} " if count > 1 else ""
         if task == "t2i":
             image, = ovis.text_to_image(args.prompt, width=width, height=height, steps=args.steps,
-                                        txt_cfg=args.txt_cfg, seed=seed, progress=ProgressBar(label))
+                                        txt_cfg=args.txt_cfg, seed=seed, progress=ProgressBar("steps", label=label))
         else:
             image, = ovis.edit(source, args.prompt, steps=args.steps, txt_cfg=args.txt_cfg, img_cfg=args.img_cfg,
                                seed=seed, width=None if default_edit_size else width,
-                               height=None if default_edit_size else height, progress=ProgressBar(label))
+                               height=None if default_edit_size else height, progress=ProgressBar("steps", label=label))
         print(outputs.write(png_bytes(image, {**settings, "seed": seed})), flush=True)
     seconds = time.perf_counter() - start
     steps = args.steps * count
@@ -508,7 +483,7 @@ def set_up_device(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False  # its timing-based choice of kernels would change the bytes
         torch.backends.cudnn.deterministic = True
-    args.weights = args.weights or DEFAULT_WEIGHTS
+    args.weights = args.weights or DEFAULT_REPO
     return device, dtype
 
 

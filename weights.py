@@ -16,8 +16,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from ovis_min.checkpoint import (DEFAULT_REPO, HUB_IDS, CheckpointError, build_model,  # noqa: E402
-                                 check_checkpoint, download_checkpoint, format_counts, match, read_config,
-                                 resolve_source, table1_counts)
+                                 check_checkpoint, format_counts, match, read_config, table1_counts)
+from ovis_min.hub import download_checkpoint, resolve_source  # noqa: E402
 from ovis_min.config import OvisConfig  # noqa: E402
 from ovis_min.files import disk_full  # noqa: E402
 from ovis_min.tiny import write_tiny_checkpoint  # noqa: E402

@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image, UnidentifiedImageError
 
+from .cli import ProgressBar
 from .files import remove_leftovers, write_atomic
 from .pipeline import MAX_SIZE, MIN_SIZE, Ovis, round_to_16
 from .preprocess import ImageError, edit_target_size
@@ -311,7 +311,7 @@ def remove_cut_short(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Ranks and progress
+# Ranks
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -348,33 +348,6 @@ def join_ranks(device: torch.device) -> Ranks:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), device)
-
-
-class ItemProgress:
-    """Items of all ranks done, with rate and ETA, on rank 0's stderr: redrawn in place on a terminal, a line
-    every 30 s and at the end otherwise (logs)."""
-
-    def __init__(self, total: int, unit: str, show: bool):
-        self.total, self.unit, self.show = total, unit, show and total > 0
-        self.start = self.drawn = time.perf_counter()
-        self.live = sys.stderr.isatty()
-        self.done = 0
-
-    def add(self, count: int) -> None:
-        self.done += count
-        now = time.perf_counter()
-        if not self.show or not (self.done >= self.total or now - self.drawn > (0.1 if self.live else 30)):
-            return
-        self.drawn = now
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        filled = 30 * self.done // self.total
-        line = (f"[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {self.unit} "
-                f"{elapsed:6.1f} s, {rate:.2f} {self.unit}/s, ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        end = "\n" if self.done >= self.total or not self.live else ""
-        sys.stderr.write(("\r" if self.live else "") + line + end)
-        sys.stderr.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,7 +444,7 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
     if ranks.rank == 0:
         log(f"{len(bench.items)} items, {skipped} already done, {total} images to make on {ranks.world} "
             f"process{'es' if ranks.world > 1 else ''}, {settings.batch_size} per decoder call")
-    progress = ItemProgress(total, "images", show=ranks.rank == 0)
+    progress = ProgressBar("images", total, with_rate=True, log_every=30, show=ranks.rank == 0)
     tiles: dict[str, dict[int, Image.Image]] = {}  # DPG-Bench: the images of an item until its grid is written
     failed: set[str] = set()
 
@@ -579,7 +552,7 @@ def answer_set(ovis: Ovis, bench: BenchmarkSet, out: Path, batch_size: int, max_
     if ranks.rank == 0:
         log(f"{len(bench.items)} questions, {len(bench.items) - total} already answered, {total} to answer on "
             f"{ranks.world} process{'es' if ranks.world > 1 else ''}, {batch_size} per batch")
-    progress = ItemProgress(total, "answers", show=ranks.rank == 0)
+    progress = ProgressBar("answers", total, with_rate=True, log_every=30, show=ranks.rank == 0)
     failed = 0
     rounds = ranks.most(len(batches))
     for round_ in range(rounds):

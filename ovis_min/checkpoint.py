@@ -1,4 +1,4 @@
-"""The official Ovis-U1-3B checkpoint: where its tensors go, how to read it strictly and safely, how to fetch it.
+"""The official Ovis-U1-3B checkpoint: where its tensors go, how to read, check and write it strictly and safely.
 
 The checkpoint is read as published (Hugging Face `AIDC-AI/Ovis-U1-3B`, mirrored as `ATH-MaaS/Ovis-U1-3B`):
 `config.json`, `model.safetensors.index.json` with its shards (or one `model.safetensors`), the tokenizer
@@ -9,12 +9,11 @@ official name lands in.
 
 Safety: only safetensors are read (never a pickle), shard names from an index may not leave the checkpoint
 directory, and the Python files the official repository ships for `trust_remote_code` are neither downloaded
-nor run. The hub is reached through huggingface_hub (ovis_min/hub.py).
+nor run. Finding a checkpoint (a directory, a training run, a hub id) and downloading one is ovis_min/hub.py's.
 """
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -24,7 +23,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import hub
 from .config import ConfigError, OvisConfig, from_official, preprocess_from_official
 from .files import default_mode, read_json, temp_prefix, write_atomic
 from .model import OvisU1
@@ -42,8 +40,6 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 REQUIRED_FILES = (CONFIG_FILE, PREPROCESSOR_FILE)  # plus the weights, plus a tokenizer in either form
 # The tokenizer in its two forms (one of them must be complete) and the side files other tools may want.
 OPTIONAL_FILES = (TOKENIZER_FILE, *SLOW_TOKENIZER_FILES, *SLOW_TOKENIZER_EXTRAS, "generation_config.json")
-# What a download fetches before the shards; the shards follow once the index has named them.
-SMALL_FILES = (*REQUIRED_FILES, INDEX_FILE, *OPTIONAL_FILES)
 
 # Where each official tensor name lands in ovis-min. The key map is the identity: the official name *is* the
 # state_dict key, so this table is for readers and porters; it also groups parameters as the report's Table 1
@@ -219,7 +215,7 @@ def open_checkpoint(directory: Path | str) -> Checkpoint:
     missing = [file for file in files if not (directory / file).is_file()]
     if missing:
         raise CheckpointError(f"{directory}: {len(missing)} of {len(files)} shards named by {INDEX_FILE} are "
-                              f"missing: {_few(missing)}; {download_hint(directory)}")
+                              f"missing: {few_names(missing)}; {download_hint(directory)}")
 
     tensors, total_bytes = {}, 0
     for file in files:
@@ -235,7 +231,7 @@ def open_checkpoint(directory: Path | str) -> Checkpoint:
     if weight_map is not None and len(weight_map) != len(tensors):
         lost = [name for name in weight_map if name not in tensors]
         raise CheckpointError(f"{directory / INDEX_FILE}: {len(lost)} indexed tensors are in none of the shards: "
-                              f"{_few(lost)}")
+                              f"{few_names(lost)}")
     return Checkpoint(directory, files, tensors, total_bytes, index_total_size)
 
 
@@ -267,10 +263,11 @@ def read_config(directory: Path | str) -> OvisConfig:
     return result
 
 
-def read_tokenizer_size(directory: Path) -> int:
-    """The tokenizer's vocabulary size, added tokens included; CheckpointError when it cannot be read."""
+def read_tokenizer(directory: Path) -> Tokenizer:
+    """The checkpoint's tokenizer, as the pipeline uses it (its special tokens there too); CheckpointError when it
+    cannot be read."""
     try:
-        return len(Tokenizer(directory))  # as the pipeline opens it: the special tokens must be there too
+        return Tokenizer(directory)
     except (TokenizerError, TokenizerNotFound) as error:
         raise CheckpointError(f"{error}; {download_hint(directory)}") from None
 
@@ -303,7 +300,7 @@ class Mismatch:
         for what, names in (("missing", self.missing), ("unexpected", self.unexpected),
                             ("wrong shape", self.wrong_shape), ("wrong dtype", self.wrong_dtype)):
             if names:
-                parts.append(f"{len(names)} {what}: {_few(names)}")
+                parts.append(f"{len(names)} {what}: {few_names(names)}")
         return "; ".join(parts)
 
 
@@ -335,14 +332,15 @@ def match(model: nn.Module, shapes: dict[str, tuple[int, ...]], dtypes: dict[str
     return mismatch, aliases
 
 
-def load_checkpoint(model: nn.Module, directory: Path | str, dtype: torch.dtype = torch.bfloat16,
+def load_checkpoint(model: nn.Module, source: "Path | str | Checkpoint", dtype: torch.dtype = torch.bfloat16,
                     device: torch.device | str = "cpu") -> nn.Module:
-    """Fill `model` (built on the meta device) from a checkpoint directory, strictly, one shard at a time.
+    """Fill `model` (built on the meta device) from a checkpoint directory (or its `open_checkpoint` listing),
+    strictly, one shard at a time.
 
     Every tensor is read from its shard straight into `dtype` on `device` and becomes the parameter itself
     (`assign=True`), so the weights exist once, never twice. Floating tensors are cast; others keep their dtype.
     """
-    checkpoint = open_checkpoint(directory)
+    checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     mismatch, aliases = match(model, *checkpoint.columns())
     if mismatch:
         raise CheckpointError(f"{checkpoint.directory} does not fit the model: {mismatch.describe()}")
@@ -384,8 +382,8 @@ def load_checkpoint(model: nn.Module, directory: Path | str, dtype: torch.dtype 
                                       "them (tie_word_embeddings); this checkpoint is not for a tied model")
     unfilled = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if unfilled:
-        raise CheckpointError(f"after loading, {len(unfilled)} tensors are still unset: {_few(unfilled)}; a module "
-                              "must not create tensors outside its state dict in __init__ (they stay on meta)")
+        raise CheckpointError(f"after loading, {len(unfilled)} tensors are still unset: {few_names(unfilled)}; a "
+                              "module must not create tensors outside its state dict in __init__ (they stay on meta)")
     return model
 
 
@@ -399,39 +397,32 @@ class Loaded(NamedTuple):
     model: OvisU1  # in eval mode
     config: OvisConfig
     directory: Path  # holds the tokenizer and preprocessor_config.json
+    tokenizer: Tokenizer
 
 
-def load_model(source: str | Path = DEFAULT_REPO, dtype: torch.dtype = torch.bfloat16,
-               device: torch.device | str = "cpu", revision: str = "main", download: bool = False) -> Loaded:
-    """The official model from a local directory or a hub id (Hugging Face cache; downloaded if `download`).
-    Everything is checked before the weights are read: the files, the configs and the tokenizer."""
-    directory = resolve_source(source, revision=revision, download=download)
-    missing = missing_files(directory)
+def load_model(directory: Path | str, dtype: torch.dtype = torch.bfloat16,
+               device: torch.device | str = "cpu") -> Loaded:
+    """The official model from a checkpoint directory (`hub.resolve_source` finds one for a hub id). Everything
+    is checked before the weights are read: the files, the configs and the tokenizer."""
+    directory = Path(directory)
+    missing = missing_files(directory, with_shards=False)  # the shards: open_checkpoint, from the one index read
     if missing:
         raise CheckpointError(f"{directory}: missing {', '.join(missing)}; {download_hint(directory)}")
+    checkpoint = open_checkpoint(directory)
     config = read_config(directory)
-    read_tokenizer_size(directory)
-    model = load_checkpoint(build_model(config), directory, dtype=dtype, device=device)
-    return Loaded(model.eval(), config, directory)
+    tokenizer = read_tokenizer(directory)
+    model = load_checkpoint(build_model(config), checkpoint, dtype=dtype, device=device)
+    return Loaded(model.eval(), config, directory, tokenizer)
 
 
-def newest_step(run_directory: Path) -> Path | None:
-    """The step directory a train.py run directory's `latest` file names, or None where there is none."""
-    latest = run_directory / LATEST_FILE
-    return run_directory / latest.read_text().strip() if latest.is_file() else None
-
-
-def looks_like_hub_id(source: str | Path) -> bool:
-    """`owner/name` as the hub spells repository ids (a relative path such as `ckpt/x` reads the same)."""
-    return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) is not None
-
-
-def missing_files(directory: Path) -> list[str]:
+def missing_files(directory: Path, with_shards: bool = True) -> list[str]:
     """What a checkpoint directory lacks: config, preprocessor config, a tokenizer in either form, the weights
-    (the index and every shard it names, or model.safetensors). [] when complete."""
+    (the index and, `with_shards`, every shard it names; or model.safetensors). [] when complete."""
     missing = [name for name in REQUIRED_FILES if not (directory / name).is_file()]
     missing += missing_tokenizer_files(directory)
     if (directory / INDEX_FILE).is_file():
+        if not with_shards:
+            return missing
         try:
             shards = dict.fromkeys(read_index(directory)[0].values())
         except CheckpointError:
@@ -440,66 +431,6 @@ def missing_files(directory: Path) -> list[str]:
     elif not (directory / SINGLE_FILE).is_file():
         missing.append(f"{INDEX_FILE} (or {SINGLE_FILE})")
     return missing
-
-
-def _finish_command(repo_id: str, revision: str) -> str:
-    return f"python weights.py download {repo_id}" + ("" if revision == "main" else f" --revision {revision}")
-
-
-def resolve_source(source: str | Path, revision: str = "main", download: bool = False) -> Path:
-    """A checkpoint directory for `source`: an existing directory (a train.py run directory stands for its
-    newest checkpoint, named by its `latest` file), or a hub id found complete in the Hugging Face cache.
-
-    A hub id that is not cached, or cached incompletely, is downloaded (completed) if `download` and not offline.
-    Otherwise an incomplete snapshot is named with what it lacks and the command that finishes it; for a branch or
-    tag, a complete older snapshot of the same repository is used instead, with a note on stderr.
-    """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        newest = None if (path / CONFIG_FILE).is_file() else newest_step(path)
-        return newest or path
-    repo_id = str(source)
-    if not looks_like_hub_id(repo_id):
-        raise CheckpointError(f"no checkpoint directory {source}; {download_hint(source)}")
-    incomplete = None  # (snapshot, repo id, missing files) of the first partial snapshot found
-    candidates = [repo_id] + [other for other in HUB_IDS if repo_id in HUB_IDS and other != repo_id]
-    for candidate in candidates:
-        snapshot = hub.cached(candidate, revision)
-        if snapshot is None:
-            continue
-        missing = missing_files(snapshot)
-        if not missing:
-            return snapshot
-        incomplete = incomplete or (snapshot, candidate, missing)
-    if download and not hub.offline():
-        if incomplete is None:
-            _note(f"{repo_id}@{revision} is not in the Hugging Face cache ({hub.cache_dir()}): downloading it")
-        else:
-            _note(f"the cached {repo_id}@{revision} is incomplete (missing {_few(incomplete[2], 3)}): completing it")
-        return download_checkpoint(repo_id, revision=revision)
-    if incomplete is None:
-        if hub.offline() and download:
-            raise CheckpointError(f"{repo_id}@{revision} is not in the Hugging Face cache ({hub.cache_dir()}) and "
-                                  "HF_HUB_OFFLINE is set, so it cannot be downloaded: unset HF_HUB_OFFLINE, or use a "
-                                  "checkpoint directory")
-        raise CheckpointError(f"{repo_id} is neither a directory nor in the Hugging Face cache ({hub.cache_dir()}); "
-                              f"download it with: {_finish_command(repo_id, revision)}")
-    snapshot, candidate, missing = incomplete
-    finish = _finish_command(candidate, revision) + (" (with network access: unset HF_HUB_OFFLINE)"
-                                                     if hub.offline() else "")
-    if not re.fullmatch(r"[0-9a-f]{40}", revision):
-        for older in hub.other_snapshots(candidate, besides=snapshot):
-            if not missing_files(older):
-                _note(f"note: the cached {candidate}@{revision} ({snapshot.name[:12]}) is incomplete (missing "
-                      f"{_few(missing, 3)}); using the complete snapshot {older.name[:12]}; finish the newer one "
-                      f"with: {finish}")
-                return older
-    raise CheckpointError(f"the cached {candidate}@{revision} ({snapshot}) is incomplete: missing {_few(missing)}; "
-                          f"finish it with: {finish}")
-
-
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def check_checkpoint(directory: Path | str) -> list[str]:
@@ -522,7 +453,7 @@ def check_checkpoint(directory: Path | str) -> list[str]:
     row(CONFIG_FILE, f"LLM {config.llm.num_layers} layers x {config.llm.hidden_size}, encoder {config.vit.num_layers} "
                      f"x {config.vit.hidden_size}, decoder {config.mmdit.depth}+{config.mmdit.depth_single_blocks} "
                      f"blocks x {config.mmdit.hidden_size}, visual vocab {config.adapter.visual_vocab_size}")
-    vocab = read_tokenizer_size(directory)
+    vocab = len(read_tokenizer(directory))
     form = TOKENIZER_FILE if (directory / TOKENIZER_FILE).is_file() else "slow tokenizer files"
     if vocab > config.llm.vocab_size:
         raise CheckpointError(f"{directory}: the tokenizer ({form}) has {vocab} tokens, more than the LLM's "
@@ -550,45 +481,6 @@ def check_checkpoint(directory: Path | str) -> list[str]:
                                                                                 if absent else ""))
     lines.append("  parameters (report's Table 1 rows): " + format_counts(table1_counts(model)))
     return lines
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Downloading, through huggingface_hub
-# ---------------------------------------------------------------------------------------------------------------
-
-def download_checkpoint(repo_id: str = DEFAULT_REPO, local_dir: Path | str | None = None, revision: str = "main",
-                        progress: bool = True) -> Path:
-    """Fetch the checkpoint files of `repo_id` at `revision` into the Hugging Face cache, or into `local_dir`
-    (huggingface_hub's local_dir layout), and check them. Returns the checkpoint directory.
-
-    First the small files (configs, index, the tokenizer in whichever form the repository has), then exactly the
-    shards its index names, pinned to the same commit. Python files are never fetched. Files already complete
-    are kept, so an interrupted download resumes when run again.
-    """
-    local_dir = Path(local_dir).expanduser() if local_dir is not None else None
-    if local_dir is not None and local_dir.exists() and not local_dir.is_dir():
-        raise CheckpointError(f"--dir {local_dir} is a file, not a folder: choose another --dir")
-    where = f"{repo_id}@{revision}"
-    try:
-        folder, commit = hub.download(repo_id, revision, SMALL_FILES, local_dir, progress)
-        lacking = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-        lacking += missing_tokenizer_files(folder)
-        if lacking:
-            raise CheckpointError(f"{where} is not an Ovis-U1 checkpoint: the repository has no {', '.join(lacking)} "
-                                  f"(a tokenizer is {TOKENIZER_FILE} or {', '.join(SLOW_TOKENIZER_FILES)}); check "
-                                  "the repository id and --revision")
-        shards = (list(dict.fromkeys(read_index(folder)[0].values())) if (folder / INDEX_FILE).is_file()
-                  else [SINGLE_FILE])
-        folder, _ = hub.download(repo_id, commit, shards, local_dir, progress)
-    except hub.HubError as error:
-        raise CheckpointError(str(error)) from None
-    absent = [shard for shard in shards if not (folder / shard).is_file()]
-    if absent:
-        what = (f"the shards its {INDEX_FILE} names: {_few(absent)}" if (folder / INDEX_FILE).is_file()
-                else f"weights ({INDEX_FILE} or {SINGLE_FILE})")
-        raise CheckpointError(f"{where} is not a complete checkpoint: the repository lacks {what}")
-    open_checkpoint(folder)  # every shard readable and as long as its header says; the index fits the shards
-    return folder
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -632,7 +524,13 @@ def save_checkpoint(state: dict[str, torch.Tensor], directory: Path | str, shard
     return files
 
 
-def _few(names: list[str], n: int = 5) -> str:
+def few_names(names: list[str], n: int = 5) -> str:
     """The first few names and how many more: error messages stay readable for a 1000-tensor model."""
     shown = ", ".join(names[:n])
     return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
+
+
+def resolve_source(source: str | Path, revision: str = "main", download: bool = False) -> Path:
+    """`hub.resolve_source`, by the name train.py imports it under."""
+    from .hub import resolve_source as resolve  # hub.py imports this module
+    return resolve(source, revision, download)

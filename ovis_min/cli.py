@@ -4,6 +4,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 
 def ctrl_c_quits_quietly(script: str) -> None:
@@ -56,3 +57,40 @@ class TrainError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(f"train.py: error: {message}")
+
+
+class ProgressBar:
+    """Work done, on stderr: redrawn in place on a terminal; in logs and pipes a line every `log_every` seconds
+    and one at the end. Call it as progress(done, total) (flow.denoise does, once per step) or `add(count)`.
+
+    `label` opens the line; `with_rate` adds the rate and the time left; `show` False draws nothing (the ranks
+    other than 0 of a torchrun job).
+    """
+
+    def __init__(self, unit: str, total: int = 0, label: str = "", with_rate: bool = False,
+                 log_every: float = math.inf, show: bool = True):
+        self.unit, self.total, self.label, self.with_rate, self.log_every = unit, total, label, with_rate, log_every
+        self.show = show
+        self.live = sys.stderr.isatty()
+        self.start = self.drawn = time.perf_counter()
+        self.done = 0
+
+    def add(self, count: int) -> None:
+        self(self.done + count, self.total)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        now = time.perf_counter()
+        finished = done >= total
+        if not self.show or total <= 0 or not (finished or now - self.drawn > (0.1 if self.live else self.log_every)):
+            return
+        self.drawn = now
+        elapsed = now - self.start
+        filled = 30 * done // total
+        line = f"{self.label}[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {self.unit} {elapsed:6.1f} s"
+        if self.with_rate:
+            rate = done / elapsed if elapsed > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else 0.0
+            line += f", {rate:.2f} {self.unit}/s, ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        sys.stderr.write(("\r" if self.live else "") + line + ("\n" if finished or not self.live else ""))
+        sys.stderr.flush()

@@ -6,10 +6,14 @@ tokens (`HF_TOKEN` or `hf auth login`), any revision (branch, tag, commit, `refs
 checksums, file locks (two downloads at once), retries on 429/5xx, resumed transfers and progress bars.
 
 What this module adds: only the files the caller names are fetched (never the repository's Python code), and
-every failure becomes a `HubError` whose one-line message names the cause and the fix.
+every failure becomes a `HubError` whose one-line message names the cause and the fix. On top of that, where a
+checkpoint comes from: `resolve_source` turns a directory, a train.py run directory or a hub id into a complete
+checkpoint directory (completing or passing over incomplete cached snapshots), and `download_checkpoint` fetches
+exactly the files the model needs.
 """
 import os
 import re
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +24,14 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
                                     RevisionNotFoundError)
 from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars, logging
 
+from .checkpoint import (CONFIG_FILE, DEFAULT_REPO, HUB_IDS, INDEX_FILE, LATEST_FILE, OPTIONAL_FILES,
+                         REQUIRED_FILES, SINGLE_FILE, CheckpointError, download_hint, few_names, missing_files,
+                         open_checkpoint, read_index)
 from .files import disk_full
+from .prompt import SLOW_TOKENIZER_FILES, TOKENIZER_FILE, missing_tokenizer_files
+
+# What a download fetches before the shards; the shards follow once the index has named them.
+SMALL_FILES = (*REQUIRED_FILES, INDEX_FILE, *OPTIONAL_FILES)
 
 
 class HubError(Exception):
@@ -163,3 +174,114 @@ def _unreachable(where: str, error: BaseException) -> HubError:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return next((line for line in text.splitlines() if line.strip()), text)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where a checkpoint comes from
+# ---------------------------------------------------------------------------------------------------------------
+
+def newest_step(run_directory: Path) -> Path | None:
+    """The step directory a train.py run directory's `latest` file names, or None where there is none."""
+    latest = run_directory / LATEST_FILE
+    return run_directory / latest.read_text().strip() if latest.is_file() else None
+
+
+def looks_like_hub_id(source: str | Path) -> bool:
+    """`owner/name` as the hub spells repository ids (a relative path such as `ckpt/x` reads the same)."""
+    return re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", str(source)) is not None
+
+
+def _finish_command(repo_id: str, revision: str) -> str:
+    return f"python weights.py download {repo_id}" + ("" if revision == "main" else f" --revision {revision}")
+
+
+def resolve_source(source: str | Path, revision: str = "main", download: bool = False) -> Path:
+    """A checkpoint directory for `source`: an existing directory (a train.py run directory stands for its
+    newest checkpoint, named by its `latest` file), or a hub id found complete in the Hugging Face cache.
+
+    A hub id that is not cached, or cached incompletely, is downloaded (completed) if `download` and not offline.
+    Otherwise an incomplete snapshot is named with what it lacks and the command that finishes it; for a branch or
+    tag, a complete older snapshot of the same repository is used instead, with a note on stderr.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        newest = None if (path / CONFIG_FILE).is_file() else newest_step(path)
+        return newest or path
+    repo_id = str(source)
+    if not looks_like_hub_id(repo_id):
+        raise CheckpointError(f"no checkpoint directory {source}; {download_hint(source)}")
+    incomplete = None  # (snapshot, repo id, missing files) of the first partial snapshot found
+    candidates = [repo_id] + [other for other in HUB_IDS if repo_id in HUB_IDS and other != repo_id]
+    for candidate in candidates:
+        snapshot = cached(candidate, revision)
+        if snapshot is None:
+            continue
+        missing = missing_files(snapshot)
+        if not missing:
+            return snapshot
+        incomplete = incomplete or (snapshot, candidate, missing)
+    if download and not offline():
+        if incomplete is None:
+            _note(f"{repo_id}@{revision} is not in the Hugging Face cache ({cache_dir()}): downloading it")
+        else:
+            _note(f"the cached {repo_id}@{revision} is incomplete (missing {few_names(incomplete[2], 3)}): "
+                  "completing it")
+        return download_checkpoint(repo_id, revision=revision)
+    if incomplete is None:
+        if offline() and download:
+            raise CheckpointError(f"{repo_id}@{revision} is not in the Hugging Face cache ({cache_dir()}) and "
+                                  "HF_HUB_OFFLINE is set, so it cannot be downloaded: unset HF_HUB_OFFLINE, or use a "
+                                  "checkpoint directory")
+        raise CheckpointError(f"{repo_id} is neither a directory nor in the Hugging Face cache ({cache_dir()}); "
+                              f"download it with: {_finish_command(repo_id, revision)}")
+    snapshot, candidate, missing = incomplete
+    finish = _finish_command(candidate, revision) + (" (with network access: unset HF_HUB_OFFLINE)"
+                                                     if offline() else "")
+    if not re.fullmatch(r"[0-9a-f]{40}", revision):
+        for older in other_snapshots(candidate, besides=snapshot):
+            if not missing_files(older):
+                _note(f"note: the cached {candidate}@{revision} ({snapshot.name[:12]}) is incomplete (missing "
+                      f"{few_names(missing, 3)}); using the complete snapshot {older.name[:12]}; finish the newer one "
+                      f"with: {finish}")
+                return older
+    raise CheckpointError(f"the cached {candidate}@{revision} ({snapshot}) is incomplete: missing "
+                          f"{few_names(missing)}; finish it with: {finish}")
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def download_checkpoint(repo_id: str = DEFAULT_REPO, local_dir: Path | str | None = None, revision: str = "main",
+                        progress: bool = True) -> Path:
+    """Fetch the checkpoint files of `repo_id` at `revision` into the Hugging Face cache, or into `local_dir`
+    (huggingface_hub's local_dir layout), and check them. Returns the checkpoint directory.
+
+    First the small files (configs, index, the tokenizer in whichever form the repository has), then exactly the
+    shards its index names, pinned to the same commit. Python files are never fetched. Files already complete
+    are kept, so an interrupted download resumes when run again.
+    """
+    local_dir = Path(local_dir).expanduser() if local_dir is not None else None
+    if local_dir is not None and local_dir.exists() and not local_dir.is_dir():
+        raise CheckpointError(f"--dir {local_dir} is a file, not a folder: choose another --dir")
+    where = f"{repo_id}@{revision}"
+    try:
+        folder, commit = download(repo_id, revision, SMALL_FILES, local_dir, progress)
+        lacking = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+        lacking += missing_tokenizer_files(folder)
+        if lacking:
+            raise CheckpointError(f"{where} is not an Ovis-U1 checkpoint: the repository has no {', '.join(lacking)} "
+                                  f"(a tokenizer is {TOKENIZER_FILE} or {', '.join(SLOW_TOKENIZER_FILES)}); check "
+                                  "the repository id and --revision")
+        shards = (list(dict.fromkeys(read_index(folder)[0].values())) if (folder / INDEX_FILE).is_file()
+                  else [SINGLE_FILE])
+        folder, _ = download(repo_id, commit, shards, local_dir, progress)
+    except HubError as error:
+        raise CheckpointError(str(error)) from None
+    absent = [shard for shard in shards if not (folder / shard).is_file()]
+    if absent:
+        what = (f"the shards its {INDEX_FILE} names: {few_names(absent)}" if (folder / INDEX_FILE).is_file()
+                else f"weights ({INDEX_FILE} or {SINGLE_FILE})")
+        raise CheckpointError(f"{where} is not a complete checkpoint: the repository lacks {what}")
+    open_checkpoint(folder)  # every shard readable and as long as its header says; the index fits the shards
+    return folder

@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
+from .hub import resolve_source
 from .generate import compile_decode_step, compile_decoder_blocks, generate
 from .mmdit import MMDiT
 from .layers import pad_rows
@@ -41,6 +42,11 @@ class Condition:
     tokens: torch.Tensor  # (1, L, H) refined text tokens
     cls: torch.Tensor  # (1, H) global text vector
     cond_img: torch.Tensor | None = None  # (1, N, 16) VAE tokens of the image being edited, if this branch sees it
+
+
+def one_or_each(conditions: list[Condition]) -> "Condition | list[Condition]":
+    """A guidance branch for `guided_velocity`: one Condition shared by every image, or one per image."""
+    return conditions[0] if len(conditions) == 1 else conditions
 
 
 def round_to_16(size: int) -> int:
@@ -135,9 +141,9 @@ class Ovis:
                         dtype: torch.dtype = torch.bfloat16, offload: bool = False, download: bool = True,
                         revision: str = "main") -> "Ovis":
         """The official checkpoint from a directory or a hub id (Hugging Face cache, downloaded if missing)."""
-        loaded = load_model(source, dtype=dtype, device="cpu" if offload else device, revision=revision,
-                            download=download)
-        return cls(loaded.model, Tokenizer(loaded.directory), str(source), device=device, offload=offload)
+        directory = resolve_source(source, revision=revision, download=download)
+        loaded = load_model(directory, dtype=dtype, device="cpu" if offload else device)
+        return cls(loaded.model, loaded.tokenizer, str(source), device=device, offload=offload)
 
     def use(self, stage: str) -> None:
         """With offload, bring `stage`'s modules to the device and send the other stages back to the CPU."""
@@ -256,6 +262,10 @@ class Ovis:
         return flow.initial_noise(num_images, height, width, seed=seed, device=self.device,
                                   dtype=self.model.dtype)
 
+    def seeded_noise(self, seeds: list[int], height: int, width: int) -> torch.Tensor:
+        """(B, 4, h, w): image i's noise from seeds[i], as a batch of one of that seed would start."""
+        return torch.cat([self.initial_noise(1, height, width, seed) for seed in seeds])
+
     def schedule(self, steps: int, height: int, width: int) -> list[float]:
         mm = self.config.mmdit
         return flow.time_schedule(steps, (height // 16) * (width // 16), shift=mm.timestep_shift,
@@ -266,10 +276,8 @@ class Ovis:
                       txt_cfg: float = 5.0, seed: int = 42, num_images: int = 1,
                       progress: Progress = None) -> list[Image.Image]:
         height, width = check_size(height, width)
-        (cond,), uncond = self.t2i_branches([prompt], height, width)
-        noise = self.initial_noise(num_images, height, width, seed)
-        return self.sample_images([cond, uncond], lambda v: flow.text_guidance(v[0], v[1], txt_cfg), noise,
-                                  height, width, steps, progress)
+        return self.generate_t2i([prompt], self.initial_noise(num_images, height, width, seed), height, width, steps,
+                                 txt_cfg, progress)
 
     @torch.no_grad()
     def text_to_images(self, prompts: list[str], seeds: list[int], width: int = 1024, height: int = 1024,
@@ -281,10 +289,15 @@ class Ovis:
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         height, width = check_size(height, width)
+        return self.generate_t2i(prompts, self.seeded_noise(seeds, height, width), height, width, steps, txt_cfg,
+                                 progress)
+
+    def generate_t2i(self, prompts: list[str], noise: torch.Tensor, height: int, width: int, steps: int,
+                     txt_cfg: float, progress: Progress) -> list[Image.Image]:
+        """The images of `noise` (B, 4, h, w) with text guidance: one prompt per image, or one for all of them."""
         conds, uncond = self.t2i_branches(prompts, height, width)
-        noise = torch.cat([self.initial_noise(1, height, width, seed) for seed in seeds])  # (B, 4, h, w)
-        return self.sample_images([conds, uncond], lambda v: flow.text_guidance(v[0], v[1], txt_cfg), noise,
-                                  height, width, steps, progress)
+        return self.sample_images([one_or_each(conds), uncond], lambda v: flow.text_guidance(v[0], v[1], txt_cfg),
+                                  noise, height, width, steps, progress)
 
     def t2i_branches(self, prompts: list[str], height: int, width: int) -> tuple[list[Condition], Condition]:
         """The refined conditions of each prompt, and the unconditional one they all share."""
@@ -302,12 +315,9 @@ class Ovis:
              progress: Progress = None) -> list[Image.Image]:
         """Edit `image` following `instruction`. The output size is the input size rounded to multiples of 32
         (the official edit script's smart_resize), unless width/height are given."""
-        (image,), height, width = self.edit_inputs([image], width, height)
-        cond, no_txt, no_both = self.edit_branches([image], [instruction], [seed], height, width)
-        noise = self.initial_noise(num_images, height, width, seed)
-        return self.sample_images([cond[0], no_txt[0], no_both],
-                                  lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg),
-                                  noise, height, width, steps, progress)
+        images, height, width = self.edit_inputs([image], width, height)
+        return self.generate_edits(images, [instruction], [seed], self.initial_noise(num_images, height, width, seed),
+                                   height, width, steps, txt_cfg, img_cfg, progress)
 
     @torch.no_grad()
     def edit_images(self, images: list, instructions: list[str], seeds: list[int], steps: int = 50,
@@ -319,9 +329,16 @@ class Ovis:
         if not len(images) == len(instructions) == len(seeds):
             raise ValueError(f"got {len(images)} images, {len(instructions)} instructions and {len(seeds)} seeds")
         images, height, width = self.edit_inputs(images, width, height)
+        return self.generate_edits(images, instructions, seeds, self.seeded_noise(seeds, height, width), height,
+                                   width, steps, txt_cfg, img_cfg, progress)
+
+    def generate_edits(self, images: list[Image.Image], instructions: list[str], seeds: list[int],
+                       noise: torch.Tensor, height: int, width: int, steps: int, txt_cfg: float, img_cfg: float,
+                       progress: Progress) -> list[Image.Image]:
+        """The edits of `noise` (B, 4, h, w) with image and text guidance: one (image, instruction, seed) per
+        output image, or one for all of them."""
         conds, no_txts, no_both = self.edit_branches(images, instructions, seeds, height, width)
-        noise = torch.cat([self.initial_noise(1, height, width, seed) for seed in seeds])  # (B, 4, h, w)
-        return self.sample_images([conds, no_txts, no_both],
+        return self.sample_images([one_or_each(conds), one_or_each(no_txts), no_both],
                                   lambda v: flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg),
                                   noise, height, width, steps, progress)
 

@@ -231,7 +231,6 @@ class Tokenizer:
         self.pad_token = names.get("pad_token", "<|endoftext|>")
         self.eos_token_id = self.token_id(self.eos_token)
         self.pad_token_id = self.token_id(self.pad_token)
-        self.im_start_id = self.token_id("<|im_start|>")
 
     def token_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -276,7 +275,7 @@ def _as_turns(text_or_conversation: "str | list[dict]") -> list[tuple[str, str]]
     return turns
 
 
-def _turn_texts(text_or_conversation: "str | list[dict]", generation_preface: str | None,
+def turn_texts(text_or_conversation: "str | list[dict]", generation_preface: str | None,
                 enable_thinking: bool) -> list[tuple[str, str]]:
     """[(role, formatted text of the turn)]. A non-None `generation_preface` opens a final, unfinished assistant
     turn (inference); with None every turn is closed by <|im_end|>\\n (generation conditions, training)."""
@@ -293,16 +292,6 @@ def _turn_texts(text_or_conversation: "str | list[dict]", generation_preface: st
             text += IM_END
         texts.append((role, text))
     return texts
-
-
-def format_prompt(text_or_conversation: "str | list[dict]", generation_preface: str | None = "",
-                  enable_thinking: bool = False) -> str:
-    """The prompt as text, `<image>` markers left in place.
-
-    generation_preface: "" for understanding (the assistant turn is opened, ready to answer), None for the
-    generation conditions and for training conversations (no open assistant turn).
-    """
-    return "".join(text for _, text in _turn_texts(text_or_conversation, generation_preface, enable_thinking))
 
 
 def _encode_with_images(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -326,7 +315,7 @@ def build_input_ids(tokenizer: Tokenizer, text_or_conversation: "str | list[dict
     """
     answer_start = len(tokenizer.encode(ROLE_PREFIXES["gpt"] + ("" if enable_thinking else EMPTY_THINK)))
     input_ids, labels = [], []
-    turns = _turn_texts(text_or_conversation, generation_preface, enable_thinking)
+    turns = turn_texts(text_or_conversation, generation_preface, enable_thinking)
     for role, text in turns:
         ids = _encode_with_images(tokenizer, text)
         turn_labels = [IGNORE_ID] * len(ids)

@@ -3,7 +3,8 @@
 `python weights.py tiny DIR` writes one: config.json, sharded safetensors with their index, a Qwen-style
 byte-level BPE tokenizer (the Qwen specials, a handful of merges) as tokenizer.json or, with --slow-tokenizer,
 as the slow files, and preprocessor_config.json. It has every structural feature of the real model at under a
-million parameters, so every code path runs in a second on a CPU; its outputs are noise.
+million parameters, so every code path runs in a second on a CPU; its outputs are noise. Its weights come from
+`random_model`, which fills a model of any config in place (bench.py times the full size with it).
 """
 import json
 import math
@@ -20,6 +21,7 @@ from .checkpoint import CONFIG_FILE, PREPROCESSOR_FILE, CheckpointError, build_m
 from .config import (AdapterConfig, LLMConfig, MMDiTConfig, OvisConfig, PreprocessConfig, RefinerConfig,
                      VAEConfig, VitConfig, to_official)
 from .files import default_mode, temp_prefix, write_atomic
+from .model import OvisU1
 from .prompt import QWEN_SPLIT, TOKENIZER_FILE
 
 
@@ -53,23 +55,33 @@ def preprocessor_json(pre: PreprocessConfig) -> dict:
     }
 
 
-def random_state(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Seeded random float32 values for every parameter of `model` (tied aliases left out).
+@torch.no_grad()
+def random_model(config: OvisConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 seed: int = 0) -> OvisU1:
+    """The whole model with seeded random weights, each allocated once in `dtype` on `device` and filled in place
+    (built on the meta device first, so memory never holds a second copy; the tied LLM head stays one tensor).
 
     Scaled like a trained network so activations stay O(1): matrices ~ N(0, 1/fan_in), norm scales ~ 1,
     biases small. Nothing is zero, so every path (adaLN gates included) is exercised.
     """
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, param in model.named_parameters():
-        noise = torch.randn(param.shape, generator=generator)
+    model = build_model(config).eval()
+    real: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if id(param) not in real:
+                real[id(param)] = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device),
+                                               requires_grad=False)
+            setattr(module, name, real[id(param)])
+    generator = torch.Generator(device).manual_seed(seed)
+    for name, param in model.named_parameters():  # a tied Parameter is listed once
+        param.normal_(generator=generator)
         if param.dim() >= 2:
-            state[name] = noise / math.sqrt(param[0].numel())
+            param.div_(math.sqrt(param[0].numel()))
         elif name.endswith("bias"):
-            state[name] = 0.02 * noise
+            param.mul_(0.02)
         else:  # norm scales
-            state[name] = 1.0 + 0.02 * noise
-    return state
+            param.mul_(0.02).add_(1.0)
+    return model
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -126,19 +138,19 @@ def tokenizer_config_json(tokenizer: Tokenizer) -> dict:
             "unk_token": None}
 
 
-def slow_tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
-    """The slow form of `tokenizer` as transformers' Qwen2Tokenizer saves it: vocab.json, merges.txt,
-    added_tokens.json, special_tokens_map.json and tokenizer_config.json, by file name."""
+def tokenizer_files(tokenizer: Tokenizer, slow: bool = False) -> dict[str, str]:
+    """The tokenizer's files by name, as transformers' Qwen2 tokenizers save them: tokenizer.json, or with `slow`
+    vocab.json, merges.txt and added_tokens.json; either way tokenizer_config.json and special_tokens_map.json."""
+    files = {"tokenizer_config.json": json.dumps(tokenizer_config_json(tokenizer), indent=2) + "\n",
+             "special_tokens_map.json": json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n"}
+    if not slow:
+        return {TOKENIZER_FILE: tokenizer.to_str(pretty=True), **files}
     document = json.loads(tokenizer.to_str())
     merges = [pair if isinstance(pair, list) else pair.split(" ") for pair in document["model"]["merges"]]
     added = {entry["content"]: entry["id"] for entry in document["added_tokens"]}
-    return {
-        "vocab.json": json.dumps(document["model"]["vocab"], ensure_ascii=False) + "\n",
-        "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-        "added_tokens.json": json.dumps(added, indent=2, sort_keys=True) + "\n",
-        "special_tokens_map.json": json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n",
-        "tokenizer_config.json": json.dumps(tokenizer_config_json(tokenizer), indent=2) + "\n",
-    }
+    return {"vocab.json": json.dumps(document["model"]["vocab"], ensure_ascii=False) + "\n",
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+            "added_tokens.json": json.dumps(added, indent=2, sort_keys=True) + "\n", **files}
 
 
 SPECIAL_TOKENS_MAP = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
@@ -166,7 +178,7 @@ def write_tiny_checkpoint(directory: Path | str, seed: int = 0, shards: int = 2,
     if tokenizer.get_vocab_size() > config.llm.vocab_size:
         raise ValueError(f"the tiny tokenizer has {tokenizer.get_vocab_size()} tokens, more than the LLM's "
                          f"vocab_size {config.llm.vocab_size}")
-    state = random_state(build_model(config), seed)
+    state = {name: param.data for name, param in random_model(config, seed=seed).named_parameters()}
     official = to_official(config)
     if published_dtypes:
         state = {name: tensor if name.startswith(PUBLISHED_FLOAT32) else tensor.bfloat16()
@@ -175,13 +187,8 @@ def write_tiny_checkpoint(directory: Path | str, seed: int = 0, shards: int = 2,
         official["visual_tokenizer_config"]["backbone_config"]["torch_dtype"] = "bfloat16"
         official["visual_generator_config"]["torch_dtype"] = "float32"
     files = {CONFIG_FILE: json.dumps(official, indent=2) + "\n",
-             PREPROCESSOR_FILE: json.dumps(preprocessor_json(config.preprocess), indent=2) + "\n"}
-    if slow_tokenizer:
-        files.update(slow_tokenizer_files(tokenizer))
-    else:
-        files[TOKENIZER_FILE] = tokenizer.to_str(pretty=True)
-        files["tokenizer_config.json"] = json.dumps(tokenizer_config_json(tokenizer), indent=2) + "\n"
-        files["special_tokens_map.json"] = json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n"
+             PREPROCESSOR_FILE: json.dumps(preprocessor_json(config.preprocess), indent=2) + "\n",
+             **tokenizer_files(tokenizer, slow_tokenizer)}
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     temp = Path(tempfile.mkdtemp(prefix=f"{temp_prefix()}{directory.name}-", dir=directory.parent))

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -46,8 +47,15 @@ def case_metas(directory: Path) -> dict[str, dict]:
     return metas
 
 
+def case_params(names: list[str], what: str) -> list:
+    """Discovered case names as test parameters; none found is one parameter, None, that fails the test (a golden
+    case that is not there is a failure, never a skip)."""
+    return names or [pytest.param(None, id=f"no-{what}-case")]
+
+
 class GoldenCase:
-    def __init__(self, directory: Path, name: str):
+    def __init__(self, directory: Path, name: str | None):
+        assert name is not None, f"no golden case of this kind in {directory}"
         self.dir = Path(directory)
         self.name = name
         self.meta = json.loads((self.dir / f"{name}.json").read_text())

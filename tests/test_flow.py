@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 
-from golden_case import GOLDEN_DIR, GoldenCase, case_metas
+from golden_case import GOLDEN_DIR, GoldenCase, case_metas, case_params
 from ovis_min import flow
 
 
-def cases_with(key: str, output: str | None = None) -> list[str]:
-    """Golden cases whose JSON has `key` (and lists the stored output `output`)."""
-    return [name for name, meta in case_metas(GOLDEN_DIR).items()
-            if key in meta and (output is None or output in meta.get("outputs", {}))]
+def cases_with(key: str, output: str | None = None) -> list:
+    """Golden cases whose JSON has `key` (and lists the stored output `output`); none found fails the test."""
+    return case_params([name for name, meta in case_metas(GOLDEN_DIR).items()
+                        if key in meta and (output is None or output in meta.get("outputs", {}))], output or key)
 
 
 def packed_tokens(meta: dict) -> int:

@@ -255,3 +255,21 @@ def test_full_size_layout_matches_official_manifest():
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert ours == official
     assert sum(p.numel() for p in model.parameters()) == manifest["param_counts_raw"]["llm"]  # tied head once
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_query_attention_equals_sdpa_with_repeated_kv(masked):
+    """The LLM folds the query heads that share a KV head into the query length: same result as repeating KV."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 50, 16) for _ in range(3))
+    key_mask = torch.arange(50)[None] < torch.tensor([[50], [31]])
+    k2, v2 = k[:, :1].expand(2, 1, 50, 16), v[:, :1].expand(2, 1, 50, 16)
+    causal = torch.ones(50, 50, dtype=torch.bool).tril().expand(2, 1, 50, 50)
+    if masked:
+        causal = causal & key_mask[:, None, None] | torch.eye(50, dtype=torch.bool)
+    reference = F.scaled_dot_product_attention(q, k2.expand(2, 3, 50, 16), v2.expand(2, 3, 50, 16), attn_mask=causal)
+    folded = llm.fold_heads(causal, 3)
+    torch.testing.assert_close(llm.attention(q, k2, v2, folded), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(llm.attention(q, k2, v2, llm.attention_bias(folded, q.dtype)), reference,
+                               rtol=0, atol=1e-5)

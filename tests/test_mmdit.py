@@ -8,7 +8,7 @@ import torch
 from golden_checks.decoder import rope_rotations
 from ovis_min import flow
 from ovis_min.config import MMDiTConfig, RefinerConfig
-from ovis_min.mmdit import MMDiT, apply_rope, rope_tables
+from ovis_min.mmdit import HeadRMSNorm, MMDiT, apply_rope, rope_tables
 from ovis_min.refiner import TokenRefiner
 
 MANIFEST = Path(__file__).parent / "golden" / "full_manifest.json"
@@ -151,3 +151,11 @@ def test_full_size_layout_matches_the_official_state_dict():
     assert (decoder, refiner) == (counts["vision_decoder_excl_refiner"], counts["refiner_txt_in"])
     # the report's Table 1 as counted in the golden README: 1046.17M and 81.05M
     assert (round(decoder / 1e6, 2), round(refiner / 1e6, 2)) == (1046.17, 81.05)
+
+
+def test_head_rms_norm_equals_rms_norm():
+    norm = HeadRMSNorm(16)
+    with torch.no_grad():
+        norm.scale.normal_()
+    x = torch.randn(2, 3, 5, 16)
+    torch.testing.assert_close(norm(x), torch.nn.functional.rms_norm(x, (16,), norm.scale, eps=1e-6))

@@ -7,11 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from golden_checks.prompts import format_prompt
 from ovis_min.config import PreprocessConfig
 from ovis_min.preprocess import (ImageError, blank_image, cover_and_crop, edit_target_size, load_image,
                                  preprocess_image, smart_resize, to_vae_pixels, understanding_resize)
 from ovis_min.prompt import (IGNORE_ID, IMAGE_PLACEHOLDER_IDS, Tokenizer, build_input_ids, check_image_count,
-                             check_length, count_images, edit_prompt, format_prompt, preprocess_inputs, t2i_prompt)
+                             check_length, count_images, edit_prompt, preprocess_inputs, t2i_prompt)
 
 TOKENIZER_DIR = Path(__file__).parent / "golden" / "tiny_tokenizer"
 TINY = PreprocessConfig(min_pixels=3136, max_pixels=12544)
@@ -177,7 +178,7 @@ def test_tokenizer_specials_and_roundtrip(tokenizer):
     assert tokenizer.eos_token_id == tokenizer.token_id("<|im_end|>")
     assert tokenizer.pad_token_id == tokenizer.token_id("<|endoftext|>")
     ids = tokenizer.encode("<|im_start|>user\nHello there.<|im_end|>")
-    assert ids[0] == tokenizer.im_start_id and ids[-1] == tokenizer.eos_token_id
+    assert ids[0] == tokenizer.token_id("<|im_start|>") and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids) == "user\nHello there."
     assert tokenizer.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nHello there.<|im_end|>"
 

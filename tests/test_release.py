@@ -54,7 +54,7 @@ def run_tasks(directory: Path) -> tuple[str, bytes, bytes]:
 
 
 def test_loads_strictly_and_runs_the_three_tasks_with_either_tokenizer_form(release, tmp_path):
-    model, _, _ = load_model(release, dtype=torch.float32)
+    model = load_model(release, dtype=torch.float32).model
     assert model.llm.lm_head.weight is model.llm.model.embed_tokens.weight
     fast = tmp_path / "fast"
     shutil.copytree(release, fast)

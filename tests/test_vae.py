@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from golden_case import GOLDEN_DIR, GoldenCase
+from ovis_min import flow
 from ovis_min.config import VAEConfig
+from ovis_min.model import decode_image_tokens, encode_image_tokens
 from ovis_min.vae import AutoencoderKL, to_uint8
 
 MANIFEST = GOLDEN_DIR / "full_manifest.json"
@@ -103,3 +105,20 @@ def test_to_uint8_truncates_like_official():
     assert image.shape == (1, 1, 6, 3) and image.dtype == torch.uint8
     # 127.5 * (0 + 1) = 127.5 -> 127 and 127.5 * 1.999 = 254.87 -> 254: truncation, not rounding
     assert image[0, 0, :, 0].tolist() == [0, 0, 127, 254, 255, 255]
+
+
+def test_channels_last_pixel_token_paths_equal_plain_calls():
+    """decode_image_tokens and encode_image_tokens convert the VAE to channels_last in place: same values as the plain
+    calls on a contiguous copy."""
+    plain = tiny_vae()
+    vae = AutoencoderKL(TINY).eval()
+    vae.load_state_dict(plain.state_dict())
+    tokens, pixels, eps = torch.randn(1, 16, 16), torch.rand(1, 3, 64, 64) * 2 - 1, torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        decoded = decode_image_tokens(vae, tokens, 64, 64)
+        assert decoded.is_contiguous(memory_format=torch.channels_last)
+        expected = plain.decode(plain.from_latent_space(flow.unpack_latents(tokens, 64, 64)))
+        torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-5)
+        mean, logvar = plain.encode(pixels)
+        expected = flow.pack_latents(plain.to_latent_space(plain.sample_latent(mean, logvar, noise=eps)))
+        torch.testing.assert_close(encode_image_tokens(vae, pixels, noise=eps), expected, rtol=0, atol=1e-5)

@@ -11,8 +11,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ovis_min.checkpoint import (INDEX_FILE, OFFICIAL_NAMES, CheckpointError, build_model, check_checkpoint,
-                                 load_checkpoint, load_model, official_part, open_checkpoint, resolve_source,
-                                 save_checkpoint, table1_counts)
+                                 load_checkpoint, load_model, official_part, open_checkpoint, save_checkpoint,
+                                 table1_counts)
+from ovis_min import checkpoint
+from ovis_min.hub import resolve_source
+from ovis_min.prompt import Tokenizer
 from ovis_min.config import OvisConfig, from_official, to_official
 from ovis_min.tiny import preprocessor_json, tiny_config, tiny_tokenizer, write_tiny_checkpoint
 import weights
@@ -289,7 +292,7 @@ def golden_checkpoint_dir(tmp_path: Path) -> Path:
 
 
 def test_golden_tiny_official_checkpoint_loads_strictly(tmp_path):
-    model, config, directory = load_model(golden_checkpoint_dir(tmp_path), dtype=torch.float32)
+    model, config, directory, _ = load_model(golden_checkpoint_dir(tmp_path), dtype=torch.float32)
     official = load_file(str(GOLDEN / "tiny_model.safetensors"))
     ours = model.state_dict()
     assert sorted(ours) == sorted(official)  # the golden file stores the tied lm_head too
@@ -311,7 +314,7 @@ def test_tiny_checkpoint_has_the_official_layout_and_loads_in_bf16(tmp_path):
         assert set(config[section]) <= set(golden[section]), set(config[section]) - set(golden[section])
     assert from_official(config, preprocessor_json(tiny_config().preprocess)) == tiny_config()
 
-    model, _, _ = load_model(directory, dtype=torch.bfloat16)
+    model = load_model(directory, dtype=torch.bfloat16).model
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert "llm.lm_head.weight" not in open_checkpoint(directory).tensors  # tied, so left out, as published
     # the seed fixes the weights, whatever the sharding
@@ -414,3 +417,13 @@ def test_peak_memory_is_one_copy_of_the_weights(tmp_path):
                                 text=True, cwd=ROOT, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert result.returncode == 0, result.stderr
         assert int(result.stdout) < bound, (dtype, int(result.stdout) / 1e6)
+
+
+def test_a_load_reads_the_index_once_and_keeps_its_tokenizer(tmp_path, monkeypatch):
+    directory = write_tiny_checkpoint(tmp_path / "tiny", shards=3)
+    reads = []
+    read_index = checkpoint.read_index
+    monkeypatch.setattr(checkpoint, "read_index", lambda d: reads.append(d) or read_index(d))
+    loaded = load_model(directory, dtype=torch.float32)
+    assert len(reads) == 1
+    assert loaded.tokenizer.encode("a cat") == Tokenizer(directory).encode("a cat")

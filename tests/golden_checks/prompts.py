@@ -9,9 +9,14 @@ from dataclasses import replace
 import torch
 
 from ovis_min.config import PreprocessConfig
-from ovis_min.prompt import Tokenizer, build_input_ids, check_image_count, format_prompt
+from ovis_min.prompt import Tokenizer, build_input_ids, check_image_count, turn_texts
 from ovis_min.preprocess import (edit_target_size, condition_images, load_image, preprocess_image,
                                  preprocess_images, resize_for_edit, smart_resize)
+
+
+def format_prompt(text_or_conversation, generation_preface: str | None = "") -> str:
+    """The prompt as text, `<image>` markers left in place: the turns `build_input_ids` encodes, joined."""
+    return "".join(text for _, text in turn_texts(text_or_conversation, generation_preface, enable_thinking=False))
 
 
 def _entry(mapping: dict, prefix: str):
