@@ -73,11 +73,12 @@ from torch import nn  # noqa: E402
 from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load_checkpoint, read_config,  # noqa: E402
                                  resolve_source, tied_groups)
 from ovis_min.cli import TrainError  # noqa: E402
-from ovis_min.data import TASKS, DataConfig, DataError, Mixture, index_manifests, parse_mix  # noqa: E402
-from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, gradient_sync,  # noqa: E402
-                                  setup_runtime, wrap)
+from ovis_min.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
+                           index_manifests, parse_mix)
+from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, setup_runtime,  # noqa: E402
+                                  wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
-from ovis_min.losses import TrainStep  # noqa: E402
+from ovis_min.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.stages import (SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
                              learning_rate, make_optimizer, set_trainable)
@@ -138,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=whole_number(0), default=3, help="checkpoints to keep (default 3; 0: all)")
     parser.add_argument("--stop-after", type=whole_number(1), help="stop after this step with a checkpoint, keeping the "
                         "schedule of --steps (for jobs with a time limit)")
-    parser.add_argument("--workers", type=whole_number(0), default=4, help="threads that read and preprocess images "
-                        "(default 4)")
+    parser.add_argument("--workers", type=whole_number(0), default=4, help="DataLoader worker processes per "
+                        "process that read and preprocess the data ahead of the step, e.g. --workers 8 (default 4; "
+                        "0: in the training process)")
     parser.add_argument("--seed", type=whole_number(0), default=0, help="seed of the data order, --scratch weights, noise and "
                         "dropout (default 0)")
     parser.add_argument("--device", help="default: cuda if available")
@@ -286,8 +288,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
                           args.drop_prompt, args.drop_image)
     try:
         manifests = index_manifests(args.data)
-        mixture = Mixture(manifests, args.mix, data_cfg, seed=args.seed, rank=runtime.rank, world=runtime.world,
-                          overfit=args.overfit, workers=args.workers)
+        mixture = Mixture(manifests, args.mix)
     except (ValueError, FileNotFoundError) as error:
         raise TrainError(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None
 
@@ -314,6 +315,10 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     if trainer_state is not None:
         start = restore(trainer_state, step_module, optimizer, mixture, runtime)
 
+    # after restore: the loader starts at the restored data position
+    loader = Loader(mixture, MicroBatchData(manifests, data_cfg, args.seed, args.overfit), args.batch,
+                    args.micro_batch, runtime.rank, runtime.world, args.workers,
+                    pin_memory=runtime.device.type == "cuda")
     if runtime.main:
         out.mkdir(parents=True, exist_ok=True)
         for leftover in remove_leftovers(out):
@@ -338,31 +343,27 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         for group in optimizer.param_groups:
             group["lr"] = lr
         began = time.perf_counter()
-        loss_sums, counts, tokens = dict.fromkeys(TASKS, 0.0), dict.fromkeys(TASKS, 0), 0
-        for micro in range(accumulation):
-            batch = mixture.next_batch(args.micro_batch).to(runtime.device)
-            with gradient_sync(wrapped, micro == accumulation - 1):
-                with autocast:
-                    loss, batch_tokens = wrapped(batch)
-                (loss / accumulation).backward()
-            loss_sums[batch.task] += loss.item()
-            counts[batch.task] += 1
-            tokens += batch_tokens
+        micro_batches = [next(loader).to(runtime.device, non_blocking=True) for _ in range(accumulation)]
+        mixture.next_global_batch(args.batch)  # the position the loader has now delivered
+        data_wait = time.perf_counter() - began
+        window = backward_window(wrapped, micro_batches, runtime, autocast)
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        skipped = mixture.skipped
-        totals = all_reduce_sum([*loss_sums.values(), *counts.values(), tokens, *skipped.values()], runtime)
+        values = window.values()
+        totals = all_reduce_sum([*values, *(sum(m.skipped[r] for m in micro_batches) for r in SKIP_REASONS)],
+                                runtime)
+        loss, task_loss, tokens = summary(totals[:len(values)])
+        skipped = mixture.add_skipped(dict(zip(SKIP_REASONS, map(int, totals[len(values):]))))
         elapsed = time.perf_counter() - began
-        n = len(TASKS)
-        task_loss = {t: totals[i] / totals[n + i] for i, t in enumerate(TASKS) if totals[n + i]}
-        record = {"step": step + 1, "loss": sum(totals[:n]) / sum(totals[n:2 * n]), "task_loss": task_loss, "lr": lr,
+        record = {"step": step + 1, "loss": loss, "task_loss": task_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "samples_per_s": args.batch / elapsed,
-                  "tokens_per_s": totals[2 * n] / elapsed, "memory_gb": peak_memory_gb(runtime.device),
-                  "skipped": {reason: int(v) for reason, v in zip(skipped, totals[2 * n + 1:]) if v}}
+                  "tokens_per_s": tokens / elapsed, "memory_gb": peak_memory_gb(runtime.device),
+                  "data_wait_s": data_wait, "compute_s": elapsed - data_wait,
+                  "skipped": {reason: n for reason, n in skipped.items() if n}}
         if runtime.main:
             records.append(record)
             log.write(json.dumps(record) + "\n")
@@ -383,7 +384,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             log.write(json.dumps(record) + "\n")
             print("replicas identical" if record["replicas_identical"] else
                   f"WARNING: the {runtime.world} replicas differ", flush=True)
-    mixture.close()
+    loader.close()
     if log:
         log.close()
     if runtime.world > 1:
@@ -401,7 +402,8 @@ def format_record(record: dict, steps: int) -> str:
     tasks = ", ".join(f"{t} {v:.4f}" for t, v in record["task_loss"].items())
     line = (f"step {record['step']}/{steps} | loss {record['loss']:.4f} ({tasks}) | lr {record['lr']:.2e} | "
             f"grad {record['grad_norm']:.3f} | {record['samples_per_s']:.1f} samples/s "
-            f"{record['tokens_per_s']:.0f} tok/s | mem {record['memory_gb']:.1f} GB")
+            f"{record['tokens_per_s']:.0f} tok/s | data wait {record['data_wait_s']:.2f}s compute "
+            f"{record['compute_s']:.2f}s | mem {record['memory_gb']:.1f} GB")
     if record["skipped"]:
         line += " | skipped " + ", ".join(f"{reason} {n}" for reason, n in record["skipped"].items())
     return line

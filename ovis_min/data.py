@@ -23,11 +23,11 @@ T2I prompts become the unconditional prompt (`drop_prompt`); edits lose the inst
 Rows that cannot be used (malformed JSON or fields, missing or unreadable images, too long for the model, no answer
 to learn) are skipped and counted by reason; they never stop a run.
 """
+import copy
 import json
 import math
 import random
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from .prompt import (IGNORE_ID, UNCONDITIONAL_PROMPT, Tokenizer, check_image_cou
 TASKS = ("understanding", "t2i", "edit")
 SKIP_REASONS = ("malformed", "missing image", "unreadable image", "too long", "no answer")
 MAX_WARNINGS = 5  # per reason and process: enough to see what is wrong without flooding a long run's log
+MAX_ATTEMPTS = 1000  # rows tried for one sample before the data is declared unusable
 
 
 class SkipRow(Exception):
@@ -52,6 +53,10 @@ class SkipRow(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+
+
+class DataError(ValueError):
+    """The data cannot feed a task at all: training stops with this message."""
 
 
 def task_of(row: dict) -> str:
@@ -233,10 +238,20 @@ class Batch:
     source: torch.Tensor | None = None  # (B, 3, R, R), zeros where has_source is False
     has_source: torch.Tensor | None = None  # (B,) bool
 
-    def to(self, device: torch.device) -> "Batch":
-        moved = {name: value.to(device) if isinstance(value, torch.Tensor) and name != "seeds" else value
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        moved = {name: value.to(device, non_blocking=non_blocking)
+                 if isinstance(value, torch.Tensor) and name != "seeds" else value
                  for name, value in self.__dict__.items()}
         return Batch(**moved)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) and name != "seeds" else value
+                        for name, value in self.__dict__.items()})
+
+    @property
+    def supervised_tokens(self) -> int:
+        """Answer tokens the cross-entropy learns (position i predicts token i+1: the first token never is)."""
+        return 0 if self.labels is None else int((self.labels[:, 1:] != IGNORE_ID).sum())
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -265,121 +280,198 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Streams and mixing
+# The global batches: which rows every optimizer step trains on
 # ---------------------------------------------------------------------------------------------------------------
 def sample_seed(seed: int, task: str, index: int) -> int:
     """A distinct seed per (run seed, task, stream position)."""
     return ((seed * 1_000_003 + TASKS.index(task)) * 1_000_000_007 + index) % (2 ** 63)
 
 
-class TaskStream:
-    """The rows of one task in a fresh random order every epoch; rank r of W takes positions r, r+W, r+2W, ...
+@dataclass(frozen=True)
+class Draw:
+    """One sample of a global batch: the `position`-th sample of `task`'s stream."""
+    task: str
+    position: int
 
-    The position counter is the whole state, so a resumed run continues with the very next row. With `overfit` n,
-    the stream cycles through the first n rows in order and each row keeps its seed (same noise, same timestep,
-    same drops): a debugging mode in which the loss must fall.
+
+class TaskStream:
+    """The rows of one task in a fresh random order every epoch; position p is the p-th sample of the whole run.
+
+    A row that cannot be used is replaced by the next rows of the same epoch order (attempt 1, 2, ...), and the
+    sample keeps its position's seed, so what a position holds never depends on which process loads it. With
+    `overfit` n, the stream cycles through the first n rows in order and each row keeps its seed (same noise, same
+    timestep, same drops): a debugging mode in which the loss must fall.
     """
 
-    def __init__(self, task: str, rows: np.ndarray, seed: int, rank: int, world: int, overfit: int = 0):
-        self.task, self.rows, self.seed, self.rank, self.world = task, rows, seed, rank, world
+    def __init__(self, task: str, rows: np.ndarray, seed: int, overfit: int = 0):
+        self.task, self.rows, self.seed = task, rows, seed
         self.overfit = min(overfit, len(rows)) if overfit else 0
-        self.draws = 0  # rows this rank has taken
         self._epoch, self._order = -1, None
 
-    def next(self) -> tuple[np.ndarray, int]:
-        """(row reference, sample seed) of this rank's next position."""
-        position = self.draws * self.world + self.rank
-        self.draws += 1
+    @property
+    def cycle(self) -> int:
+        """Rows a position can fall back on: after this many attempts every one of them was tried."""
+        return self.overfit or len(self.rows)
+
+    def row(self, position: int, attempt: int = 0) -> tuple[np.ndarray, int]:
+        """(row reference, sample seed) of a stream position; attempt > 0 gives its replacements."""
         if self.overfit:
             index = position % self.overfit
-            return self.rows[index], sample_seed(self.seed, self.task, index)
+            return self.rows[(index + attempt) % self.overfit], sample_seed(self.seed, self.task, index)
         epoch, within = divmod(position, len(self.rows))
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.task, -1 - epoch))
             self._order, self._epoch = torch.randperm(len(self.rows), generator=generator).numpy(), epoch
-        return self.rows[self._order[within]], sample_seed(self.seed, self.task, position)
+        return self.rows[self._order[(within + attempt) % len(self.rows)]], sample_seed(self.seed, self.task,
+                                                                                         position)
 
 
 class Mixture:
-    """Micro-batches of one task at a time, the tasks interleaved deterministically in the given ratios.
+    """The run's global batches, the tasks mixed in the given ratios sample by sample.
 
-    Every rank picks the same task for the same micro-batch (the choice depends only on the counts so far), so
-    the ranks of a data-parallel step run the same kind of forward pass. The task with the largest shortfall
-    against its share goes next: ratios 2:1:1 give A B C A A B C A ..., and the counts never drift.
+    The sample with the largest shortfall against its task's share goes next (ratios 2:1:1 give A B C A A B C A
+    ..., and the counts never drift); within a global batch the samples are grouped by task, so that few
+    micro-batches hold two tasks. The position (samples so far and per task) is the whole state: it is the same on
+    every rank and does not depend on the number of processes or on how a global batch is split into
+    micro-batches, so a run resumed on any number of processes trains on the very same global batches.
     """
 
-    def __init__(self, manifests: Manifests, ratios: dict[str, float], cfg: DataConfig, seed: int = 0,
-                 rank: int = 0, world: int = 1, overfit: int = 0, workers: int = 0):
+    def __init__(self, manifests: Manifests, ratios: dict[str, float]):
         ratios = {task: r for task, r in ratios.items() if r > 0}
         empty = [task for task in ratios if len(manifests.rows[task]) == 0]
         if empty or not ratios:
             raise ValueError(f"no {' or '.join(empty) or 'training'} rows in the manifests: add data for these "
                              f"tasks or leave them out of the mix (--mix)")
         self.ratios = {task: r / sum(ratios.values()) for task, r in ratios.items()}
-        self.manifests, self.cfg = manifests, cfg
-        self.streams = {task: TaskStream(task, manifests.rows[task], seed, rank, world, overfit)
-                        for task in self.ratios}
-        self.micro_batches = dict.fromkeys(self.ratios, 0)
-        self.skipped = dict.fromkeys(SKIP_REASONS, 0)
-        self.usable = dict.fromkeys(self.ratios, False)  # has any row of the task given an example yet
-        self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
+        self.samples = 0
+        self.drawn = dict.fromkeys(self.ratios, 0)
+        self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # over all ranks, as the training loop adds them up
 
-    def next_task(self) -> str:
-        done = sum(self.micro_batches.values())
-        task = max(self.ratios, key=lambda t: self.ratios[t] * (done + 1) - self.micro_batches[t])
-        self.micro_batches[task] += 1
-        return task
+    def next_global_batch(self, size: int) -> list[Draw]:
+        draws = []
+        for _ in range(size):
+            task = max(self.ratios, key=lambda t: self.ratios[t] * (self.samples + 1) - self.drawn[t])
+            draws.append(Draw(task, self.drawn[task]))
+            self.drawn[task] += 1
+            self.samples += 1
+        return sorted(draws, key=lambda draw: TASKS.index(draw.task))
 
-    def _load(self, item):
-        ref, seed, task = item
-        try:
-            return load_example(self.manifests, task, ref, seed, self.cfg)
-        except SkipRow as skip:
-            return skip
-
-    def next_batch(self, size: int) -> Batch:
-        """The next micro-batch of `size` usable examples (bad rows are skipped and counted)."""
-        task = self.next_task()
-        stream, examples, failures = self.streams[task], [], 0
-        while len(examples) < size:
-            items = [(*stream.next(), task) for _ in range(size - len(examples))]
-            results = self.pool.map(self._load, items) if self.pool else map(self._load, items)
-            for result in results:
-                if isinstance(result, SkipRow):
-                    failures += 1
-                    self.skipped[result.reason] += 1
-                    if self.skipped[result.reason] <= MAX_WARNINGS:
-                        more = "; more of these are only counted" if self.skipped[result.reason] == MAX_WARNINGS else ""
-                        print(f"skipping a {task} row ({result}){more}", file=sys.stderr)
-                else:
-                    examples.append(result)
-                    self.usable[task] = True
-            if not self.usable[task] and failures >= len(stream.rows):
-                reasons = ", ".join(f"{reason} {n}" for reason, n in self.skipped.items() if n)
-                raise DataError(f"none of the {len(stream.rows)} {task} rows can be used (skipped: {reasons}); fix "
-                                "the manifest as the messages above say, or leave the task out of --mix")
-            if failures > 1000 + 10 * len(stream.rows):
-                raise DataError(f"{failures} {task} rows in a row could not be used; see the messages above")
-        return collate(examples, self.cfg.tokenizer.pad_token_id)
+    def add_skipped(self, counts: dict[str, int]) -> dict[str, int]:
+        """Add one step's skips of all ranks; returns the run's totals so far."""
+        for reason, n in counts.items():
+            self.skipped[reason] += n
+        return dict(self.skipped)
 
     def state_dict(self) -> dict:
-        return {"micro_batches": dict(self.micro_batches), "skipped": dict(self.skipped),
-                "draws": {task: s.draws for task, s in self.streams.items()}}
+        return {"samples": self.samples, "drawn": dict(self.drawn), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.micro_batches.update({t: n for t, n in state["micro_batches"].items() if t in self.micro_batches})
+        self.samples = state["samples"]
+        self.drawn.update({t: n for t, n in state["drawn"].items() if t in self.drawn})
         self.skipped.update(state["skipped"])
-        for task, draws in state["draws"].items():
-            if task in self.streams:
-                self.streams[task].draws = draws
+
+
+def rank_share(draws: list[Draw], micro_batch: int, rank: int, world: int) -> list[list[Draw]]:
+    """This rank's micro-batches of a global batch: micro-batch j of rank r holds samples (j*world + r)*m .. +m."""
+    chunks = [draws[i:i + micro_batch] for i in range(0, len(draws), micro_batch)]
+    return chunks[rank::world]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: DataLoader worker processes turn a rank's micro-batches into tensors
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class MicroBatch:
+    """One forward pass of one rank: a Batch per task it holds (in TASKS order), and what loading it skipped."""
+    parts: list[Batch]
+    skipped: dict[str, int]
+    error: str | None = None  # the data cannot feed a task: raised as DataError by the training process
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "MicroBatch":
+        return MicroBatch([part.to(device, non_blocking) for part in self.parts], self.skipped, self.error)
+
+    def pin_memory(self) -> "MicroBatch":
+        return MicroBatch([part.pin_memory() for part in self.parts], self.skipped, self.error)
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self.parts)
+
+
+class MicroBatchData(torch.utils.data.Dataset):
+    """Indexed by a list of Draws (a micro-batch): loads, replaces bad rows, collates per task."""
+
+    def __init__(self, manifests: Manifests, cfg: DataConfig, seed: int = 0, overfit: int = 0):
+        self.manifests, self.cfg = manifests, cfg
+        self.streams = {task: TaskStream(task, rows, seed, overfit) for task, rows in manifests.rows.items()
+                        if len(rows)}
+        self.warned = dict.fromkeys(SKIP_REASONS, 0)  # per process: each worker warns on its own
+
+    def example(self, draw: Draw, skipped: dict[str, int]) -> Example:
+        stream = self.streams[draw.task]
+        for attempt in range(min(stream.cycle, MAX_ATTEMPTS)):
+            ref, seed = stream.row(draw.position, attempt)
+            try:
+                return load_example(self.manifests, draw.task, ref, seed, self.cfg)
+            except SkipRow as skip:
+                skipped[skip.reason] += 1
+                self.warned[skip.reason] += 1
+                if self.warned[skip.reason] <= MAX_WARNINGS:
+                    more = "; more of these are only counted" if self.warned[skip.reason] == MAX_WARNINGS else ""
+                    print(f"skipping a {draw.task} row ({skip}){more}", file=sys.stderr)
+        if stream.cycle > MAX_ATTEMPTS:
+            raise DataError(f"{MAX_ATTEMPTS} {draw.task} rows in a row could not be used; see the messages above")
+        reasons = ", ".join(f"{reason} {n}" for reason, n in skipped.items() if n)
+        raise DataError(f"none of the {stream.cycle} {draw.task} rows can be used (skipped: {reasons}); fix the "
+                        "manifest as the messages above say, or leave the task out of --mix")
+
+    def __getitem__(self, draws: list[Draw]) -> MicroBatch:
+        skipped = dict.fromkeys(SKIP_REASONS, 0)
+        try:
+            examples = [self.example(draw, skipped) for draw in draws]
+        except DataError as error:  # a message, not a worker's traceback
+            return MicroBatch([], skipped, str(error))
+        pad_id = self.cfg.tokenizer.pad_token_id
+        parts = [collate([e for e in examples if e.task == task], pad_id) for task in TASKS
+                 if any(e.task == task for e in examples)]
+        return MicroBatch(parts, skipped)
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """This rank's micro-batches, step after step, from the mixture's position when the loader started."""
+
+    def __init__(self, mixture: Mixture, batch: int, micro_batch: int, rank: int, world: int):
+        self.mixture, self.batch, self.micro_batch, self.rank, self.world = mixture, batch, micro_batch, rank, world
+
+    def __iter__(self):
+        plan = copy.deepcopy(self.mixture)  # the training loop advances the original as it consumes steps
+        while True:
+            yield from rank_share(plan.next_global_batch(self.batch), self.micro_batch, self.rank, self.world)
+
+
+def unchanged(item):
+    return item
+
+
+class Loader:
+    """The micro-batches of one rank, loaded ahead by `workers` processes (0: in the training process)."""
+
+    def __init__(self, mixture: Mixture, data: MicroBatchData, batch: int, micro_batch: int, rank: int,
+                 world: int, workers: int = 0, pin_memory: bool = False, prefetch: int = 2):
+        loader = torch.utils.data.DataLoader(
+            data, batch_size=None, sampler=RankSampler(mixture, batch, micro_batch, rank,
+                                                                              world),
+            num_workers=workers, collate_fn=unchanged, pin_memory=pin_memory,
+            prefetch_factor=prefetch if workers else None)
+        self._iterator = iter(loader)
+
+    def __next__(self) -> MicroBatch:
+        micro = next(self._iterator)
+        if micro.error:
+            raise DataError(micro.error)
+        return micro
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-
-
-class DataError(ValueError):
-    """The data cannot feed a task at all: training stops with this message."""
+        self._iterator = None  # shuts the worker processes down
 
 
 def parse_mix(text: str) -> dict[str, float]:

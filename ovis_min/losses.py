@@ -3,13 +3,25 @@
 Flow matching on the VAE latents: x_t = t*noise + (1-t)*x0, target velocity noise - x0 (the official sampler
 integrates dx/dt = v from t=1 to 0), t logit-normal, shifted like the sampler's schedule when config.json enables
 timestep_shift (flow.py).
+
+Weighting over an optimizer step (all micro-batches of all ranks, the "window"): the cross-entropy is summed over
+the supervised tokens and divided by the window's supervised tokens, so a short answer weighs as much per token as
+a long one wherever it lands (a mean per micro-batch would overweight short answers); flow matching is a mean per
+sample. Each task counts by its share of the window's samples:
+
+    loss = (understanding samples / samples) * CE sum / supervised tokens + flow-matching sum / samples
+
+so the same global batch gives the same gradient however it is split into micro-batches and processes.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import flow
-from .data import Batch
+from .data import TASKS, Batch, MicroBatch
+from .distributed import Runtime, all_reduce_sum, gradient_sync
 from .model import IGNORE_ID, OvisU1, encode_image_tokens
 
 
@@ -24,7 +36,7 @@ def idle_image_term(model: OvisU1) -> torch.Tensor:
 
 
 def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy on the supervised (assistant) tokens; (loss, LLM tokens).
+    """Next-token cross-entropy summed over the supervised (assistant) tokens; (loss sum, LLM tokens).
 
     idle_image: for a batch without images, run the encoder and adapter anyway, on a blank image whose embeddings
     enter the LLM input times zero. Every rank then uses the same weights in the same order whatever its batch
@@ -38,8 +50,8 @@ def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) ->
     supervised = targets != IGNORE_ID
     # The (B, L, 152K) logits of every position would dwarf the rest of the step: project only what is learned.
     logits = model.llm.lm_head(hidden[:, :-1][supervised])  # (T, V)
-    loss = F.cross_entropy(logits.float(), targets[supervised])
-    return loss, int(merged.attention_mask.sum())
+    loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+    return loss_sum, int(merged.attention_mask.sum())
 
 
 def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
@@ -48,7 +60,7 @@ def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) 
 
 
 def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[torch.Tensor, int]:
-    """Flow matching on the target's VAE latent tokens; (loss, LLM + decoder tokens)."""
+    """Flow matching on the target's VAE latent tokens; ((B,) loss of each sample, LLM + decoder tokens)."""
     vae, decoder, mm = model.visual_generator.vae, model.visual_generator.backbone, model.config.mmdit
     device = batch.target.device
     size = batch.target.shape[-1]
@@ -83,11 +95,20 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
                                         key_mask=torch.cat(key_mask, dim=1))
     tokens = int(txt_mask.sum()) + batch_size * num_img + (int(batch.has_source.sum()) * num_img
                                                            if cond_img is not None else 0)
-    return flow.flow_matching_loss(velocity, x0, noise), tokens
+    per_sample = (velocity.float() - flow.velocity_target(x0, noise).float()).square().mean(dim=(1, 2))
+    return per_sample, tokens
+
+
+@dataclass
+class LossScale:
+    """What one sample's loss is multiplied by in a window: see the module's docstring."""
+    per_token: float  # of the summed cross-entropy
+    per_sample: float  # of a sample's flow-matching loss
 
 
 class TrainStep(nn.Module):
-    """One micro-batch -> (loss, tokens). A module around the model so that DDP/FSDP see the whole step."""
+    """One micro-batch -> (weighted loss, per-task sums). A module around the model so that DDP/FSDP see the whole
+    step, whichever tasks the micro-batch holds."""
 
     def __init__(self, model: OvisU1):
         super().__init__()
@@ -96,7 +117,72 @@ class TrainStep(nn.Module):
         self.upstream_trains = any(p.requires_grad for name, p in model.named_parameters()
                                    if not name.startswith("visual_generator."))
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        if batch.task == "understanding":
-            return understanding_loss(self.model, batch, idle_image=self.upstream_trains)
-        return generation_loss(self.model, batch, condition_grad=self.upstream_trains)
+    def forward(self, micro: MicroBatch, scale: LossScale) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """(loss to backward, {task: loss sum}, tokens)."""
+        loss, sums, tokens = 0.0, {}, 0
+        for batch in micro.parts:
+            if batch.task == "understanding":
+                task_sum, task_tokens = understanding_loss(self.model, batch, idle_image=self.upstream_trains)
+                loss = loss + scale.per_token * task_sum
+            else:
+                per_sample, task_tokens = generation_loss(self.model, batch, condition_grad=self.upstream_trains)
+                task_sum = per_sample.sum()
+                loss = loss + scale.per_sample * task_sum
+            sums[batch.task] = task_sum.detach()
+            tokens += task_tokens
+        return loss, sums, tokens
+
+
+@dataclass
+class WindowTotals:
+    """One optimizer step's numbers on one rank: loss sums and counts per task (count: supervised tokens for
+    understanding, samples for generation), understanding samples, samples and tokens."""
+    sums: dict[str, torch.Tensor]
+    counts: dict[str, int]
+    understanding_samples: int
+    samples: int
+    tokens: int
+
+    def values(self) -> list[float]:
+        """What the ranks add up, in the order `summary` reads."""
+        return [*(float(self.sums[t]) for t in TASKS), *(self.counts[t] for t in TASKS), self.understanding_samples,
+                self.samples, self.tokens]
+
+
+def summary(totals: list[float]) -> tuple[float, dict[str, float], float]:
+    """The all-reduced WindowTotals.values() -> (the step's loss, loss per task, tokens)."""
+    n = len(TASKS)
+    sums, counts = dict(zip(TASKS, totals[:n])), dict(zip(TASKS, totals[n:2 * n]))
+    understanding_samples, samples, tokens = totals[2 * n:2 * n + 3]
+    task_loss = {t: sums[t] / counts[t] for t in TASKS if counts[t]}
+    loss = sum(sums[t] for t in TASKS if t != "understanding") / samples
+    if counts["understanding"]:
+        loss += understanding_samples / samples * task_loss["understanding"]
+    return loss, task_loss, tokens
+
+
+def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime: Runtime,
+                    autocast) -> WindowTotals:
+    """Forward and backward every micro-batch of one optimizer step on this rank, weighted as the module's
+    docstring says; gradients are reduced across ranks on the last micro-batch. Collective."""
+    counts = dict.fromkeys(TASKS, 0)
+    for micro in micro_batches:
+        for batch in micro.parts:
+            counts[batch.task] += batch.supervised_tokens if batch.task == "understanding" else len(batch)
+    understanding_samples = sum(len(b) for m in micro_batches for b in m.parts if b.task == "understanding")
+    samples = sum(len(m) for m in micro_batches)
+    tokens_all, understanding_all, samples_all = all_reduce_sum(
+        [counts["understanding"], understanding_samples, samples], runtime)
+    # DDP and FSDP average gradients over ranks: each rank's share is scaled up by the world size to undo it.
+    scale = LossScale(per_token=runtime.world * understanding_all / samples_all / max(tokens_all, 1),
+                      per_sample=runtime.world / samples_all)
+    sums, tokens = {t: torch.zeros((), device=runtime.device) for t in TASKS}, 0
+    for i, micro in enumerate(micro_batches):
+        with gradient_sync(module, i == len(micro_batches) - 1):
+            with autocast:
+                loss, micro_sums, micro_tokens = module(micro, scale)
+            loss.backward()
+        for task, value in micro_sums.items():
+            sums[task] += value.float()
+        tokens += micro_tokens
+    return WindowTotals(sums, counts, understanding_samples, samples, tokens)

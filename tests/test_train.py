@@ -3,6 +3,7 @@
 Per stage: the loss falls on a repeated batch, exactly the stage's parameters change, and the checkpoint is a
 strict official-layout checkpoint. Resuming continues exactly; two CPU processes (DDP, and FSDP for stage 3) agree.
 """
+import contextlib
 import json
 import os
 import subprocess
@@ -12,14 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import train
 from ovis_min import losses
 from ovis_min.checkpoint import load_model, open_checkpoint
-from ovis_min.data import (DataConfig, Mixture, SkipRow, collate, edit_example, index_manifests, load_example,
-                           t2i_example, understanding_example)
+from ovis_min.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
+                           index_manifests, load_example, t2i_example, understanding_example)
+from ovis_min.distributed import Runtime
 from ovis_min.prompt import Tokenizer
 from ovis_min.stages import STAGES, set_trainable
 
@@ -81,8 +84,7 @@ def manifest(tmp_path_factory) -> Path:
     ]
     path = root / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows + bad) + "{not json\n")
-    # For two processes with --overfit 2: rank 0 always gets the first row of a task, rank 1 the second, so rank 1's
-    # understanding batches never hold an image while rank 0's always do.
+    # With --overfit 2 a run's understanding samples alternate between the first row (an image) and the second (none).
     split = [rows[0], rows[16], rows[1], rows[3], rows[18], rows[19]]
     assert "images" in rows[0] and "images" not in rows[16] and "instruction" in rows[18]
     (root / "split.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split))
@@ -184,8 +186,9 @@ def torchrun(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_ddp_keep_identical_replicas(ckpt, manifest, tmp_path):
-    """Stage 1 mixes all tasks, one micro-batch per step: step 1 reduces gradients after an understanding batch
-    in which rank 1 has no image (see `manifest`), then accumulation over the next steps."""
+    """Stage 1 mixes all tasks and each rank draws its own: step 1 reduces gradients after rank 0 ran an
+    understanding batch and rank 1 a T2I one, step 2 after a text-only understanding batch (see `manifest`) on rank 0
+    and an edit on rank 1, then accumulation over the next steps."""
     out = tmp_path / "ddp"
     common = ["--stage", 1, "--init", ckpt, "--data", manifest.parent / "split.jsonl", "--micro-batch", 1,
               "--overfit", 2, "--steps", 4]
@@ -193,7 +196,8 @@ def test_two_processes_ddp_keep_identical_replicas(ckpt, manifest, tmp_path):
     torchrun([*common, "--out", out, "--batch", 6, "--resume", out], tmp_path)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r.get("step") for r in log] == [1, 2, None, 3, 4, None]
-    assert set(log[0]["task_loss"]) == {"understanding"} and len(log[3]["task_loss"]) == 3
+    assert set(log[0]["task_loss"]) == {"understanding", "t2i"} and set(log[1]["task_loss"]) == {"understanding", "edit"}
+    assert len(log[3]["task_loss"]) == 3
     assert log[-1]["replicas_identical"] and len(log[-1]["replicas"]) == 2
     state(out / "step-00000004")
 
@@ -246,7 +250,7 @@ def test_a_samples_flow_loss_does_not_depend_on_its_batch_mates(tiny, manifest):
         together, _ = losses.generation_loss(model, collate([edit, no_image], cfg.tokenizer.pad_token_id), False)
         alone = [losses.generation_loss(model, collate([e], cfg.tokenizer.pad_token_id), False)[0]
                  for e in (edit, no_image)]
-    torch.testing.assert_close(together, (alone[0] + alone[1]) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-6)
 
 
 def test_understanding_loss_is_cross_entropy_on_the_answer_tokens_only(tiny, manifest):
@@ -257,13 +261,14 @@ def test_understanding_loss_is_cross_entropy_on_the_answer_tokens_only(tiny, man
     answer = cfg.tokenizer.encode("a green circle<|im_end|>")
     assert example.labels[example.labels != -100].tolist() == answer
     batch = collate([example], cfg.tokenizer.pad_token_id)
+    assert batch.supervised_tokens == len(answer)
     with torch.no_grad():
-        loss, _ = losses.understanding_loss(model, batch)
+        loss_sum, _ = losses.understanding_loss(model, batch)
         merged = model.merge_inputs(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.grid_thws,
                                     batch.labels, left_padding=False)
         logits = model.llm(inputs_embeds=merged.embeds, attention_mask=merged.attention_mask)
         expected = torch.nn.functional.cross_entropy(logits[0, :-1], merged.labels[0, 1:], ignore_index=-100)
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss_sum / len(answer), expected)
 
 
 def test_text_only_batches_still_give_every_trained_weight_a_gradient(ckpt, tiny):
@@ -273,10 +278,58 @@ def test_text_only_batches_still_give_every_trained_weight_a_gradient(ckpt, tiny
     cfg = tiny[1]
     example = understanding_example({"conversations": [{"from": "human", "value": "hi"},
                                                        {"from": "gpt", "value": "hello"}]}, Path("."), 0, cfg)
-    loss, _ = losses.TrainStep(model)(collate([example], cfg.tokenizer.pad_token_id))
+    micro = MicroBatch([collate([example], cfg.tokenizer.pad_token_id)], {})
+    loss, _, _ = losses.TrainStep(model)(micro, losses.LossScale(per_token=1.0, per_sample=1.0))
     loss.backward()
     params = dict(model.named_parameters())
     assert all(params[name].grad is not None for name in trained)
+
+
+# -- loss weighting over the window ----------------------------------------------------------------------------
+
+def window_gradients(ckpt: Path, manifest: Path, batch: int, micro_batch: int, rank: int = 0,
+                     world: int = 1) -> dict[str, torch.Tensor]:
+    """The gradient of stage 1's first optimizer step (all three tasks) on this rank, after the DDP reduction."""
+    loaded = load_model(ckpt, dtype=torch.float32)
+    trained = set_trainable(loaded.model, 1)
+    cfg = DataConfig(Tokenizer(ckpt), loaded.config.preprocess, loaded.config.multimodal_max_length, RESOLUTION)
+    manifests = index_manifests([manifest])
+    loader = Loader(Mixture(manifests, {"understanding": 1, "t2i": 1, "edit": 1}), MicroBatchData(manifests, cfg),
+                    batch, micro_batch, rank, world)
+    runtime = Runtime(rank, world, torch.device("cpu"))
+    step = losses.TrainStep(loaded.model)
+    module = torch.nn.parallel.DistributedDataParallel(step) if world > 1 else step
+    micro_batches = [next(loader) for _ in range(batch // (micro_batch * world))]
+    losses.backward_window(module, micro_batches, runtime, contextlib.nullcontext())
+    params = dict(loaded.model.named_parameters())
+    return {name: params[name].grad for name in sorted(trained)}
+
+
+def _two_process_gradients(rank: int, ckpt: Path, manifest: Path, out: Path) -> None:
+    """Micro-batches of 1 (3 per rank) and of 3 (one per rank, holding several tasks)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=2)
+    try:
+        grads = [window_gradients(ckpt, manifest, 6, micro_batch, rank, 2) for micro_batch in (1, 3)]
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_same_global_batch_gives_the_same_gradient_however_it_is_split(ckpt, manifest, tmp_path):
+    """6 samples of three tasks: one micro-batch holding all three, 3 or 6 micro-batches, 2 processes with 3
+    micro-batches each or one mixed one each. Answers of different lengths land in different micro-batches, so a
+    mean per micro-batch would weigh their tokens differently."""
+    whole = window_gradients(ckpt, manifest, 6, 6)
+    assert all(g is not None and g.abs().sum() > 0 for g in whole.values())
+    splits = [window_gradients(ckpt, manifest, 6, 2), window_gradients(ckpt, manifest, 6, 1)]
+    torch.multiprocessing.spawn(_two_process_gradients, args=(ckpt, manifest, tmp_path / "grads.pt"), nprocs=2)
+    splits += torch.load(tmp_path / "grads.pt")
+    for grads in splits:
+        assert grads.keys() == whole.keys()
+        for name in whole:
+            torch.testing.assert_close(grads[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -293,16 +346,21 @@ def test_bad_rows_are_skipped_and_counted_by_reason(manifest, tiny):
                 reasons.append(skip.reason)
     assert sorted(reasons) == sorted(["missing image", "unreadable image", "too long", "no answer", "malformed"])
 
-    mixture = Mixture(manifests, {"t2i": 1}, tiny[1])
-    batches = [mixture.next_batch(3) for _ in range(4)]  # more than an epoch of 8 good and 2 bad t2i rows
+    loader = Loader(Mixture(manifests, {"t2i": 1}), MicroBatchData(manifests, tiny[1]), batch=3, micro_batch=3,
+                    rank=0, world=1)
+    batches = [next(loader) for _ in range(4)]  # more than an epoch of 8 good and 2 bad t2i rows
     assert all(len(b) == 3 for b in batches)
-    assert mixture.skipped["missing image"] + mixture.skipped["too long"] >= 2
+    assert sum(b.skipped["missing image"] + b.skipped["too long"] for b in batches) >= 2
 
 
-def test_tasks_are_interleaved_in_their_ratios(manifest, tiny):
-    mixture = Mixture(index_manifests([manifest]), {"understanding": 2, "t2i": 1, "edit": 1}, tiny[1])
-    order = [mixture.next_task() for _ in range(8)]
+def test_tasks_are_interleaved_in_their_ratios(manifest):
+    mixture = Mixture(index_manifests([manifest]), {"understanding": 2, "t2i": 1, "edit": 1})
+    order = [draw.task for _ in range(8) for draw in mixture.next_global_batch(1)]
     assert order == ["understanding", "t2i", "edit", "understanding"] * 2
+    # a global batch groups its samples by task, each task's stream positions in order
+    draws = [(d.task, d.position) for d in mixture.next_global_batch(8)]
+    assert draws == [("understanding", 4), ("understanding", 5), ("understanding", 6), ("understanding", 7),
+                     ("t2i", 2), ("t2i", 3), ("edit", 2), ("edit", 3)]
 
 
 def test_help_explains_stages_data_and_examples(capsys):
