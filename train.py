@@ -287,7 +287,11 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     data_cfg = DataConfig(Tokenizer(source), config.preprocess, config.multimodal_max_length, args.resolution,
                           args.drop_prompt, args.drop_image)
     try:
+        if runtime.world > 1 and not runtime.main:
+            dist.barrier()  # rank 0 indexes new manifests first; the others then read its index files
         manifests = index_manifests(args.data)
+        if runtime.world > 1 and runtime.main:
+            dist.barrier()
         mixture = Mixture(manifests, args.mix)
     except (ValueError, FileNotFoundError) as error:
         raise TrainError(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None

@@ -23,12 +23,16 @@ T2I prompts become the unconditional prompt (`drop_prompt`); edits lose the inst
 Rows that cannot be used (malformed JSON or fields, missing or unreadable images, too long for the model, no answer
 to learn) are skipped and counted by reason; they never stop a run.
 """
+import array
 import copy
+import glob
+import hashlib
+import io
 import json
 import math
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +40,12 @@ import torch
 from PIL import Image
 
 from .config import PreprocessConfig
+from .files import write_atomic
 from .layers import pad_rows
-from .preprocess import ImageError, blank_image, condition_images, load_image, resize_center_crop
-from .prompt import (IGNORE_ID, UNCONDITIONAL_PROMPT, Tokenizer, check_image_count, check_length, edit_prompt,
-                     preprocess_inputs, t2i_prompt)
+from .preprocess import (ImageError, blank_image, condition_images, load_image, preprocess_images,
+                         resize_center_crop)
+from .prompt import (IGNORE_ID, UNCONDITIONAL_PROMPT, Tokenizer, build_input_ids, check_image_count, check_length,
+                     edit_prompt, preprocess_inputs, t2i_prompt)
 
 TASKS = ("understanding", "t2i", "edit")
 SKIP_REASONS = ("malformed", "missing image", "unreadable image", "too long", "no answer")
@@ -72,41 +78,116 @@ def task_of(row: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # Manifests
 # ---------------------------------------------------------------------------------------------------------------
+class Rows:
+    """The rows of one task over all manifests: row i is (file index, byte offset of its line). Backed by the
+    memory-mapped index files, so ranks and loader workers share one copy in the page cache."""
+
+    def __init__(self, parts: list[tuple[int, np.ndarray]]):
+        self.parts = [(file_index, offsets) for file_index, offsets in parts if len(offsets)]
+        self.ends = np.cumsum([len(offsets) for _, offsets in self.parts], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        file_index, offsets = self.parts[part]
+        return file_index, int(offsets[i - (int(self.ends[part - 1]) if part else 0)])
+
+
 @dataclass
 class Manifests:
     """Where every usable line of the manifests is, grouped by task; lines are parsed again when used."""
     files: list[Path]
-    rows: dict[str, np.ndarray]  # task -> (n, 2) int64 [file index, byte offset of the line]
+    rows: dict[str, Rows]
     malformed: int = 0
 
 
+INDEX_FORMAT = 1
+# An index file is one int64 array: a header [INDEX_FORMAT, lines per task (TASKS order), malformed lines], then
+# the byte offsets of the lines grouped the same way.
+HEAD_BYTES = 1 << 20
+
+
+def index_path(manifest: Path) -> Path:
+    """The index next to the manifest; its name carries the manifest's size, mtime and a hash of its first and
+    last MiB, so that an edited manifest never reads a stale index."""
+    stat = manifest.stat()
+    digest = hashlib.sha256(f"{INDEX_FORMAT} {stat.st_size} {stat.st_mtime_ns}".encode())
+    with open(manifest, "rb") as f:
+        digest.update(f.read(HEAD_BYTES))
+        f.seek(max(0, stat.st_size - HEAD_BYTES))
+        digest.update(f.read(HEAD_BYTES))
+    return manifest.with_name(f"{manifest.name}.index-{digest.hexdigest()[:16]}.npy")
+
+
+def scan_manifest(path: Path) -> np.ndarray:
+    """Parse every line once: the index array described at INDEX_FORMAT."""
+    groups = [array.array("q") for _ in range(len(TASKS) + 1)]  # the last one: malformed lines
+    offset = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    groups[TASKS.index(task_of(json.loads(line)))].append(offset)
+                except (ValueError, SkipRow, TypeError):
+                    groups[-1].append(offset)
+            offset += len(line)
+    header = [INDEX_FORMAT, *(len(g) for g in groups)]
+    return np.concatenate([np.asarray(header, dtype=np.int64), *(np.frombuffer(g, dtype=np.int64) for g in groups)])
+
+
+def read_index(path: Path) -> np.ndarray:
+    """The manifest's index, memory-mapped: made once (by the first process that needs it) and reused until the
+    manifest changes. A folder that cannot be written to only costs the scan."""
+    cached = index_path(path)
+    if cached.is_file():
+        try:
+            index = np.load(cached, mmap_mode="r")
+            if index.dtype == np.int64 and index.ndim == 1 and index[0] == INDEX_FORMAT \
+                    and len(index) == len(TASKS) + 2 + int(index[1:len(TASKS) + 2].sum()):
+                return index
+        except (ValueError, OSError):
+            pass  # damaged: made again below
+    index = scan_manifest(path)
+    buffer = io.BytesIO()
+    np.save(buffer, index)
+    try:
+        write_atomic(cached, buffer.getvalue())
+    except OSError:
+        return index
+    for stale in path.parent.glob(f"{glob.escape(path.name)}.index-*.npy"):
+        if stale != cached:
+            stale.unlink(missing_ok=True)
+    return np.load(cached, mmap_mode="r")
+
+
 def index_manifests(paths: list[Path | str]) -> Manifests:
-    """Scan the JSONL files once: the byte offset and task of each line. Unparsable lines are counted."""
+    """The byte offset and task of each line of the JSONL files (from their index files, made on first use).
+    Unparsable lines are counted."""
     files = [Path(p) for p in paths]
-    rows: dict[str, list[tuple[int, int]]] = {task: [] for task in TASKS}
+    parts: dict[str, list] = {task: [] for task in TASKS}
     malformed = 0
     for file_index, path in enumerate(files):
         if not path.is_file():
             raise FileNotFoundError(f"manifest not found: {path}")
-        offset = 0
-        with open(path, "rb") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                        rows[task_of(row)].append((file_index, offset))
-                    except (ValueError, SkipRow, TypeError):
-                        malformed += 1
-                offset += len(line)
-    return Manifests(files, {task: np.asarray(r, dtype=np.int64).reshape(-1, 2) for task, r in rows.items()},
-                     malformed)
+        index = read_index(path)
+        counts = index[1:len(TASKS) + 2].tolist()
+        start = len(TASKS) + 2
+        for task, count in zip(TASKS, counts):
+            parts[task].append((file_index, index[start:start + count]))
+            start += count
+        malformed += counts[-1]
+    return Manifests(files, {task: Rows(p) for task, p in parts.items()}, malformed)
 
 
-def read_row(manifests: Manifests, ref: np.ndarray) -> tuple[dict, Path]:
+def read_row(manifests: Manifests, ref: tuple[int, int]) -> tuple[dict, Path]:
     """(parsed row, folder its relative paths start from)."""
-    path = manifests.files[int(ref[0])]
+    path = manifests.files[ref[0]]
     with open(path, "rb") as f:
-        f.seek(int(ref[1]))
+        f.seek(ref[1])
         return json.loads(f.readline()), path.parent
 
 
@@ -121,6 +202,28 @@ class DataConfig:
     resolution: int = 512  # generation targets are resolution x resolution pixels
     drop_prompt: float = 0.1
     drop_image: float = 0.05
+    # what is the same for every row, made once per process: {key: value}, see `made_once`
+    made: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+def made_once(cfg: DataConfig, key: tuple, make):
+    if key not in cfg.made:
+        cfg.made[key] = make()
+    return cfg.made[key]
+
+
+def blank_condition(cfg: DataConfig, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pixel_values, grid_thws) of the blank white condition image of a T2I prompt (and of a dropped edit)."""
+    def make():
+        encoder_image, _ = condition_images(blank_image(width, height), height, width, cfg.preprocess)
+        return preprocess_images([encoder_image], cfg.preprocess)
+    return made_once(cfg, ("blank", height, width), make)
+
+
+def prompt_ids(cfg: DataConfig, prompt: str) -> torch.Tensor:
+    """(L,) ids of a generation prompt; the unconditional prompt's are made once."""
+    make = lambda: build_input_ids(cfg.tokenizer, prompt, generation_preface=None)[0]  # noqa: E731
+    return made_once(cfg, ("ids", prompt), make) if prompt == UNCONDITIONAL_PROMPT else make()
 
 
 @dataclass
@@ -164,11 +267,28 @@ def _tokenize(cfg: DataConfig, conversation, images: list[Image.Image]):
             cfg.tokenizer, conversation, images, cfg.preprocess, generation_preface=None)
     except ValueError as error:
         raise SkipRow("malformed", str(error)) from None
+    _check_length(cfg, input_ids, grid_thws)
+    return input_ids, labels, pixel_values, grid_thws
+
+
+def _check_length(cfg: DataConfig, input_ids: torch.Tensor, grid_thws: torch.Tensor | None) -> None:
     try:
         check_length(input_ids, grid_thws, cfg.preprocess.hidden_stride, cfg.max_length)
     except ValueError as error:
         raise SkipRow("too long", str(error)) from None
-    return input_ids, labels, pixel_values, grid_thws
+
+
+def _generation_example(cfg: DataConfig, task: str, prompt: str, condition: tuple[torch.Tensor, torch.Tensor],
+                        seed: int, target: torch.Tensor, source: torch.Tensor | None = None) -> Example:
+    """A generation prompt (one `<image>` marker) about the condition image's (pixel_values, grid_thws)."""
+    try:
+        check_image_count(prompt, 1)  # a caption may itself hold the marker
+        input_ids = prompt_ids(cfg, prompt)
+    except ValueError as error:
+        raise SkipRow("malformed", str(error)) from None
+    pixel_values, grid_thws = condition
+    _check_length(cfg, input_ids, grid_thws)
+    return Example(task, input_ids, None, pixel_values, grid_thws, seed, target=target, source=source)
 
 
 def understanding_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
@@ -187,10 +307,8 @@ def t2i_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
     size = cfg.resolution
     target = resize_center_crop(_image(base, row.get("image")), size, size)
     drop = random.Random(seed).random() < cfg.drop_prompt
-    encoder_image, _ = condition_images(blank_image(size, size), size, size, cfg.preprocess)
     prompt = UNCONDITIONAL_PROMPT if drop else t2i_prompt(caption)
-    input_ids, _, pixel_values, grid_thws = _tokenize(cfg, prompt, [encoder_image])
-    return Example("t2i", input_ids, None, pixel_values, grid_thws, seed, target=target)
+    return _generation_example(cfg, "t2i", prompt, blank_condition(cfg, size, size), seed, target)
 
 
 def edit_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
@@ -200,19 +318,17 @@ def edit_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
     target = resize_center_crop(_image(base, row.get("target")), size, size)
     u = random.Random(seed).random()
     if u < cfg.drop_image:  # the sampler's "no text, no image" branch: blank image, no VAE tokens
-        encoder_image, _ = condition_images(blank_image(size, size), size, size, cfg.preprocess)
-        prompt, source = UNCONDITIONAL_PROMPT, None
-    else:
-        encoder_image, source = condition_images(source_image, size, size, cfg.preprocess)
-        prompt = UNCONDITIONAL_PROMPT if u < cfg.drop_image + cfg.drop_prompt else edit_prompt(instruction)
-    input_ids, _, pixel_values, grid_thws = _tokenize(cfg, prompt, [encoder_image])
-    return Example("edit", input_ids, None, pixel_values, grid_thws, seed, target=target, source=source)
+        return _generation_example(cfg, "edit", UNCONDITIONAL_PROMPT, blank_condition(cfg, size, size), seed, target)
+    encoder_image, source = condition_images(source_image, size, size, cfg.preprocess)
+    prompt = UNCONDITIONAL_PROMPT if u < cfg.drop_image + cfg.drop_prompt else edit_prompt(instruction)
+    condition = preprocess_images([encoder_image], cfg.preprocess)
+    return _generation_example(cfg, "edit", prompt, condition, seed, target, source)
 
 
 BUILDERS = {"understanding": understanding_example, "t2i": t2i_example, "edit": edit_example}
 
 
-def load_example(manifests: Manifests, task: str, ref: np.ndarray, seed: int, cfg: DataConfig) -> Example:
+def load_example(manifests: Manifests, task: str, ref: tuple[int, int], seed: int, cfg: DataConfig) -> Example:
     try:
         row, base = read_row(manifests, ref)
         return BUILDERS[task](row, base, seed, cfg)
@@ -303,7 +419,7 @@ class TaskStream:
     timestep, same drops): a debugging mode in which the loss must fall.
     """
 
-    def __init__(self, task: str, rows: np.ndarray, seed: int, overfit: int = 0):
+    def __init__(self, task: str, rows: Rows, seed: int, overfit: int = 0):
         self.task, self.rows, self.seed = task, rows, seed
         self.overfit = min(overfit, len(rows)) if overfit else 0
         self._epoch, self._order = -1, None
@@ -313,7 +429,7 @@ class TaskStream:
         """Rows a position can fall back on: after this many attempts every one of them was tried."""
         return self.overfit or len(self.rows)
 
-    def row(self, position: int, attempt: int = 0) -> tuple[np.ndarray, int]:
+    def row(self, position: int, attempt: int = 0) -> tuple[tuple[int, int], int]:
         """(row reference, sample seed) of a stream position; attempt > 0 gives its replacements."""
         if self.overfit:
             index = position % self.overfit
@@ -322,7 +438,7 @@ class TaskStream:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.task, -1 - epoch))
             self._order, self._epoch = torch.randperm(len(self.rows), generator=generator).numpy(), epoch
-        return self.rows[self._order[(within + attempt) % len(self.rows)]], sample_seed(self.seed, self.task,
+        return self.rows[int(self._order[(within + attempt) % len(self.rows)])], sample_seed(self.seed, self.task,
                                                                                          position)
 
 

@@ -20,10 +20,12 @@ from safetensors.torch import load_file
 import train
 from ovis_min import losses
 from ovis_min.checkpoint import load_model, open_checkpoint
+from ovis_min import data
 from ovis_min.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
-                           index_manifests, load_example, t2i_example, understanding_example)
+                           index_manifests, load_example, read_row, scan_manifest, t2i_example, understanding_example)
+from ovis_min.preprocess import blank_image, condition_images
+from ovis_min.prompt import UNCONDITIONAL_PROMPT, Tokenizer, preprocess_inputs, t2i_prompt
 from ovis_min.distributed import Runtime
-from ovis_min.prompt import Tokenizer
 from ovis_min.stages import STAGES, set_trainable
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -351,6 +353,46 @@ def test_bad_rows_are_skipped_and_counted_by_reason(manifest, tiny):
     batches = [next(loader) for _ in range(4)]  # more than an epoch of 8 good and 2 bad t2i rows
     assert all(len(b) == 3 for b in batches)
     assert sum(b.skipped["missing image"] + b.skipped["too long"] for b in batches) >= 2
+
+
+def test_the_blank_condition_and_the_unconditional_ids_are_made_once(tiny, manifest, monkeypatch):
+    model, cfg = tiny
+    cfg = replace(cfg, made={})
+    calls = []
+    monkeypatch.setattr(data, "condition_images", lambda *a: calls.append(a) or condition_images(*a))
+    examples = [t2i_example({"image": "red_square.png", "caption": caption}, manifest.parent, seed,
+                            replace(cfg, drop_prompt=drop)) for seed, (caption, drop) in
+                enumerate([("red", 0.0), ("a blue one", 0.0), ("dropped", 1.0), ("dropped too", 1.0)])]
+    assert len(calls) == 1
+    encoder_image, _ = condition_images(blank_image(RESOLUTION, RESOLUTION), RESOLUTION, RESOLUTION, cfg.preprocess)
+    for example, prompt in zip(examples, [t2i_prompt("red"), t2i_prompt("a blue one"), UNCONDITIONAL_PROMPT,
+                                          UNCONDITIONAL_PROMPT]):
+        input_ids, _, pixel_values, grid_thws = preprocess_inputs(cfg.tokenizer, prompt, [encoder_image],
+                                                                  cfg.preprocess, generation_preface=None)
+        assert torch.equal(example.input_ids, input_ids) and torch.equal(example.pixel_values, pixel_values)
+        assert torch.equal(example.grid_thws, grid_thws)
+
+
+def test_a_manifest_is_indexed_once_until_it_changes(manifest, tmp_path, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(manifest.read_bytes())
+    first = index_manifests([path])
+    scans = []
+    monkeypatch.setattr(data, "scan_manifest", lambda p: scans.append(p) or scan_manifest(p))
+    again = index_manifests([path])  # another rank, or the next run
+    assert scans == [] and again.malformed == first.malformed == 1
+    assert {t: list(r) for t, r in again.rows.items()} == {t: list(r) for t, r in first.rows.items()}
+
+    with open(path, "a") as f:  # an edited manifest is indexed again, and its old index removed
+        f.write(json.dumps({"image": "red_square.png", "caption": "one more"}) + "\n")
+    grown = index_manifests([path])
+    assert len(scans) == 1 and len(grown.rows["t2i"]) == len(first.rows["t2i"]) + 1
+    assert len(list(tmp_path.glob("m.jsonl.index-*.npy"))) == 1
+    assert read_row(grown, grown.rows["t2i"][len(grown.rows["t2i"]) - 1])[0]["caption"] == "one more"
+
+    index_file, = tmp_path.glob("m.jsonl.index-*.npy")
+    index_file.write_bytes(b"not an index")  # a damaged index is made again
+    assert len(index_manifests([path]).rows["t2i"]) == len(grown.rows["t2i"]) and len(scans) == 2
 
 
 def test_tasks_are_interleaved_in_their_ratios(manifest):
