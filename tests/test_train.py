@@ -176,6 +176,39 @@ def test_resume_continues_exactly(ckpt, manifest, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_loader_worker_processes_give_the_same_run_and_resume_exactly(ckpt, manifest, tmp_path):
+    """Rows are loaded ahead by two worker processes; the checkpoint holds the position the training consumed, not
+    the one the workers had read ahead to."""
+    common = ["--stage", 5, "--init", ckpt, "--data", manifest, "--steps", 3, "--batch", 4, "--micro-batch", 2,
+              "--resolution", RESOLUTION]
+    inline = run([*common, "--out", tmp_path / "a"])
+    with_workers = [*map(str, common), "--out", str(tmp_path / "b"), "--workers", "2"]
+    first = train.main([*with_workers, "--stop-after", "1"])
+    rest = train.main(["--resume", str(tmp_path / "b")])  # with its 2 workers
+    for key in ("loss", "task_loss", "grad_norm", "skipped"):
+        assert [r[key] for r in first + rest] == [r[key] for r in inline], key
+    assert all(r["data_wait_s"] >= 0 and r["compute_s"] > 0 for r in first + rest)
+
+
+def test_the_global_batches_do_not_depend_on_processes_or_micro_batches(manifest):
+    """What each step trains on, and the position a checkpoint keeps, are the same on 1 or 3 processes."""
+    manifests = index_manifests([manifest])
+    ratios = {"understanding": 1, "t2i": 1, "edit": 1}
+    one = Mixture(manifests, ratios)
+    steps = [one.next_global_batch(6) for _ in range(3)]
+    for world, micro_batch in ((3, 1), (2, 3), (1, 2)):
+        sampler = iter(data.RankSampler(Mixture(manifests, ratios), 6, micro_batch, 0, 1))
+        shares = [iter(data.RankSampler(Mixture(manifests, ratios), 6, micro_batch, r, world)) for r in range(world)]
+        for step in steps:
+            per_rank = [[d for _ in range(6 // (micro_batch * world)) for d in next(share)] for share in shares]
+            assert sorted((d.task, d.position) for rank in per_rank for d in rank) == \
+                sorted((d.task, d.position) for d in step), (world, micro_batch)
+            assert [d for _ in range(6 // micro_batch) for d in next(sampler)] == step
+    resumed = Mixture(manifests, ratios)
+    resumed.load_state_dict(one.state_dict())
+    assert resumed.next_global_batch(6) == one.next_global_batch(6)
+
+
 # -- two processes ---------------------------------------------------------------------------------------------
 
 def torchrun(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
