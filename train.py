@@ -74,7 +74,7 @@ from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load
                                  resolve_source, tied_groups)
 from ovis_min.cli import TrainError  # noqa: E402
 from ovis_min.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
-                           index_manifests, parse_mix)
+                           bucket_table, index_manifests, parse_mix)
 from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, setup_runtime,  # noqa: E402
                                   wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
@@ -91,7 +91,7 @@ ctrl_c_raises()
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 RESUME_CHECKED = ("stage", "batch", "micro_batch", "lr", "min_lr", "warmup", "steps", "mix", "seed", "resolution",
-                  "drop_prompt", "drop_image", "weight_decay", "overfit")
+                  "drop_prompt", "drop_image", "weight_decay", "overfit", "buckets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta2", type=real(0, 1, open_high=True), default=0.95, help="AdamW beta2 (default 0.95)")
     parser.add_argument("--grad-clip", type=real(0), default=1.0, help="max gradient norm (default 1; 0: no "
                         "clipping)")
-    parser.add_argument("--resolution", type=whole_number(32), help="side of the square generation images, a multiple of 16 "
-                        "(default: 512 for stages 0-2, 1024 for 4-5)")
+    parser.add_argument("--resolution", type=whole_number(32), help="generation images have about this side squared "
+                        "as area (see --buckets), a multiple of 16 (default: 512 for stages 0-2, 1024 for 4-5)")
     parser.add_argument("--drop-prompt", type=real(0, 1), default=0.1, help="rate at which generation prompts become "
                         "the unconditional prompt (edits keep their image; default 0.1)")
     parser.add_argument("--drop-image", type=real(0, 1), default=0.05, help="rate at which edits lose prompt and image "
@@ -139,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=whole_number(0), default=3, help="checkpoints to keep (default 3; 0: all)")
     parser.add_argument("--stop-after", type=whole_number(1), help="stop after this step with a checkpoint, keeping the "
                         "schedule of --steps (for jobs with a time limit)")
+    parser.add_argument("--buckets", choices=("aspect", "none"), default="aspect", help="generation images: "
+                        "'aspect' batches them by aspect-ratio bucket (height x width in multiples of 32 with an "
+                        "area near --resolution squared, 1:4 to 4:1), each covered and center-cropped to its "
+                        "bucket, an edit's target to its source's; 'none': square --resolution crops "
+                        "(default aspect)")
     parser.add_argument("--workers", type=whole_number(0), default=4, help="DataLoader worker processes per "
                         "process that read and preprocess the data ahead of the step, e.g. --workers 8 (default 4; "
                         "0: in the training process)")
@@ -220,6 +225,9 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.mix = args.mix or dict(stage.mix)
     if args.resolution % 16:
         raise TrainError(f"--resolution {args.resolution} must be a multiple of 16 (8x VAE, then 2x2 packing)")
+    if args.resolution % 32 and args.buckets != "none":
+        raise TrainError(f"--resolution {args.resolution}: aspect-ratio buckets have sides in multiples of 32; give "
+                         "a multiple of 32, or --buckets none for square crops")
     if args.scratch and args.stage not in SCRATCH_STAGES:
         first = " and ".join(map(str, SCRATCH_STAGES))
         raise TrainError(f"--scratch: the report starts only stages {first} from random weights; stage {args.stage} "
@@ -285,14 +293,15 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     config = read_config(source)
     # The data first: a missing manifest or task should fail before minutes of loading.
     data_cfg = DataConfig(Tokenizer(source), config.preprocess, config.multimodal_max_length, args.resolution,
-                          args.drop_prompt, args.drop_image)
+                          args.drop_prompt, args.drop_image,
+                          buckets=None if args.buckets == "none" else bucket_table(args.resolution))
     try:
         if runtime.world > 1 and not runtime.main:
             dist.barrier()  # rank 0 indexes new manifests first; the others then read its index files
         manifests = index_manifests(args.data)
         if runtime.world > 1 and runtime.main:
             dist.barrier()
-        mixture = Mixture(manifests, args.mix)
+        mixture = Mixture(manifests, args.mix, args.seed, args.overfit)
     except (ValueError, FileNotFoundError) as error:
         raise TrainError(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None
 
@@ -320,7 +329,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         start = restore(trainer_state, step_module, optimizer, mixture, runtime)
 
     # after restore: the loader starts at the restored data position
-    loader = Loader(mixture, MicroBatchData(manifests, data_cfg, args.seed, args.overfit), args.batch,
+    loader = Loader(mixture, MicroBatchData(mixture, data_cfg), args.batch,
                     args.micro_batch, runtime.rank, runtime.world, args.workers,
                     pin_memory=runtime.device.type == "cuda")
     if runtime.main:
@@ -360,13 +369,13 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         values = window.values()
         totals = all_reduce_sum([*values, *(sum(m.skipped[r] for m in micro_batches) for r in SKIP_REASONS)],
                                 runtime)
-        loss, task_loss, tokens = summary(totals[:len(values)])
+        loss, task_loss, tokens, padding = summary(totals[:len(values)])
         skipped = mixture.add_skipped(dict(zip(SKIP_REASONS, map(int, totals[len(values):]))))
         elapsed = time.perf_counter() - began
         record = {"step": step + 1, "loss": loss, "task_loss": task_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "samples_per_s": args.batch / elapsed,
                   "tokens_per_s": tokens / elapsed, "memory_gb": peak_memory_gb(runtime.device),
-                  "data_wait_s": data_wait, "compute_s": elapsed - data_wait,
+                  "data_wait_s": data_wait, "compute_s": elapsed - data_wait, "padding": padding,
                   "skipped": {reason: n for reason, n in skipped.items() if n}}
         if runtime.main:
             records.append(record)
@@ -408,6 +417,8 @@ def format_record(record: dict, steps: int) -> str:
             f"grad {record['grad_norm']:.3f} | {record['samples_per_s']:.1f} samples/s "
             f"{record['tokens_per_s']:.0f} tok/s | data wait {record['data_wait_s']:.2f}s compute "
             f"{record['compute_s']:.2f}s | mem {record['memory_gb']:.1f} GB")
+    if record["padding"] is not None:
+        line += f" | padding {record['padding']:.0%}"
     if record["skipped"]:
         line += " | skipped " + ", ".join(f"{reason} {n}" for reason, n in record["skipped"].items())
     return line

@@ -82,19 +82,29 @@ class Rows:
     """The rows of one task over all manifests: row i is (file index, byte offset of its line). Backed by the
     memory-mapped index files, so ranks and loader workers share one copy in the page cache."""
 
-    def __init__(self, parts: list[tuple[int, np.ndarray]]):
-        self.parts = [(file_index, offsets) for file_index, offsets in parts if len(offsets)]
-        self.ends = np.cumsum([len(offsets) for _, offsets in self.parts], dtype=np.int64)
+    def __init__(self, parts: list[tuple[int, np.ndarray, np.ndarray]]):
+        """parts: (file index, byte offsets, sort keys) of each manifest's rows of the task."""
+        self.parts = [part for part in parts if len(part[1])]
+        self.ends = np.cumsum([len(part[1]) for part in self.parts], dtype=np.int64)
+
+    def _locate(self, i: int) -> tuple[tuple, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[part], i - (int(self.ends[part - 1]) if part else 0)
+
+    def sort_key(self, i: int) -> int:
+        """What batches a row with similar ones: its line's length (understanding), its image's shape packed as
+        height * 2**32 + width (generation; 0 when unknown)."""
+        (_, _, keys), j = self._locate(i)
+        return int(keys[j])
 
     def __len__(self) -> int:
         return int(self.ends[-1]) if len(self.ends) else 0
 
     def __getitem__(self, i: int) -> tuple[int, int]:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        part = int(np.searchsorted(self.ends, i, side="right"))
-        file_index, offsets = self.parts[part]
-        return file_index, int(offsets[i - (int(self.ends[part - 1]) if part else 0)])
+        (file_index, offsets, _), j = self._locate(i)
+        return file_index, int(offsets[j])
 
 
 @dataclass
@@ -105,10 +115,11 @@ class Manifests:
     malformed: int = 0
 
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
 # An index file is one int64 array: a header [INDEX_FORMAT, lines per task (TASKS order), malformed lines], then
-# the byte offsets of the lines grouped the same way.
+# the byte offsets of the lines grouped the same way, then their sort keys (Rows.sort_key) in the same order.
 HEAD_BYTES = 1 << 20
+SIZE_KEYS = {"t2i": "image", "edit": "source"}  # the image whose shape picks a generation row's bucket
 
 
 def index_path(manifest: Path) -> Path:
@@ -123,20 +134,40 @@ def index_path(manifest: Path) -> Path:
     return manifest.with_name(f"{manifest.name}.index-{digest.hexdigest()[:16]}.npy")
 
 
+def image_shape_key(row: dict, task: str, base: Path) -> int:
+    """height * 2**32 + width of a generation row's image: the row's own "width"/"height" if it has them (no image
+    is opened), else read from the file's header; 0 if it cannot be read (the row is skipped when loaded)."""
+    if isinstance(row.get("width"), int) and isinstance(row.get("height"), int):
+        return row["height"] * 2 ** 32 + row["width"]
+    name = row.get(SIZE_KEYS[task])
+    try:
+        with Image.open(base / name) as image:  # the header only
+            return image.height * 2 ** 32 + image.width
+    except (OSError, ValueError, TypeError, Image.DecompressionBombError):
+        return 0
+
+
 def scan_manifest(path: Path) -> np.ndarray:
     """Parse every line once: the index array described at INDEX_FORMAT."""
     groups = [array.array("q") for _ in range(len(TASKS) + 1)]  # the last one: malformed lines
+    keys = [array.array("q") for _ in groups]
     offset = 0
     with open(path, "rb") as f:
         for line in f:
             if line.strip():
                 try:
-                    groups[TASKS.index(task_of(json.loads(line)))].append(offset)
-                except (ValueError, SkipRow, TypeError):
-                    groups[-1].append(offset)
+                    row = json.loads(line)
+                    task = task_of(row)
+                    key = len(line) if task == "understanding" else image_shape_key(row, task, path.parent)
+                    group = TASKS.index(task)
+                except (ValueError, SkipRow, TypeError, AttributeError):
+                    group, key = -1, 0
+                groups[group].append(offset)
+                keys[group].append(key)
             offset += len(line)
     header = [INDEX_FORMAT, *(len(g) for g in groups)]
-    return np.concatenate([np.asarray(header, dtype=np.int64), *(np.frombuffer(g, dtype=np.int64) for g in groups)])
+    return np.concatenate([np.asarray(header, dtype=np.int64), *(np.frombuffer(g, dtype=np.int64) for g in groups),
+                           *(np.frombuffer(k, dtype=np.int64) for k in keys)])
 
 
 def read_index(path: Path) -> np.ndarray:
@@ -147,7 +178,7 @@ def read_index(path: Path) -> np.ndarray:
         try:
             index = np.load(cached, mmap_mode="r")
             if index.dtype == np.int64 and index.ndim == 1 and index[0] == INDEX_FORMAT \
-                    and len(index) == len(TASKS) + 2 + int(index[1:len(TASKS) + 2].sum()):
+                    and len(index) == len(TASKS) + 2 + 2 * int(index[1:len(TASKS) + 2].sum()):
                 return index
         except (ValueError, OSError):
             pass  # damaged: made again below
@@ -175,9 +206,9 @@ def index_manifests(paths: list[Path | str]) -> Manifests:
             raise FileNotFoundError(f"manifest not found: {path}")
         index = read_index(path)
         counts = index[1:len(TASKS) + 2].tolist()
-        start = len(TASKS) + 2
+        start, lines = len(TASKS) + 2, sum(counts)
         for task, count in zip(TASKS, counts):
-            parts[task].append((file_index, index[start:start + count]))
+            parts[task].append((file_index, index[start:start + count], index[start + lines:start + lines + count]))
             start += count
         malformed += counts[-1]
     return Manifests(files, {task: Rows(p) for task, p in parts.items()}, malformed)
@@ -194,6 +225,29 @@ def read_row(manifests: Manifests, ref: tuple[int, int]) -> tuple[dict, Path]:
 # ---------------------------------------------------------------------------------------------------------------
 # Examples
 # ---------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------
+# Aspect-ratio buckets
+# ---------------------------------------------------------------------------------------------------------------
+BUCKET_STEP = 32  # bucket sides: 8x VAE, 2x2 packing, and the edit script's rounding
+MAX_BUCKET_RATIO = 4
+
+
+def bucket_table(resolution: int) -> list[tuple[int, int]]:
+    """(height, width) pairs in multiples of 32 with an area near resolution**2, from 1:4 to 4:1: for each short
+    side up to `resolution`, the long side that comes closest to the area, in both orientations."""
+    area, table = resolution * resolution, set()
+    for short in range(BUCKET_STEP, resolution + 1, BUCKET_STEP):
+        long = round(area / short / BUCKET_STEP) * BUCKET_STEP
+        if long <= MAX_BUCKET_RATIO * short:
+            table |= {(short, long), (long, short)}
+    return sorted(table)
+
+
+def nearest_bucket(buckets: list[tuple[int, int]], height: int, width: int) -> tuple[int, int]:
+    """The bucket of the closest aspect ratio (in log ratio), so covering it crops as little as possible."""
+    return min(buckets, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - math.log(height / width)), hw))
+
+
 @dataclass
 class DataConfig:
     tokenizer: Tokenizer
@@ -202,6 +256,7 @@ class DataConfig:
     resolution: int = 512  # generation targets are resolution x resolution pixels
     drop_prompt: float = 0.1
     drop_image: float = 0.05
+    buckets: list[tuple[int, int]] | None = None  # (height, width) of generation images; None: square crops
     # what is the same for every row, made once per process: {key: value}, see `made_once`
     made: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -234,8 +289,8 @@ class Example:
     pixel_values: torch.Tensor | None  # (N, C*p*p) encoder patches of the prompt's images
     grid_thws: torch.Tensor | None  # (num_images, 3)
     seed: int  # all randomness of this sample (drops, timestep, noise) derives from it
-    target: torch.Tensor | None = None  # (3, R, R) in [-1, 1], the image to generate
-    source: torch.Tensor | None = None  # (3, R, R) in [-1, 1], the image being edited (None: not seen)
+    target: torch.Tensor | None = None  # (3, H, W) in [-1, 1], the image to generate
+    source: torch.Tensor | None = None  # (3, H, W) in [-1, 1], the image being edited (None: not seen)
 
 
 def _image(base: Path, name) -> Image.Image:
@@ -302,24 +357,34 @@ def understanding_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> 
     return Example("understanding", input_ids, labels, pixel_values, grid_thws, seed)
 
 
+def generation_size(cfg: DataConfig, image: Image.Image) -> tuple[int, int]:
+    """(height, width) a generation image is covered and cropped to: its bucket, or the square."""
+    if cfg.buckets is None:
+        return cfg.resolution, cfg.resolution
+    return nearest_bucket(cfg.buckets, image.height, image.width)
+
+
 def t2i_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
     caption = _text(row, "caption")
-    size = cfg.resolution
-    target = resize_center_crop(_image(base, row.get("image")), size, size)
+    image = _image(base, row.get("image"))
+    height, width = generation_size(cfg, image)
+    target = resize_center_crop(image, height, width)
     drop = random.Random(seed).random() < cfg.drop_prompt
     prompt = UNCONDITIONAL_PROMPT if drop else t2i_prompt(caption)
-    return _generation_example(cfg, "t2i", prompt, blank_condition(cfg, size, size), seed, target)
+    return _generation_example(cfg, "t2i", prompt, blank_condition(cfg, height, width), seed, target)
 
 
 def edit_example(row: dict, base: Path, seed: int, cfg: DataConfig) -> Example:
+    """Source and target share the source's bucket, as the edit script sizes its output from its input."""
     instruction = _text(row, "instruction")
-    size = cfg.resolution
     source_image = _image(base, row.get("source"))
-    target = resize_center_crop(_image(base, row.get("target")), size, size)
+    height, width = generation_size(cfg, source_image)
+    target = resize_center_crop(_image(base, row.get("target")), height, width)
     u = random.Random(seed).random()
     if u < cfg.drop_image:  # the sampler's "no text, no image" branch: blank image, no VAE tokens
-        return _generation_example(cfg, "edit", UNCONDITIONAL_PROMPT, blank_condition(cfg, size, size), seed, target)
-    encoder_image, source = condition_images(source_image, size, size, cfg.preprocess)
+        return _generation_example(cfg, "edit", UNCONDITIONAL_PROMPT, blank_condition(cfg, height, width), seed,
+                                   target)
+    encoder_image, source = condition_images(source_image, height, width, cfg.preprocess)
     prompt = UNCONDITIONAL_PROMPT if u < cfg.drop_image + cfg.drop_prompt else edit_prompt(instruction)
     condition = preprocess_images([encoder_image], cfg.preprocess)
     return _generation_example(cfg, "edit", prompt, condition, seed, target, source)
@@ -350,8 +415,8 @@ class Batch:
     pixel_values: torch.Tensor | None  # (sum N, C*p*p) all images of the batch, in order
     grid_thws: torch.Tensor | None  # (num_images, 3)
     seeds: torch.Tensor  # (B,) int64, kept on the CPU: they seed CPU generators
-    target: torch.Tensor | None = None  # (B, 3, R, R)
-    source: torch.Tensor | None = None  # (B, 3, R, R), zeros where has_source is False
+    target: torch.Tensor | None = None  # (B, 3, H, W), one bucket
+    source: torch.Tensor | None = None  # (B, 3, H, W), zeros where has_source is False
     has_source: torch.Tensor | None = None  # (B,) bool
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -429,36 +494,42 @@ class TaskStream:
         """Rows a position can fall back on: after this many attempts every one of them was tried."""
         return self.overfit or len(self.rows)
 
-    def row(self, position: int, attempt: int = 0) -> tuple[tuple[int, int], int]:
-        """(row reference, sample seed) of a stream position; attempt > 0 gives its replacements."""
+    def index(self, position: int, attempt: int = 0) -> int:
+        """The row a stream position (attempt > 0: its replacements) holds."""
         if self.overfit:
-            index = position % self.overfit
-            return self.rows[(index + attempt) % self.overfit], sample_seed(self.seed, self.task, index)
+            return (position % self.overfit + attempt) % self.overfit
         epoch, within = divmod(position, len(self.rows))
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.task, -1 - epoch))
             self._order, self._epoch = torch.randperm(len(self.rows), generator=generator).numpy(), epoch
-        return self.rows[int(self._order[(within + attempt) % len(self.rows)])], sample_seed(self.seed, self.task,
-                                                                                         position)
+        return int(self._order[(within + attempt) % len(self.rows)])
+
+    def row(self, position: int, attempt: int = 0) -> tuple[tuple[int, int], int]:
+        """(row reference, sample seed) of a stream position; attempt > 0 gives its replacements."""
+        seed = sample_seed(self.seed, self.task, position % self.overfit if self.overfit else position)
+        return self.rows[self.index(position, attempt)], seed
 
 
 class Mixture:
     """The run's global batches, the tasks mixed in the given ratios sample by sample.
 
     The sample with the largest shortfall against its task's share goes next (ratios 2:1:1 give A B C A A B C A
-    ..., and the counts never drift); within a global batch the samples are grouped by task, so that few
-    micro-batches hold two tasks. The position (samples so far and per task) is the whole state: it is the same on
+    ..., and the counts never drift); within a global batch the samples are sorted by task, then generation
+    samples by their image's aspect ratio (so that a micro-batch mostly holds one bucket) and understanding samples by
+    length (so that padding stays small): few micro-batches hold two tasks or shapes. The position (samples so far and per task) is the whole state: it is the same on
     every rank and does not depend on the number of processes or on how a global batch is split into
     micro-batches, so a run resumed on any number of processes trains on the very same global batches.
     """
 
-    def __init__(self, manifests: Manifests, ratios: dict[str, float]):
+    def __init__(self, manifests: Manifests, ratios: dict[str, float], seed: int = 0, overfit: int = 0):
         ratios = {task: r for task, r in ratios.items() if r > 0}
         empty = [task for task in ratios if len(manifests.rows[task]) == 0]
         if empty or not ratios:
             raise ValueError(f"no {' or '.join(empty) or 'training'} rows in the manifests: add data for these "
                              f"tasks or leave them out of the mix (--mix)")
         self.ratios = {task: r / sum(ratios.values()) for task, r in ratios.items()}
+        self.manifests = manifests
+        self.streams = {task: TaskStream(task, manifests.rows[task], seed, overfit) for task in self.ratios}
         self.samples = 0
         self.drawn = dict.fromkeys(self.ratios, 0)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # over all ranks, as the training loop adds them up
@@ -470,7 +541,21 @@ class Mixture:
             draws.append(Draw(task, self.drawn[task]))
             self.drawn[task] += 1
             self.samples += 1
-        return sorted(draws, key=lambda draw: TASKS.index(draw.task))
+        return sorted(draws, key=lambda draw: (TASKS.index(draw.task), self.batching_key(draw)))
+
+    def batching_key(self, draw: Draw) -> float:
+        stream = self.streams[draw.task]
+        key = stream.rows.sort_key(stream.index(draw.position))
+        if draw.task == "understanding":
+            return key
+        height, width = divmod(key, 2 ** 32)
+        return math.log(width / height) if key else 0.0  # buckets are intervals of the log aspect ratio
+
+    def clone(self) -> "Mixture":
+        """The same streams at the same position, advanced on its own."""
+        other = copy.copy(self)
+        other.drawn, other.skipped = dict(self.drawn), dict(self.skipped)
+        return other
 
     def add_skipped(self, counts: dict[str, int]) -> dict[str, int]:
         """Add one step's skips of all ranks; returns the run's totals so far."""
@@ -516,10 +601,8 @@ class MicroBatch:
 class MicroBatchData(torch.utils.data.Dataset):
     """Indexed by a list of Draws (a micro-batch): loads, replaces bad rows, collates per task."""
 
-    def __init__(self, manifests: Manifests, cfg: DataConfig, seed: int = 0, overfit: int = 0):
-        self.manifests, self.cfg = manifests, cfg
-        self.streams = {task: TaskStream(task, rows, seed, overfit) for task, rows in manifests.rows.items()
-                        if len(rows)}
+    def __init__(self, mixture: Mixture, cfg: DataConfig):
+        self.manifests, self.streams, self.cfg = mixture.manifests, mixture.streams, cfg
         self.warned = dict.fromkeys(SKIP_REASONS, 0)  # per process: each worker warns on its own
 
     def example(self, draw: Draw, skipped: dict[str, int]) -> Example:
@@ -546,10 +629,14 @@ class MicroBatchData(torch.utils.data.Dataset):
             examples = [self.example(draw, skipped) for draw in draws]
         except DataError as error:  # a message, not a worker's traceback
             return MicroBatch([], skipped, str(error))
+        # one Batch per task and image shape (a replacement row may fall in another bucket than the planned one)
+        groups: dict[tuple, list[Example]] = {}
+        for example in examples:
+            shape = None if example.target is None else tuple(example.target.shape)
+            groups.setdefault((TASKS.index(example.task), shape), []).append(example)
         pad_id = self.cfg.tokenizer.pad_token_id
-        parts = [collate([e for e in examples if e.task == task], pad_id) for task in TASKS
-                 if any(e.task == task for e in examples)]
-        return MicroBatch(parts, skipped)
+        return MicroBatch([collate(groups[key], pad_id) for key in sorted(groups, key=lambda k: (k[0], k[1] or ()))],
+                          skipped)
 
 
 class RankSampler(torch.utils.data.Sampler):
@@ -559,7 +646,7 @@ class RankSampler(torch.utils.data.Sampler):
         self.mixture, self.batch, self.micro_batch, self.rank, self.world = mixture, batch, micro_batch, rank, world
 
     def __iter__(self):
-        plan = copy.deepcopy(self.mixture)  # the training loop advances the original as it consumes steps
+        plan = self.mixture.clone()  # the training loop advances the original as it consumes steps
         while True:
             yield from rank_share(plan.next_global_batch(self.batch), self.micro_batch, self.rank, self.world)
 

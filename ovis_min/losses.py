@@ -35,8 +35,9 @@ def idle_image_term(model: OvisU1) -> torch.Tensor:
     return 0.0 * (embeds.sum() + model.vte.indicator_embeds().sum())
 
 
-def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy summed over the supervised (assistant) tokens; (loss sum, LLM tokens).
+def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) -> tuple[torch.Tensor, int, int]:
+    """Next-token cross-entropy summed over the supervised (assistant) tokens; (loss sum, LLM tokens, LLM positions
+    with the padding).
 
     idle_image: for a batch without images, run the encoder and adapter anyway, on a blank image whose embeddings
     enter the LLM input times zero. Every rank then uses the same weights in the same order whatever its batch
@@ -51,7 +52,7 @@ def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) ->
     # The (B, L, 152K) logits of every position would dwarf the rest of the step: project only what is learned.
     logits = model.llm.lm_head(hidden[:, :-1][supervised])  # (T, V)
     loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
-    return loss_sum, int(merged.attention_mask.sum())
+    return loss_sum, int(merged.attention_mask.sum()), merged.attention_mask.numel()
 
 
 def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
@@ -63,13 +64,13 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     """Flow matching on the target's VAE latent tokens; ((B,) loss of each sample, LLM + decoder tokens)."""
     vae, decoder, mm = model.visual_generator.vae, model.visual_generator.backbone, model.config.mmdit
     device = batch.target.device
-    size = batch.target.shape[-1]
-    channels, latent, rows = model.config.vae.latent_channels, size // 8, size // 16  # 8x VAE, then 2x2 packing
+    height, width = batch.target.shape[-2:]  # one aspect-ratio bucket
+    channels, rows, cols = model.config.vae.latent_channels, height // 16, width // 16  # 8x VAE, then 2x2 packing
     # Each sample draws, in this order and whatever its batch holds: the VAE posterior noise of the target and of
     # the source, the flow noise, the time. So a sample's randomness depends on its seed alone.
     generators = [torch.Generator().manual_seed(int(seed)) for seed in batch.seeds]
-    target_eps = per_sample_noise((channels, latent, latent), generators).to(device)
-    source_eps = per_sample_noise((channels, latent, latent), generators).to(device)
+    target_eps = per_sample_noise((channels, height // 8, width // 8), generators).to(device)
+    source_eps = per_sample_noise((channels, height // 8, width // 8), generators).to(device)
     with torch.no_grad():  # the VAE is frozen
         x0 = encode_image_tokens(vae, batch.target, noise=target_eps).float()  # (B, N, 16)
         cond_img = None if batch.source is None else encode_image_tokens(vae, batch.source, noise=source_eps)
@@ -80,7 +81,8 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     txt_tokens, cls = decoder.encode_text(txt, txt_mask)
 
     noise = per_sample_noise(tuple(x0.shape[1:]), generators).to(device)
-    t = torch.cat([flow.sample_timesteps(1, generator=g, image_seq_len=rows * rows if mm.timestep_shift else None,
+    # the shift follows the bucket's token count, as the sampler's schedule does for its size
+    t = torch.cat([flow.sample_timesteps(1, generator=g, image_seq_len=rows * cols if mm.timestep_shift else None,
                                          base_shift=mm.base_shift, max_shift=mm.max_shift) for g in generators])
     t = t.to(device)
     x_t = flow.noisy_latents(x0, noise, t)
@@ -89,7 +91,7 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     key_mask = [txt_mask, torch.ones(batch_size, num_img, dtype=torch.bool, device=device)]
     if cond_img is not None:  # rows without a source image carry zeros there, hidden by the key mask
         key_mask.append(batch.has_source[:, None].expand(batch_size, num_img))
-    rope = decoder.rope(flow.sequence_position_ids(num_txt, rows, rows, edit_image=cond_img is not None,
+    rope = decoder.rope(flow.sequence_position_ids(num_txt, rows, cols, edit_image=cond_img is not None,
                                                    device=device), x_t.dtype)
     velocity = decoder.predict_velocity(x_t, txt_tokens, decoder.text_vector(cls), rope, t, cond_img=cond_img,
                                         key_mask=torch.cat(key_mask, dim=1))
@@ -106,9 +108,25 @@ class LossScale:
     per_sample: float  # of a sample's flow-matching loss
 
 
+@dataclass
+class Tally:
+    """What a micro-batch (or a window of them) adds up to on one rank."""
+    sums: dict[str, torch.Tensor]  # task -> loss sum (detached)
+    tokens: int = 0  # LLM + decoder tokens
+    understanding_tokens: int = 0  # LLM tokens of understanding batches, and their positions with the padding
+    understanding_positions: int = 0
+
+    def add(self, other: "Tally") -> None:
+        for task, value in other.sums.items():
+            self.sums[task] = self.sums[task] + value.float() if task in self.sums else value.float()
+        self.tokens += other.tokens
+        self.understanding_tokens += other.understanding_tokens
+        self.understanding_positions += other.understanding_positions
+
+
 class TrainStep(nn.Module):
-    """One micro-batch -> (weighted loss, per-task sums). A module around the model so that DDP/FSDP see the whole
-    step, whichever tasks the micro-batch holds."""
+    """One micro-batch -> (weighted loss, Tally). A module around the model so that DDP/FSDP see the whole step,
+    whichever tasks and buckets the micro-batch holds."""
 
     def __init__(self, model: OvisU1):
         super().__init__()
@@ -117,48 +135,49 @@ class TrainStep(nn.Module):
         self.upstream_trains = any(p.requires_grad for name, p in model.named_parameters()
                                    if not name.startswith("visual_generator."))
 
-    def forward(self, micro: MicroBatch, scale: LossScale) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """(loss to backward, {task: loss sum}, tokens)."""
-        loss, sums, tokens = 0.0, {}, 0
+    def forward(self, micro: MicroBatch, scale: LossScale) -> tuple[torch.Tensor, Tally]:
+        loss, tally = 0.0, Tally({})
         for batch in micro.parts:
             if batch.task == "understanding":
-                task_sum, task_tokens = understanding_loss(self.model, batch, idle_image=self.upstream_trains)
+                task_sum, tokens, positions = understanding_loss(self.model, batch, idle_image=self.upstream_trains)
                 loss = loss + scale.per_token * task_sum
+                tally.add(Tally({}, understanding_tokens=tokens, understanding_positions=positions))
             else:
-                per_sample, task_tokens = generation_loss(self.model, batch, condition_grad=self.upstream_trains)
+                per_sample, tokens = generation_loss(self.model, batch, condition_grad=self.upstream_trains)
                 task_sum = per_sample.sum()
                 loss = loss + scale.per_sample * task_sum
-            sums[batch.task] = task_sum.detach()
-            tokens += task_tokens
-        return loss, sums, tokens
+            tally.add(Tally({batch.task: task_sum.detach()}, tokens))
+        return loss, tally
 
 
 @dataclass
 class WindowTotals:
-    """One optimizer step's numbers on one rank: loss sums and counts per task (count: supervised tokens for
-    understanding, samples for generation), understanding samples, samples and tokens."""
-    sums: dict[str, torch.Tensor]
+    """One optimizer step's numbers on one rank: the Tally, counts per task (supervised tokens for understanding,
+    samples for generation), understanding samples and samples."""
+    tally: Tally
     counts: dict[str, int]
     understanding_samples: int
     samples: int
-    tokens: int
 
     def values(self) -> list[float]:
         """What the ranks add up, in the order `summary` reads."""
-        return [*(float(self.sums[t]) for t in TASKS), *(self.counts[t] for t in TASKS), self.understanding_samples,
-                self.samples, self.tokens]
+        tally = self.tally
+        return [*(float(tally.sums[t]) if t in tally.sums else 0.0 for t in TASKS), *(self.counts[t] for t in TASKS),
+                self.understanding_samples, self.samples, tally.tokens, tally.understanding_tokens,
+                tally.understanding_positions]
 
 
-def summary(totals: list[float]) -> tuple[float, dict[str, float], float]:
-    """The all-reduced WindowTotals.values() -> (the step's loss, loss per task, tokens)."""
+def summary(totals: list[float]) -> tuple[float, dict[str, float], float, float | None]:
+    """The all-reduced WindowTotals.values() -> (the step's loss, loss per task, tokens, padding fraction of the
+    understanding batches or None)."""
     n = len(TASKS)
     sums, counts = dict(zip(TASKS, totals[:n])), dict(zip(TASKS, totals[n:2 * n]))
-    understanding_samples, samples, tokens = totals[2 * n:2 * n + 3]
+    understanding_samples, samples, tokens, understanding_tokens, positions = totals[2 * n:2 * n + 5]
     task_loss = {t: sums[t] / counts[t] for t in TASKS if counts[t]}
     loss = sum(sums[t] for t in TASKS if t != "understanding") / samples
     if counts["understanding"]:
         loss += understanding_samples / samples * task_loss["understanding"]
-    return loss, task_loss, tokens
+    return loss, task_loss, tokens, (1 - understanding_tokens / positions) if positions else None
 
 
 def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime: Runtime,
@@ -176,13 +195,11 @@ def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime:
     # DDP and FSDP average gradients over ranks: each rank's share is scaled up by the world size to undo it.
     scale = LossScale(per_token=runtime.world * understanding_all / samples_all / max(tokens_all, 1),
                       per_sample=runtime.world / samples_all)
-    sums, tokens = {t: torch.zeros((), device=runtime.device) for t in TASKS}, 0
+    tally = Tally({})
     for i, micro in enumerate(micro_batches):
         with gradient_sync(module, i == len(micro_batches) - 1):
             with autocast:
-                loss, micro_sums, micro_tokens = module(micro, scale)
+                loss, micro_tally = module(micro, scale)
             loss.backward()
-        for task, value in micro_sums.items():
-            sums[task] += value.float()
-        tokens += micro_tokens
-    return WindowTotals(sums, counts, understanding_samples, samples, tokens)
+        tally.add(micro_tally)
+    return WindowTotals(tally, counts, understanding_samples, samples)

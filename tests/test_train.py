@@ -5,6 +5,7 @@ strict official-layout checkpoint. Resuming continues exactly; two CPU processes
 """
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from ovis_min.checkpoint import load_model, open_checkpoint
 from ovis_min import data
 from ovis_min.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
                            index_manifests, load_example, read_row, scan_manifest, t2i_example, understanding_example)
-from ovis_min.preprocess import blank_image, condition_images
+from ovis_min.preprocess import blank_image, condition_images, resize_center_crop
 from ovis_min.prompt import UNCONDITIONAL_PROMPT, Tokenizer, preprocess_inputs, t2i_prompt
 from ovis_min.distributed import Runtime
 from ovis_min.stages import STAGES, set_trainable
@@ -298,7 +299,7 @@ def test_understanding_loss_is_cross_entropy_on_the_answer_tokens_only(tiny, man
     batch = collate([example], cfg.tokenizer.pad_token_id)
     assert batch.supervised_tokens == len(answer)
     with torch.no_grad():
-        loss_sum, _ = losses.understanding_loss(model, batch)
+        loss_sum, _, _ = losses.understanding_loss(model, batch)
         merged = model.merge_inputs(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.grid_thws,
                                     batch.labels, left_padding=False)
         logits = model.llm(inputs_embeds=merged.embeds, attention_mask=merged.attention_mask)
@@ -314,7 +315,7 @@ def test_text_only_batches_still_give_every_trained_weight_a_gradient(ckpt, tiny
     example = understanding_example({"conversations": [{"from": "human", "value": "hi"},
                                                        {"from": "gpt", "value": "hello"}]}, Path("."), 0, cfg)
     micro = MicroBatch([collate([example], cfg.tokenizer.pad_token_id)], {})
-    loss, _, _ = losses.TrainStep(model)(micro, losses.LossScale(per_token=1.0, per_sample=1.0))
+    loss, _ = losses.TrainStep(model)(micro, losses.LossScale(per_token=1.0, per_sample=1.0))
     loss.backward()
     params = dict(model.named_parameters())
     assert all(params[name].grad is not None for name in trained)
@@ -329,7 +330,8 @@ def window_gradients(ckpt: Path, manifest: Path, batch: int, micro_batch: int, r
     trained = set_trainable(loaded.model, 1)
     cfg = DataConfig(Tokenizer(ckpt), loaded.config.preprocess, loaded.config.multimodal_max_length, RESOLUTION)
     manifests = index_manifests([manifest])
-    loader = Loader(Mixture(manifests, {"understanding": 1, "t2i": 1, "edit": 1}), MicroBatchData(manifests, cfg),
+    mixture = Mixture(manifests, {"understanding": 1, "t2i": 1, "edit": 1})
+    loader = Loader(mixture, MicroBatchData(mixture, cfg),
                     batch, micro_batch, rank, world)
     runtime = Runtime(rank, world, torch.device("cpu"))
     step = losses.TrainStep(loaded.model)
@@ -381,7 +383,8 @@ def test_bad_rows_are_skipped_and_counted_by_reason(manifest, tiny):
                 reasons.append(skip.reason)
     assert sorted(reasons) == sorted(["missing image", "unreadable image", "too long", "no answer", "malformed"])
 
-    loader = Loader(Mixture(manifests, {"t2i": 1}), MicroBatchData(manifests, tiny[1]), batch=3, micro_batch=3,
+    mixture = Mixture(manifests, {"t2i": 1})
+    loader = Loader(mixture, MicroBatchData(mixture, tiny[1]), batch=3, micro_batch=3,
                     rank=0, world=1)
     batches = [next(loader) for _ in range(4)]  # more than an epoch of 8 good and 2 bad t2i rows
     assert all(len(b) == 3 for b in batches)
@@ -428,14 +431,86 @@ def test_a_manifest_is_indexed_once_until_it_changes(manifest, tmp_path, monkeyp
     assert len(index_manifests([path]).rows["t2i"]) == len(grown.rows["t2i"]) and len(scans) == 2
 
 
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """Generation rows of several aspect ratios, and edits whose target is a little off the source's shape."""
+    root = tmp_path_factory.mktemp("shapes")
+    rows = []
+    for i, (height, width) in enumerate([(100, 200), (200, 100), (90, 90), (140, 150), (60, 130), (130, 70)] * 2):
+        Image.new("RGB", (width, height), tuple(COLORS.values())[i % 4]).save(root / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"picture {i}"})
+    for i in range(3):
+        Image.new("RGB", (200, 104), (255, 255, 255)).save(root / f"target{i}.png")
+        rows.append({"source": f"{i}.png", "instruction": "make it white", "target": f"target{i}.png"})
+    rows.append({"images": ["0.png"], "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                        {"from": "gpt", "value": "a red picture"}]})
+    rows.append({"conversations": [{"from": "human", "value": "Say hi, please, to everyone in the room."},
+                                   {"from": "gpt", "value": "hi"}]})
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "rows.jsonl"
+
+
+def test_generation_micro_batches_are_aspect_ratio_buckets(tiny, shapes):
+    cfg = replace(tiny[1], resolution=96, buckets=data.bucket_table(96), made={})
+    assert cfg.buckets == [(64, 128), (96, 96), (128, 64)]
+    manifests = index_manifests([shapes])
+    mixture = Mixture(manifests, {"t2i": 2, "edit": 1})
+    loader = Loader(mixture, MicroBatchData(mixture, cfg), batch=6, micro_batch=3, rank=0, world=1)
+    parts = [part for _ in range(6) for part in next(loader).parts]
+    assert len({part.target.shape[-2:] for part in parts}) == 3  # every part is one bucket (a stack of one shape)
+    for _ in range(3):  # a global batch sorts each task's samples by aspect ratio, so micro-batches rarely mix buckets
+        draws = mixture.next_global_batch(6)
+        for task in ("t2i", "edit"):
+            keys = [mixture.batching_key(d) for d in draws if d.task == task]
+            assert keys == sorted(keys)
+    for part in (p for p in parts if p.task == "edit" and p.source is not None):
+        assert part.source.shape == part.target.shape  # an edit's images share the source's bucket
+    for name in sorted({r.name for r in shapes.parent.glob("*.png")}):  # covered and cropped, never stretched
+        image = Image.open(shapes.parent / name)
+        height, width = data.nearest_bucket(cfg.buckets, image.height, image.width)
+        assert abs(math.log(height / width) - math.log(image.height / image.width)) < 0.4, name
+        example = t2i_example({"image": name, "caption": "x"}, shapes.parent, 0, cfg)
+        assert torch.equal(example.target, resize_center_crop(image, height, width))
+
+
+def test_the_timestep_shift_follows_the_buckets_token_count(tiny, shapes, monkeypatch):
+    model, cfg = tiny
+    cfg = replace(cfg, resolution=64, buckets=data.bucket_table(64), made={})
+    example = t2i_example({"image": "4.png", "caption": "wide"}, shapes.parent, 0, cfg)  # 130 x 60: the 1:4 bucket
+    assert example.target.shape == (3, 32, 128)
+    lengths = []
+    sample_timesteps = losses.flow.sample_timesteps
+    monkeypatch.setattr(losses.flow, "sample_timesteps",
+                        lambda *a, image_seq_len, **k: lengths.append(image_seq_len) or sample_timesteps(
+                            *a, image_seq_len=image_seq_len, **k))
+    with torch.no_grad():
+        per_sample, _ = losses.generation_loss(model, collate([example], cfg.tokenizer.pad_token_id), False)
+    assert per_sample.shape == (1,) and torch.isfinite(per_sample).all()
+    assert lengths == [(32 // 16) * (128 // 16) if model.config.mmdit.timestep_shift else None]
+
+
+def test_a_run_with_buckets_logs_the_understanding_padding(ckpt, shapes, tmp_path, capsys):
+    common = ["--stage", 1, "--init", ckpt, "--data", shapes, "--steps", 1, "--batch", 6, "--micro-batch", 2]
+    record, = run([*common, "--out", tmp_path / "a", "--resolution", 64])
+    assert set(record["task_loss"]) == {"understanding", "t2i", "edit"} and 0 < record["padding"] < 1
+    assert f"padding {record['padding']:.0%}" in capsys.readouterr().out
+    square, = run([*common, "--out", tmp_path / "b", "--resolution", 64, "--buckets", "none"])
+    assert square["task_loss"]["understanding"] == record["task_loss"]["understanding"]  # buckets are generation's
+
+
 def test_tasks_are_interleaved_in_their_ratios(manifest):
     mixture = Mixture(index_manifests([manifest]), {"understanding": 2, "t2i": 1, "edit": 1})
     order = [draw.task for _ in range(8) for draw in mixture.next_global_batch(1)]
     assert order == ["understanding", "t2i", "edit", "understanding"] * 2
-    # a global batch groups its samples by task, each task's stream positions in order
-    draws = [(d.task, d.position) for d in mixture.next_global_batch(8)]
-    assert draws == [("understanding", 4), ("understanding", 5), ("understanding", 6), ("understanding", 7),
-                     ("t2i", 2), ("t2i", 3), ("edit", 2), ("edit", 3)]
+    # a global batch groups its samples by task, understanding ones from short to long
+    draws = mixture.next_global_batch(8)
+    assert sorted((d.task, d.position) for d in draws) == sorted(
+        [("understanding", 4), ("understanding", 5), ("understanding", 6), ("understanding", 7), ("t2i", 2),
+         ("t2i", 3), ("edit", 2), ("edit", 3)])
+    assert [d.task for d in draws] == ["understanding"] * 4 + ["t2i"] * 2 + ["edit"] * 2
+    stream = mixture.streams["understanding"]
+    lengths = [stream.rows.sort_key(stream.index(d.position)) for d in draws[:4]]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
 
 
 def test_help_explains_stages_data_and_examples(capsys):
