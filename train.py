@@ -78,9 +78,10 @@ from ovis_min.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBat
 from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, setup_runtime,  # noqa: E402
                                   wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
+from ovis_min.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
 from ovis_min.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
-from ovis_min.stages import (SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
+from ovis_min.stages import (DECODER, SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
                              learning_rate, make_optimizer, set_trainable)
 from ovis_min.train_checkpoint import read_trainer_state, resolve_resume, restore, save, trim_log  # noqa: E402
 
@@ -144,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "area near --resolution squared, 1:4 to 4:1), each covered and center-cropped to its "
                         "bucket, an edit's target to its source's; 'none': square --resolution crops "
                         "(default aspect)")
+    parser.add_argument("--cache", type=Path, help="decoder stages (0, 4, 5): train from the VAE posteriors and LLM "
+                        "conditions precomputed by `train.py cache` (see above) instead of running the frozen VAE "
+                        "encoder and LLM every step, e.g. --cache caches/t2i-1024")
     parser.add_argument("--workers", type=whole_number(0), default=4, help="DataLoader worker processes per "
                         "process that read and preprocess the data ahead of the step, e.g. --workers 8 (default 4; "
                         "0: in the training process)")
@@ -153,6 +157,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overfit", type=whole_number(0), default=0, metavar="N", help="debugging: train on the first N rows "
                         "of each task over and over, with the same noise and timesteps (the loss must fall)")
     return parser
+
+
+def build_cache_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py cache", description="Precompute what the frozen VAE and LLM "
+                                     "make of every generation row for the decoder stages (0, 4, 5), for "
+                                     "train.py --cache. Resumable (an interrupted run continues), split over the "
+                                     "processes under torchrun. Example: torchrun --nproc_per_node 8 train.py cache "
+                                     "--stage 4 --init runs/s3 --data T --resolution 1024 --out caches/t2i-1024")
+    parser.add_argument("--stage", type=int, choices=[s for s in sorted(STAGES) if STAGES[s].trains == DECODER],
+                        required=True, help="the decoder stage the cache is for")
+    parser.add_argument("--init", type=Path, required=True, help="the weights the stage starts from (as train.py)")
+    parser.add_argument("--data", type=Path, action="append", required=True, help="JSONL manifest (repeatable, as "
+                        "train.py's, in the same order)")
+    parser.add_argument("--out", type=Path, required=True, help="the cache folder")
+    parser.add_argument("--resolution", type=whole_number(32), help="as train.py's (default: the stage's)")
+    parser.add_argument("--buckets", choices=("aspect", "none"), default="aspect", help="as train.py's")
+    parser.add_argument("--micro-batch", type=whole_number(1), default=16, help="rows per forward pass (default 16)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="as train.py's (default bf16 on GPU)")
+    parser.add_argument("--device", help="default: cuda if available")
+    return parser
+
+
+def cache_main(argv: list[str]) -> dict[str, int]:
+    """`train.py cache`: returns the rows written per task."""
+    args = build_cache_parser().parse_args(argv)
+    for manifest in args.data:
+        if not manifest.is_file():
+            raise TrainError(f"--data {manifest}: no such file")
+    resolution = args.resolution or STAGES[args.stage].resolution
+    runtime = setup_runtime(args.device)
+    try:
+        source = resolve_source(args.init)
+        config = read_config(source)
+        cfg = DataConfig(Tokenizer(source), config.preprocess, config.multimodal_max_length, resolution,
+                         buckets=None if args.buckets == "none" else bucket_table(resolution))
+        manifests = index_manifests(args.data)
+        tasks = [task for task in STAGES[args.stage].mix if len(manifests.rows[task])]
+        model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device).eval()
+        precision = args.precision or ("bf16" if runtime.device.type == "cuda" else "fp32")
+        autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        written = build_cache(model, manifests, tasks, cfg, args.out, runtime, args.micro_batch, precision, autocast)
+        if runtime.world > 1:
+            dist.barrier()
+        print(f"cache {args.out}: {', '.join(f'{t} {len(manifests.rows[t])} rows' for t in tasks)} "
+              f"(this process wrote {', '.join(f'{t} {n}' for t, n in written.items())})", flush=True)
+        return written
+    except CacheError as error:
+        raise TrainError(str(error)) from None
+    finally:
+        if runtime.world > 1:
+            dist.destroy_process_group()
 
 
 def given_flags(argv: list[str] | None) -> set[str]:
@@ -238,12 +293,21 @@ def fill_defaults(args: argparse.Namespace) -> None:
                          f"{', '.join(stray)}")
     if not any(args.mix.values()):
         raise TrainError("--mix: every ratio is 0; give at least one task a ratio above 0")
+    args.cache = None if args.cache is None else Path(args.cache)  # a resumed run's arguments hold strings
+    if args.cache is not None and stage.trains != DECODER:
+        raise TrainError(f"--cache: stage {args.stage} trains through the LLM or the encoder, which a cache would "
+                         "freeze; only the decoder stages (0, 4, 5) train from a cache")
+    if args.cache is not None and not args.cache.is_dir():
+        raise TrainError(f"--cache {args.cache}: no such folder; make it with python train.py cache")
     if args.stop_after is not None and args.stop_after > args.steps:
         raise TrainError(f"--stop-after {args.stop_after} is past --steps {args.steps}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run training; returns rank 0's per-step log records (tests call this in-process)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cache"]:
+        return cache_main(argv[1:])
     args, resume_dir, trainer_state = parse_args(argv)
     fill_defaults(args)
     if trainer_state is not None:
@@ -328,8 +392,15 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     if trainer_state is not None:
         start = restore(trainer_state, step_module, optimizer, mixture, runtime)
 
+    cache = None
+    if args.cache is not None:
+        try:
+            cache = FrozenCache(args.cache, settings(model, manifests, data_cfg, precision), manifests,
+                                [task for task in mixture.ratios if task != "understanding"])
+        except CacheError as error:
+            raise TrainError(str(error)) from None
     # after restore: the loader starts at the restored data position
-    loader = Loader(mixture, MicroBatchData(mixture, data_cfg), args.batch,
+    loader = Loader(mixture, MicroBatchData(mixture, data_cfg, cache), args.batch,
                     args.micro_batch, runtime.rank, runtime.world, args.workers,
                     pin_memory=runtime.device.type == "cuda")
     if runtime.main:

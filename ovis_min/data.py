@@ -282,15 +282,33 @@ def prompt_ids(cfg: DataConfig, prompt: str) -> torch.Tensor:
 
 
 @dataclass
+class Frozen:
+    """The frozen work of a generation sample, precomputed by `train.py cache`: VAE posteriors and LLM condition."""
+    condition: torch.Tensor  # (L, 2*D_llm) the decoder's text condition (model.generation_condition), real positions
+    target_mean: torch.Tensor  # (C, H/8, W/8) VAE posterior of the target
+    target_logvar: torch.Tensor
+    source_mean: torch.Tensor | None = None  # the same of an edit's source image (None: not seen)
+    source_logvar: torch.Tensor | None = None
+
+
+@dataclass
 class Example:
     task: str
-    input_ids: torch.Tensor  # (L,) with the image placeholder ids
+    input_ids: torch.Tensor | None  # (L,) with the image placeholder ids (None: a cached condition in `frozen`)
     labels: torch.Tensor | None  # (L,) understanding only
     pixel_values: torch.Tensor | None  # (N, C*p*p) encoder patches of the prompt's images
     grid_thws: torch.Tensor | None  # (num_images, 3)
     seed: int  # all randomness of this sample (drops, timestep, noise) derives from it
     target: torch.Tensor | None = None  # (3, H, W) in [-1, 1], the image to generate
     source: torch.Tensor | None = None  # (3, H, W) in [-1, 1], the image being edited (None: not seen)
+    frozen: Frozen | None = None  # instead of the images and the prompt, with a cache
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """(height, width) of a generation sample's images."""
+        if self.frozen is not None:
+            return 8 * self.frozen.target_mean.shape[-2], 8 * self.frozen.target_mean.shape[-1]
+        return None if self.target is None else tuple(self.target.shape[-2:])
 
 
 def _image(base: Path, name) -> Image.Image:
@@ -409,8 +427,8 @@ def load_example(manifests: Manifests, task: str, ref: tuple[int, int], seed: in
 @dataclass
 class Batch:
     task: str
-    input_ids: torch.Tensor  # (B, L) right-padded with the pad id
-    attention_mask: torch.Tensor  # (B, L) bool
+    input_ids: torch.Tensor | None  # (B, L) right-padded with the pad id (None with a cached condition)
+    attention_mask: torch.Tensor | None  # (B, L) bool
     labels: torch.Tensor | None  # (B, L), IGNORE_ID on padding
     pixel_values: torch.Tensor | None  # (sum N, C*p*p) all images of the batch, in order
     grid_thws: torch.Tensor | None  # (num_images, 3)
@@ -418,6 +436,13 @@ class Batch:
     target: torch.Tensor | None = None  # (B, 3, H, W), one bucket
     source: torch.Tensor | None = None  # (B, 3, H, W), zeros where has_source is False
     has_source: torch.Tensor | None = None  # (B,) bool
+    # with a cache (Frozen), instead of input_ids .. grid_thws, target and source:
+    condition: torch.Tensor | None = None  # (B, L, 2*D_llm) right-padded
+    condition_mask: torch.Tensor | None = None  # (B, L) bool
+    target_mean: torch.Tensor | None = None  # (B, C, H/8, W/8)
+    target_logvar: torch.Tensor | None = None
+    source_mean: torch.Tensor | None = None  # zeros where has_source is False
+    source_logvar: torch.Tensor | None = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         moved = {name: value.to(device, non_blocking=non_blocking)
@@ -440,6 +465,8 @@ class Batch:
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
     """Right padding: with causal attention the real tokens then see exactly what they see unpadded."""
+    if examples[0].frozen is not None:
+        return collate_frozen(examples)
     input_ids = pad_rows([e.input_ids for e in examples], pad_id, left_padding=False)
     attention_mask = pad_rows([torch.ones(len(e.input_ids), dtype=torch.bool) for e in examples], False,
                               left_padding=False)
@@ -457,6 +484,23 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         if batch.has_source.any():
             batch.source = torch.stack([e.source if e.source is not None else torch.zeros_like(e.target)
                                         for e in examples])
+    return batch
+
+
+def collate_frozen(examples: list[Example]) -> Batch:
+    frozen = [e.frozen for e in examples]
+    has_source = torch.tensor([f.source_mean is not None for f in frozen])
+    batch = Batch(examples[0].task, None, None, None, None, None, torch.tensor([e.seed for e in examples]),
+                  has_source=has_source,
+                  condition=pad_rows([f.condition for f in frozen], 0.0, left_padding=False),
+                  condition_mask=pad_rows([torch.ones(len(f.condition), dtype=torch.bool) for f in frozen], False,
+                                          left_padding=False),
+                  target_mean=torch.stack([f.target_mean for f in frozen]),
+                  target_logvar=torch.stack([f.target_logvar for f in frozen]))
+    if has_source.any():
+        zeros = torch.zeros_like(frozen[0].target_mean)
+        batch.source_mean = torch.stack([zeros if f.source_mean is None else f.source_mean for f in frozen])
+        batch.source_logvar = torch.stack([zeros if f.source_logvar is None else f.source_logvar for f in frozen])
     return batch
 
 
@@ -504,10 +548,9 @@ class TaskStream:
             self._order, self._epoch = torch.randperm(len(self.rows), generator=generator).numpy(), epoch
         return int(self._order[(within + attempt) % len(self.rows)])
 
-    def row(self, position: int, attempt: int = 0) -> tuple[tuple[int, int], int]:
-        """(row reference, sample seed) of a stream position; attempt > 0 gives its replacements."""
-        seed = sample_seed(self.seed, self.task, position % self.overfit if self.overfit else position)
-        return self.rows[self.index(position, attempt)], seed
+    def sample_seed(self, position: int) -> int:
+        """The seed of a position's sample, whichever row ends up filling it."""
+        return sample_seed(self.seed, self.task, position % self.overfit if self.overfit else position)
 
 
 class Mixture:
@@ -601,16 +644,19 @@ class MicroBatch:
 class MicroBatchData(torch.utils.data.Dataset):
     """Indexed by a list of Draws (a micro-batch): loads, replaces bad rows, collates per task."""
 
-    def __init__(self, mixture: Mixture, cfg: DataConfig):
-        self.manifests, self.streams, self.cfg = mixture.manifests, mixture.streams, cfg
+    def __init__(self, mixture: Mixture, cfg: DataConfig, cache=None):
+        """cache: a frozen_cache.FrozenCache whose precomputed generation samples replace the rows' images."""
+        self.manifests, self.streams, self.cfg, self.cache = mixture.manifests, mixture.streams, cfg, cache
         self.warned = dict.fromkeys(SKIP_REASONS, 0)  # per process: each worker warns on its own
 
     def example(self, draw: Draw, skipped: dict[str, int]) -> Example:
         stream = self.streams[draw.task]
         for attempt in range(min(stream.cycle, MAX_ATTEMPTS)):
-            ref, seed = stream.row(draw.position, attempt)
+            index, seed = stream.index(draw.position, attempt), stream.sample_seed(draw.position)
             try:
-                return load_example(self.manifests, draw.task, ref, seed, self.cfg)
+                if self.cache is not None and draw.task != "understanding":
+                    return self.cache.example(draw.task, index, seed, self.cfg)
+                return load_example(self.manifests, draw.task, stream.rows[index], seed, self.cfg)
             except SkipRow as skip:
                 skipped[skip.reason] += 1
                 self.warned[skip.reason] += 1
@@ -632,8 +678,7 @@ class MicroBatchData(torch.utils.data.Dataset):
         # one Batch per task and image shape (a replacement row may fall in another bucket than the planned one)
         groups: dict[tuple, list[Example]] = {}
         for example in examples:
-            shape = None if example.target is None else tuple(example.target.shape)
-            groups.setdefault((TASKS.index(example.task), shape), []).append(example)
+            groups.setdefault((TASKS.index(example.task), example.image_shape), []).append(example)
         pad_id = self.cfg.tokenizer.pad_token_id
         return MicroBatch([collate(groups[key], pad_id) for key in sorted(groups, key=lambda k: (k[0], k[1] or ()))],
                           skipped)

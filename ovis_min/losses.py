@@ -60,11 +60,20 @@ def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) 
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
+def posterior_tokens(vae, mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """(B, N, 16) packed latent tokens of a cached VAE posterior: the second half of encode_image_tokens."""
+    return flow.pack_latents(vae.to_latent_space(vae.sample_latent(mean, logvar, noise=noise)))
+
+
 def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[torch.Tensor, int]:
-    """Flow matching on the target's VAE latent tokens; ((B,) loss of each sample, LLM + decoder tokens)."""
+    """Flow matching on the target's VAE latent tokens; ((B,) loss of each sample, LLM + decoder tokens).
+
+    A batch from a cache (train.py cache) brings the VAE posteriors and the LLM condition: neither runs."""
     vae, decoder, mm = model.visual_generator.vae, model.visual_generator.backbone, model.config.mmdit
-    device = batch.target.device
-    height, width = batch.target.shape[-2:]  # one aspect-ratio bucket
+    cached = batch.target_mean is not None
+    device = batch.target_mean.device if cached else batch.target.device
+    # one aspect-ratio bucket
+    height, width = [8 * n for n in batch.target_mean.shape[-2:]] if cached else batch.target.shape[-2:]
     channels, rows, cols = model.config.vae.latent_channels, height // 16, width // 16  # 8x VAE, then 2x2 packing
     # Each sample draws, in this order and whatever its batch holds: the VAE posterior noise of the target and of
     # the source, the flow noise, the time. So a sample's randomness depends on its seed alone.
@@ -72,12 +81,19 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     target_eps = per_sample_noise((channels, height // 8, width // 8), generators).to(device)
     source_eps = per_sample_noise((channels, height // 8, width // 8), generators).to(device)
     with torch.no_grad():  # the VAE is frozen
-        x0 = encode_image_tokens(vae, batch.target, noise=target_eps).float()  # (B, N, 16)
-        cond_img = None if batch.source is None else encode_image_tokens(vae, batch.source, noise=source_eps)
-    # Only stages that train the adapter/encoder/LLM need gradients through the condition.
-    with torch.set_grad_enabled(condition_grad and torch.is_grad_enabled()):
-        txt, txt_mask = model.generation_condition(batch.input_ids, batch.attention_mask, batch.pixel_values,
-                                                   batch.grid_thws, left_padding=False)
+        if cached:
+            x0 = posterior_tokens(vae, batch.target_mean, batch.target_logvar, target_eps).float()
+            cond_img = None if batch.source_mean is None else posterior_tokens(vae, batch.source_mean,
+                                                                               batch.source_logvar, source_eps)
+        else:
+            x0 = encode_image_tokens(vae, batch.target, noise=target_eps).float()  # (B, N, 16)
+            cond_img = None if batch.source is None else encode_image_tokens(vae, batch.source, noise=source_eps)
+    if cached:
+        txt, txt_mask = batch.condition, batch.condition_mask
+    else:  # only stages that train the adapter/encoder/LLM need gradients through the condition
+        with torch.set_grad_enabled(condition_grad and torch.is_grad_enabled()):
+            txt, txt_mask = model.generation_condition(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                                       batch.grid_thws, left_padding=False)
     txt_tokens, cls = decoder.encode_text(txt, txt_mask)
 
     noise = per_sample_noise(tuple(x0.shape[1:]), generators).to(device)

@@ -21,13 +21,15 @@ from safetensors.torch import load_file
 import train
 from ovis_min import losses
 from ovis_min.checkpoint import load_model, open_checkpoint
-from ovis_min import data
+from ovis_min import data, vae
+from ovis_min import model as model_module
 from ovis_min.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
                            index_manifests, load_example, read_row, scan_manifest, t2i_example, understanding_example)
 from ovis_min.preprocess import blank_image, condition_images, resize_center_crop
 from ovis_min.prompt import UNCONDITIONAL_PROMPT, Tokenizer, preprocess_inputs, t2i_prompt
 from ovis_min.distributed import Runtime
 from ovis_min.stages import STAGES, set_trainable
+from ovis_min.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 60), "yellow": (230, 200, 20)}
@@ -496,6 +498,40 @@ def test_a_run_with_buckets_logs_the_understanding_padding(ckpt, shapes, tmp_pat
     assert f"padding {record['padding']:.0%}" in capsys.readouterr().out
     square, = run([*common, "--out", tmp_path / "b", "--resolution", 64, "--buckets", "none"])
     assert square["task_loss"]["understanding"] == record["task_loss"]["understanding"]  # buckets are generation's
+
+
+def test_training_from_the_cache_gives_the_same_losses_without_the_vae_encoder_and_the_llm(ckpt, shapes, tmp_path,
+                                                                                           monkeypatch):
+    cache = tmp_path / "cache"
+    made = ["cache", "--stage", 5, "--init", ckpt, "--data", shapes, "--out", cache, "--resolution", 64]
+    assert train.main([str(a) for a in made]) == {"t2i": 12, "edit": 3}
+    assert train.main([str(a) for a in made]) == {"t2i": 0, "edit": 0}  # resumable: finished shards are kept
+    (cache / "edit-000000.safetensors").unlink()
+    assert train.main([str(a) for a in made]) == {"t2i": 0, "edit": 3}
+
+    go = lambda args: train.main([str(a) for a in [*args, "--workers", 0]])  # noqa: E731 (run() sets 32 px)
+    common = ["--stage", 5, "--init", ckpt, "--data", shapes, "--steps", 3, "--batch", 4, "--micro-batch", 2,
+              "--resolution", 64, "--drop-prompt", 0.3, "--drop-image", 0.3]
+    uncached = go([*common, "--out", tmp_path / "a"])
+    calls = []
+    for owner, name in ((vae.AutoencoderKL, "encode"), (model_module.OvisU1, "generation_condition")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    cached = go([*common, "--out", tmp_path / "b", "--cache", cache])
+    assert calls == []
+    for a, b in zip(uncached, cached):
+        assert a["task_loss"].keys() == b["task_loss"].keys()
+        torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b["grad_norm"], a["grad_norm"], rtol=1e-4, atol=1e-6)
+
+    for changed, needle in ((["--resolution", 96], "resolution 64"), (["--buckets", "none"], "buckets"),
+                            (["--init", write_tiny_checkpoint(tmp_path / "other", seed=1)], "other weights"),
+                            (["--stage", 2], "decoder stages")):
+        with pytest.raises(SystemExit, match=needle):
+            go([*common, "--out", tmp_path / f"c{len(calls)}", "--cache", cache, *changed])
+        calls.append(needle)
+    with pytest.raises(SystemExit, match="resolution"):  # nor is it overwritten by a cache of other settings
+        train.main([str(a) for a in [*made[:-1], 96]])
 
 
 def test_tasks_are_interleaved_in_their_ratios(manifest):
