@@ -26,8 +26,35 @@ Data: JSONL manifests (--data, repeatable); each line's keys tell its task, imag
                                           {"from": "gpt", "value": "A cat."}]}
   {"image": "a.jpg", "caption": "a cat on a sofa"}
   {"source": "a.jpg", "instruction": "make the cat black", "target": "b.jpg"}
-  Rows that cannot be used (malformed, missing/unreadable image, too long, no answer) are skipped and counted.
-  Generation images are resized and center-cropped to --resolution squared.
+  Rows that cannot be used (malformed, missing/unreadable image, too long, no answer) are skipped and counted
+  (and replaced by other rows). Generation rows may give their image's "width" and "height": a global batch then
+  sorts them by aspect ratio, so that micro-batches hold one bucket (without them, buckets still come out right
+  but micro-batches mix more of them). Each manifest is indexed once into MANIFEST.index-HASH.npy next to it
+  (remade when the manifest changes), which the other processes and later runs read.
+  Generation images are batched by aspect-ratio bucket (--buckets): height x width in multiples of 32 with an area
+  near --resolution squared, from 1:4 to 4:1; each image is resized to cover its bucket and center-cropped, an
+  edit's target to its source's bucket, and the timestep shift uses the bucket's token count. Understanding keeps
+  native resolution and is batched by length (the log reports the padding fraction).
+
+Mixing and loss weighting: each optimizer step trains on one global batch of --batch samples, the tasks in the
+  stage's ratios sample by sample; its samples are split into micro-batches over processes and accumulation
+  steps, so each process (and micro-batch) draws its own task, and a micro-batch may hold two tasks. The
+  understanding cross-entropy is summed over answer tokens and divided by the answer tokens of the whole global
+  batch; flow matching is a mean per sample; each task weighs its share of samples. The same global batch gives
+  the same gradient on any number of processes and with any --micro-batch, and a checkpoint's data position is
+  the same for every process count.
+
+Data loading runs in --workers DataLoader processes per training process, each process reading its own share,
+  prefetched, pinned on GPU; the log separates the time the step waited for data from its compute time.
+
+Cached frozen work (decoder stages 0, 4, 5, whose VAE and LLM are frozen):
+  torchrun --nproc_per_node 8 train.py cache --stage 4 --init runs/s3 --data T --resolution 1024 --out caches/t2i
+  torchrun --nproc_per_node 8 train.py --stage 4 --init runs/s3 --data T --resolution 1024 --cache caches/t2i \\
+      --out runs/s4
+  The cache holds each row's VAE posterior (training still draws its latent) and LLM condition, and the
+  unconditional prompt's; the prompt and image drops stay random. It is resumable (run the same command again),
+  split over the processes under torchrun, and refused by a run with other frozen weights, data, resolution,
+  buckets or precision.
 
 Checkpoints: OUT/step-NNNNNNNN/ is a complete checkpoint in the official layout (config.json, tokenizer and
   preprocessor files copied from the source, every weight under its official name: trained ones in float32,
@@ -186,6 +213,8 @@ def cache_main(argv: list[str]) -> dict[str, int]:
         if not manifest.is_file():
             raise TrainError(f"--data {manifest}: no such file")
     resolution = args.resolution or STAGES[args.stage].resolution
+    if resolution % (16 if args.buckets == "none" else 32):
+        raise TrainError(f"--resolution {resolution}: give a multiple of 32 (16 with --buckets none), as for training")
     runtime = setup_runtime(args.device)
     try:
         source = resolve_source(args.init)
