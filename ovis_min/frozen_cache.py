@@ -32,6 +32,7 @@ from .prompt import UNCONDITIONAL_PROMPT
 
 CACHE_FORMAT = 1
 ROWS_PER_SHARD = 256
+OPEN_SHARDS = 32  # per process: safetensors handles kept open (file descriptors)
 SETTINGS_FILE = "cache.json"
 GENERATION_TASKS = ("t2i", "edit")
 
@@ -78,7 +79,8 @@ def _variants(task: str, row_index: int, manifests: Manifests, cfg: DataConfig) 
 @torch.no_grad()
 def _frozen_work(model: OvisU1, examples: list[Example], pad_id: int, autocast,
                  posteriors: bool) -> list[dict[str, torch.Tensor]]:
-    """Per example: condition, and target (and source) posteriors; one batch of one image shape."""
+    """Per example: condition, and target (and source) posteriors; one batch of one image shape. Kept in the dtype
+    they were computed in (bf16 under bf16 autocast), which is what training computes them in too."""
     batch = collate(examples, pad_id)
     vae = channels_last(model.visual_generator.vae)
     weight = next(vae.parameters())
@@ -93,10 +95,10 @@ def _frozen_work(model: OvisU1, examples: list[Example], pad_id: int, autocast,
                 encoded[name] = vae.encode(pixels)
     out = []
     for i, example in enumerate(examples):
-        values = {"condition": txt[i, mask[i]].float()}
+        values = {"condition": txt[i, mask[i]]}
         for name, (mean, logvar) in encoded.items():
             if name == "target" or example.source is not None:
-                values[f"{name}_mean"], values[f"{name}_logvar"] = mean[i].float(), logvar[i].float()
+                values[f"{name}_mean"], values[f"{name}_logvar"] = mean[i], logvar[i]
         out.append({k: v.contiguous().cpu() for k, v in values.items()})
     return out
 
@@ -155,7 +157,7 @@ def _unconditional(model: OvisU1, cfg: DataConfig, height: int, width: int, auto
         txt, _ = model.generation_condition(input_ids, torch.ones_like(input_ids, dtype=torch.bool),
                                             pixel_values.to(model.device), grid_thws.to(model.device),
                                             left_padding=False)
-    return txt[0].float().cpu().contiguous()
+    return txt[0].cpu().contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,6 +200,8 @@ class FrozenCache:
     def _shard(self, task: str, row: int):
         key = (task, row // ROWS_PER_SHARD)
         if key not in self._open:
+            if len(self._open) >= OPEN_SHARDS:
+                self._open.pop(next(iter(self._open)))  # the oldest opened
             try:
                 handle = safe_open(shard_path(self.cache, *key), "pt")
                 self._open[key] = handle, json.loads(handle.metadata()["skipped"])
