@@ -1,4 +1,5 @@
-"""Training data: JSONL manifests, the three tasks' examples, per-stage mixing and collation.
+"""Training data: JSONL manifests and their index, the three tasks' examples, aspect-ratio buckets, the global
+batches of the task mixing, collation, and loading in DataLoader worker processes.
 
 A manifest is a JSON-lines file, one sample per line; image paths are relative to the manifest's folder (or
 absolute). The task of a row is told by its keys:
@@ -13,8 +14,8 @@ absolute). The task of a row is told by its keys:
 Each example is built exactly as the official inference scripts build their inputs (prompt.py, preprocess.py):
 understanding turns through the official chat formatter, whose labels supervise the assistant answers only;
 T2I as the caption prompt about a blank white image; editing as the instruction about the source image, whose VAE
-tokens also go to the decoder. Generation targets are resized to cover `resolution` x `resolution` and
-center-cropped, as the sampler's condition images are.
+tokens also go to the decoder. Generation images are resized to cover their aspect-ratio bucket (or
+`resolution` x `resolution` without buckets) and center-cropped, as the sampler's condition images are.
 
 Classifier-free guidance needs the unconditional branches at sampling time, so conditions are dropped at random:
 T2I prompts become the unconditional prompt (`drop_prompt`); edits lose the instruction but keep the image
@@ -528,7 +529,9 @@ class TaskStream:
     def __init__(self, task: str, rows: Rows, seed: int, overfit: int = 0):
         self.task, self.rows, self.seed = task, rows, seed
         self.overfit = min(overfit, len(rows)) if overfit else 0
-        self._epoch, self._order = -1, None
+        # the orders of the last two epochs used: the loader reads a little ahead of the training loop, so around
+        # an epoch's end both are asked for, in turns
+        self._orders: dict[int, np.ndarray] = {}
 
     @property
     def cycle(self) -> int:
@@ -540,10 +543,12 @@ class TaskStream:
         if self.overfit:
             return (position % self.overfit + attempt) % self.overfit
         epoch, within = divmod(position, len(self.rows))
-        if epoch != self._epoch:
+        if epoch not in self._orders:
             generator = torch.Generator().manual_seed(sample_seed(self.seed, self.task, -1 - epoch))
-            self._order, self._epoch = torch.randperm(len(self.rows), generator=generator).numpy(), epoch
-        return int(self._order[(within + attempt) % len(self.rows)])
+            order = torch.randperm(len(self.rows), generator=generator).numpy()
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1 or e == epoch + 1}
+            self._orders[epoch] = order.astype(np.int32) if len(order) < 2 ** 31 else order  # half the memory
+        return int(self._orders[epoch][(within + attempt) % len(self.rows)])
 
     def sample_seed(self, position: int) -> int:
         """The seed of a position's sample, whichever row ends up filling it."""
@@ -556,9 +561,10 @@ class Mixture:
     The sample with the largest shortfall against its task's share goes next (ratios 2:1:1 give A B C A A B C A
     ..., and the counts never drift); within a global batch the samples are sorted by task, then generation
     samples by their image's aspect ratio (so that a micro-batch mostly holds one bucket) and understanding samples by
-    length (so that padding stays small): few micro-batches hold two tasks or shapes. The position (samples so far and per task) is the whole state: it is the same on
-    every rank and does not depend on the number of processes or on how a global batch is split into
-    micro-batches, so a run resumed on any number of processes trains on the very same global batches.
+    length (so that padding stays small): few micro-batches hold two tasks or shapes. The position (samples so far
+    and per task) is the whole state: it is the same on every rank and does not depend on the number of processes
+    or on how a global batch is split into micro-batches, so a run resumed on any number of processes trains on the
+    very same global batches.
     """
 
     def __init__(self, manifests: Manifests, ratios: dict[str, float], seed: int = 0, overfit: int = 0):

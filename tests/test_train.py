@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 import train
 from ovis_min import losses
 from ovis_min.checkpoint import load_model, open_checkpoint
-from ovis_min import data, vae
+from ovis_min import data, frozen_cache, vae
 from ovis_min import model as model_module
 from ovis_min.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
                            index_manifests, load_example, read_row, scan_manifest, t2i_example, understanding_example)
@@ -234,7 +234,8 @@ def test_two_processes_ddp_keep_identical_replicas(ckpt, manifest, tmp_path):
     torchrun([*common, "--out", out, "--batch", 6, "--resume", out], tmp_path)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r.get("step") for r in log] == [1, 2, None, 3, 4, None]
-    assert set(log[0]["task_loss"]) == {"understanding", "t2i"} and set(log[1]["task_loss"]) == {"understanding", "edit"}
+    assert set(log[0]["task_loss"]) == {"understanding", "t2i"}
+    assert set(log[1]["task_loss"]) == {"understanding", "edit"}
     assert len(log[3]["task_loss"]) == 3
     assert log[-1]["replicas_identical"] and len(log[-1]["replicas"]) == 2
     state(out / "step-00000004")
@@ -532,6 +533,27 @@ def test_training_from_the_cache_gives_the_same_losses_without_the_vae_encoder_a
         calls.append(needle)
     with pytest.raises(SystemExit, match="resolution"):  # nor is it overwritten by a cache of other settings
         train.main([str(a) for a in [*made[:-1], 96]])
+
+
+def test_the_cache_is_split_over_ranks_and_used_only_when_complete(ckpt, tiny, shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(frozen_cache, "ROWS_PER_SHARD", 4)  # 12 T2I rows: 3 shards, 2 for rank 0 and 1 for rank 1
+    model = load_model(ckpt, dtype=torch.float32).model
+    cfg = replace(tiny[1], resolution=64, buckets=data.bucket_table(64), made={})
+    manifests = index_manifests([shapes])
+    wanted = frozen_cache.settings(model, manifests, cfg, "fp32")
+
+    def build(rank: int) -> dict[str, int]:
+        runtime = Runtime(rank, 2, torch.device("cpu"))
+        return frozen_cache.build_cache(model, manifests, ["t2i"], cfg, tmp_path, runtime, 4, "fp32",
+                                        contextlib.nullcontext())
+
+    assert build(0) == {"t2i": 8}
+    with pytest.raises(frozen_cache.CacheError, match="1 of its 3 t2i shards are missing"):
+        frozen_cache.FrozenCache(tmp_path, wanted, manifests, ["t2i"])
+    assert build(1) == {"t2i": 4}
+    cache = frozen_cache.FrozenCache(tmp_path, wanted, manifests, ["t2i"])
+    example = cache.example("t2i", 5, 0, replace(cfg, drop_prompt=0.0))
+    assert example.image_shape == data.nearest_bucket(cfg.buckets, *Image.open(shapes.parent / "5.png").size[::-1])
 
 
 def test_tasks_are_interleaved_in_their_ratios(manifest):
