@@ -613,6 +613,9 @@ class Mixture:
         return {"samples": self.samples, "drawn": dict(self.drawn), "skipped": dict(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
+        if "samples" not in state:
+            raise DataError("the checkpoint holds a per-process data position of an older train.py, which this one "
+                            "cannot continue exactly; start a new run with --init from that checkpoint")
         self.samples = state["samples"]
         self.drawn.update({t: n for t, n in state["drawn"].items() if t in self.drawn})
         self.skipped.update(state["skipped"])
