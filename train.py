@@ -26,8 +26,35 @@ Data: JSONL manifests (--data, repeatable); each line's keys tell its task, imag
                                           {"from": "gpt", "value": "A cat."}]}
   {"image": "a.jpg", "caption": "a cat on a sofa"}
   {"source": "a.jpg", "instruction": "make the cat black", "target": "b.jpg"}
-  Rows that cannot be used (malformed, missing/unreadable image, too long, no answer) are skipped and counted.
-  Generation images are resized and center-cropped to --resolution squared.
+  Rows that cannot be used (malformed, missing/unreadable image, too long, no answer) are skipped and counted
+  (and replaced by other rows). Generation rows may give their image's "width" and "height": a global batch then
+  sorts them by aspect ratio, so that micro-batches hold one bucket (without them, buckets still come out right
+  but micro-batches mix more of them). Each manifest is indexed once into MANIFEST.index-HASH.npy next to it
+  (remade when the manifest changes), which the other processes and later runs read.
+  Generation images are batched by aspect-ratio bucket (--buckets): height x width in multiples of 32 with an area
+  near --resolution squared, from 1:4 to 4:1; each image is resized to cover its bucket and center-cropped, an
+  edit's target to its source's bucket, and the timestep shift uses the bucket's token count. Understanding keeps
+  native resolution and is batched by length (the log reports the padding fraction).
+
+Mixing and loss weighting: each optimizer step trains on one global batch of --batch samples, the tasks in the
+  stage's ratios sample by sample; its samples are split into micro-batches over processes and accumulation
+  steps, so each process (and micro-batch) draws its own task, and a micro-batch may hold two tasks. The
+  understanding cross-entropy is summed over answer tokens and divided by the answer tokens of the whole global
+  batch; flow matching is a mean per sample; each task weighs its share of samples. The same global batch gives
+  the same gradient on any number of processes and with any --micro-batch, and a checkpoint's data position is
+  the same for every process count.
+
+Data loading runs in --workers DataLoader processes per training process, each process reading its own share,
+  prefetched, pinned on GPU; the log separates the time the step waited for data from its compute time.
+
+Cached frozen work (decoder stages 0, 4, 5, whose VAE and LLM are frozen):
+  torchrun --nproc_per_node 8 train.py cache --stage 4 --init runs/s3 --data T --resolution 1024 --out caches/t2i
+  torchrun --nproc_per_node 8 train.py --stage 4 --init runs/s3 --data T --resolution 1024 --cache caches/t2i \\
+      --out runs/s4
+  The cache holds each row's VAE posterior (training still draws its latent) and LLM condition, and the
+  unconditional prompt's; the prompt and image drops stay random. It is resumable (run the same command again),
+  split over the processes under torchrun, and refused by a run with other frozen weights, data, resolution,
+  buckets or precision.
 
 Checkpoints: OUT/step-NNNNNNNN/ is a complete checkpoint in the official layout (config.json, tokenizer and
   preprocessor files copied from the source, every weight under its official name: trained ones in float32,
@@ -73,13 +100,15 @@ from torch import nn  # noqa: E402
 from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load_checkpoint, read_config,  # noqa: E402
                                  resolve_source, tied_groups)
 from ovis_min.cli import TrainError  # noqa: E402
-from ovis_min.data import TASKS, DataConfig, DataError, Mixture, index_manifests, parse_mix  # noqa: E402
-from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, gradient_sync,  # noqa: E402
-                                  setup_runtime, wrap)
+from ovis_min.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
+                           bucket_table, index_manifests, parse_mix)
+from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, setup_runtime,  # noqa: E402
+                                  wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
-from ovis_min.losses import TrainStep  # noqa: E402
+from ovis_min.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
+from ovis_min.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
-from ovis_min.stages import (SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
+from ovis_min.stages import (DECODER, SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
                              learning_rate, make_optimizer, set_trainable)
 from ovis_min.train_checkpoint import read_trainer_state, resolve_resume, restore, save, trim_log  # noqa: E402
 
@@ -90,7 +119,7 @@ ctrl_c_raises()
 # The run
 # ---------------------------------------------------------------------------------------------------------------
 RESUME_CHECKED = ("stage", "batch", "micro_batch", "lr", "min_lr", "warmup", "steps", "mix", "seed", "resolution",
-                  "drop_prompt", "drop_image", "weight_decay", "overfit")
+                  "drop_prompt", "drop_image", "weight_decay", "overfit", "buckets")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--beta2", type=real(0, 1, open_high=True), default=0.95, help="AdamW beta2 (default 0.95)")
     parser.add_argument("--grad-clip", type=real(0), default=1.0, help="max gradient norm (default 1; 0: no "
                         "clipping)")
-    parser.add_argument("--resolution", type=whole_number(32), help="side of the square generation images, a multiple of 16 "
-                        "(default: 512 for stages 0-2, 1024 for 4-5)")
+    parser.add_argument("--resolution", type=whole_number(32), help="generation images have about this side squared "
+                        "as area (see --buckets), a multiple of 16 (default: 512 for stages 0-2, 1024 for 4-5)")
     parser.add_argument("--drop-prompt", type=real(0, 1), default=0.1, help="rate at which generation prompts become "
                         "the unconditional prompt (edits keep their image; default 0.1)")
     parser.add_argument("--drop-image", type=real(0, 1), default=0.05, help="rate at which edits lose prompt and image "
@@ -138,14 +167,76 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep", type=whole_number(0), default=3, help="checkpoints to keep (default 3; 0: all)")
     parser.add_argument("--stop-after", type=whole_number(1), help="stop after this step with a checkpoint, keeping the "
                         "schedule of --steps (for jobs with a time limit)")
-    parser.add_argument("--workers", type=whole_number(0), default=4, help="threads that read and preprocess images "
-                        "(default 4)")
+    parser.add_argument("--buckets", choices=("aspect", "none"), default="aspect", help="generation images: "
+                        "'aspect' batches them by aspect-ratio bucket (height x width in multiples of 32 with an "
+                        "area near --resolution squared, 1:4 to 4:1), each covered and center-cropped to its "
+                        "bucket, an edit's target to its source's; 'none': square --resolution crops "
+                        "(default aspect)")
+    parser.add_argument("--cache", type=Path, help="decoder stages (0, 4, 5): train from the VAE posteriors and LLM "
+                        "conditions precomputed by `train.py cache` (see above) instead of running the frozen VAE "
+                        "encoder and LLM every step, e.g. --cache caches/t2i-1024")
+    parser.add_argument("--workers", type=whole_number(0), default=4, help="DataLoader worker processes per "
+                        "process that read and preprocess the data ahead of the step, e.g. --workers 8 (default 4; "
+                        "0: in the training process)")
     parser.add_argument("--seed", type=whole_number(0), default=0, help="seed of the data order, --scratch weights, noise and "
                         "dropout (default 0)")
     parser.add_argument("--device", help="default: cuda if available")
     parser.add_argument("--overfit", type=whole_number(0), default=0, metavar="N", help="debugging: train on the first N rows "
                         "of each task over and over, with the same noise and timesteps (the loss must fall)")
     return parser
+
+
+def build_cache_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py cache", description="Precompute what the frozen VAE and LLM "
+                                     "make of every generation row for the decoder stages (0, 4, 5), for "
+                                     "train.py --cache. Resumable (an interrupted run continues), split over the "
+                                     "processes under torchrun. Example: torchrun --nproc_per_node 8 train.py cache "
+                                     "--stage 4 --init runs/s3 --data T --resolution 1024 --out caches/t2i-1024")
+    parser.add_argument("--stage", type=int, choices=[s for s in sorted(STAGES) if STAGES[s].trains == DECODER],
+                        required=True, help="the decoder stage the cache is for")
+    parser.add_argument("--init", type=Path, required=True, help="the weights the stage starts from (as train.py)")
+    parser.add_argument("--data", type=Path, action="append", required=True, help="JSONL manifest (repeatable, as "
+                        "train.py's, in the same order)")
+    parser.add_argument("--out", type=Path, required=True, help="the cache folder")
+    parser.add_argument("--resolution", type=whole_number(32), help="as train.py's (default: the stage's)")
+    parser.add_argument("--buckets", choices=("aspect", "none"), default="aspect", help="as train.py's")
+    parser.add_argument("--micro-batch", type=whole_number(1), default=16, help="rows per forward pass (default 16)")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="as train.py's (default bf16 on GPU)")
+    parser.add_argument("--device", help="default: cuda if available")
+    return parser
+
+
+def cache_main(argv: list[str]) -> dict[str, int]:
+    """`train.py cache`: returns the rows written per task."""
+    args = build_cache_parser().parse_args(argv)
+    for manifest in args.data:
+        if not manifest.is_file():
+            raise TrainError(f"--data {manifest}: no such file")
+    resolution = args.resolution or STAGES[args.stage].resolution
+    if resolution % (16 if args.buckets == "none" else 32):
+        raise TrainError(f"--resolution {resolution}: give a multiple of 32 (16 with --buckets none), as for training")
+    runtime = setup_runtime(args.device)
+    try:
+        source = resolve_source(args.init)
+        config = read_config(source)
+        cfg = DataConfig(Tokenizer(source), config.preprocess, config.multimodal_max_length, resolution,
+                         buckets=None if args.buckets == "none" else bucket_table(resolution))
+        manifests = index_manifests(args.data)
+        tasks = [task for task in STAGES[args.stage].mix if len(manifests.rows[task])]
+        model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device).eval()
+        precision = args.precision or ("bf16" if runtime.device.type == "cuda" else "fp32")
+        autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        written = build_cache(model, manifests, tasks, cfg, args.out, runtime, args.micro_batch, precision, autocast)
+        if runtime.world > 1:
+            dist.barrier()
+        print(f"cache {args.out}: {', '.join(f'{t} {len(manifests.rows[t])} rows' for t in tasks)} "
+              f"(this process wrote {', '.join(f'{t} {n}' for t, n in written.items())})", flush=True)
+        return written
+    except CacheError as error:
+        raise TrainError(str(error)) from None
+    finally:
+        if runtime.world > 1:
+            dist.destroy_process_group()
 
 
 def given_flags(argv: list[str] | None) -> set[str]:
@@ -218,6 +309,9 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.mix = args.mix or dict(stage.mix)
     if args.resolution % 16:
         raise TrainError(f"--resolution {args.resolution} must be a multiple of 16 (8x VAE, then 2x2 packing)")
+    if args.resolution % 32 and args.buckets != "none":
+        raise TrainError(f"--resolution {args.resolution}: aspect-ratio buckets have sides in multiples of 32; give "
+                         "a multiple of 32, or --buckets none for square crops")
     if args.scratch and args.stage not in SCRATCH_STAGES:
         first = " and ".join(map(str, SCRATCH_STAGES))
         raise TrainError(f"--scratch: the report starts only stages {first} from random weights; stage {args.stage} "
@@ -228,12 +322,21 @@ def fill_defaults(args: argparse.Namespace) -> None:
                          f"{', '.join(stray)}")
     if not any(args.mix.values()):
         raise TrainError("--mix: every ratio is 0; give at least one task a ratio above 0")
+    args.cache = None if args.cache is None else Path(args.cache)  # a resumed run's arguments hold strings
+    if args.cache is not None and stage.trains != DECODER:
+        raise TrainError(f"--cache: stage {args.stage} trains through the LLM or the encoder, which a cache would "
+                         "freeze; only the decoder stages (0, 4, 5) train from a cache")
+    if args.cache is not None and not args.cache.is_dir():
+        raise TrainError(f"--cache {args.cache}: no such folder; make it with python train.py cache")
     if args.stop_after is not None and args.stop_after > args.steps:
         raise TrainError(f"--stop-after {args.stop_after} is past --steps {args.steps}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     """Run training; returns rank 0's per-step log records (tests call this in-process)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cache"]:
+        return cache_main(argv[1:])
     args, resume_dir, trainer_state = parse_args(argv)
     fill_defaults(args)
     if trainer_state is not None:
@@ -283,11 +386,15 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     config = read_config(source)
     # The data first: a missing manifest or task should fail before minutes of loading.
     data_cfg = DataConfig(Tokenizer(source), config.preprocess, config.multimodal_max_length, args.resolution,
-                          args.drop_prompt, args.drop_image)
+                          args.drop_prompt, args.drop_image,
+                          buckets=None if args.buckets == "none" else bucket_table(args.resolution))
     try:
+        if runtime.world > 1 and not runtime.main:
+            dist.barrier()  # rank 0 indexes new manifests first; the others then read its index files
         manifests = index_manifests(args.data)
-        mixture = Mixture(manifests, args.mix, data_cfg, seed=args.seed, rank=runtime.rank, world=runtime.world,
-                          overfit=args.overfit, workers=args.workers)
+        if runtime.world > 1 and runtime.main:
+            dist.barrier()
+        mixture = Mixture(manifests, args.mix, args.seed, args.overfit)
     except (ValueError, FileNotFoundError) as error:
         raise TrainError(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None
 
@@ -314,6 +421,17 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     if trainer_state is not None:
         start = restore(trainer_state, step_module, optimizer, mixture, runtime)
 
+    cache = None
+    if args.cache is not None:
+        try:
+            cache = FrozenCache(args.cache, settings(model, manifests, data_cfg, precision), manifests,
+                                [task for task in mixture.ratios if task != "understanding"])
+        except CacheError as error:
+            raise TrainError(str(error)) from None
+    # after restore: the loader starts at the restored data position
+    loader = Loader(mixture, MicroBatchData(mixture, data_cfg, cache), args.batch,
+                    args.micro_batch, runtime.rank, runtime.world, args.workers,
+                    pin_memory=runtime.device.type == "cuda")
     if runtime.main:
         out.mkdir(parents=True, exist_ok=True)
         for leftover in remove_leftovers(out):
@@ -338,31 +456,27 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         for group in optimizer.param_groups:
             group["lr"] = lr
         began = time.perf_counter()
-        loss_sums, counts, tokens = dict.fromkeys(TASKS, 0.0), dict.fromkeys(TASKS, 0), 0
-        for micro in range(accumulation):
-            batch = mixture.next_batch(args.micro_batch).to(runtime.device)
-            with gradient_sync(wrapped, micro == accumulation - 1):
-                with autocast:
-                    loss, batch_tokens = wrapped(batch)
-                (loss / accumulation).backward()
-            loss_sums[batch.task] += loss.item()
-            counts[batch.task] += 1
-            tokens += batch_tokens
+        micro_batches = [next(loader).to(runtime.device, non_blocking=True) for _ in range(accumulation)]
+        mixture.next_global_batch(args.batch)  # the position the loader has now delivered
+        data_wait = time.perf_counter() - began
+        window = backward_window(wrapped, micro_batches, runtime, autocast)
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        skipped = mixture.skipped
-        totals = all_reduce_sum([*loss_sums.values(), *counts.values(), tokens, *skipped.values()], runtime)
+        values = window.values()
+        totals = all_reduce_sum([*values, *(sum(m.skipped[r] for m in micro_batches) for r in SKIP_REASONS)],
+                                runtime)
+        loss, task_loss, tokens, padding = summary(totals[:len(values)])
+        skipped = mixture.add_skipped(dict(zip(SKIP_REASONS, map(int, totals[len(values):]))))
         elapsed = time.perf_counter() - began
-        n = len(TASKS)
-        task_loss = {t: totals[i] / totals[n + i] for i, t in enumerate(TASKS) if totals[n + i]}
-        record = {"step": step + 1, "loss": sum(totals[:n]) / sum(totals[n:2 * n]), "task_loss": task_loss, "lr": lr,
+        record = {"step": step + 1, "loss": loss, "task_loss": task_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "samples_per_s": args.batch / elapsed,
-                  "tokens_per_s": totals[2 * n] / elapsed, "memory_gb": peak_memory_gb(runtime.device),
-                  "skipped": {reason: int(v) for reason, v in zip(skipped, totals[2 * n + 1:]) if v}}
+                  "tokens_per_s": tokens / elapsed, "memory_gb": peak_memory_gb(runtime.device),
+                  "data_wait_s": data_wait, "compute_s": elapsed - data_wait, "padding": padding,
+                  "skipped": {reason: n for reason, n in skipped.items() if n}}
         if runtime.main:
             records.append(record)
             log.write(json.dumps(record) + "\n")
@@ -383,7 +497,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             log.write(json.dumps(record) + "\n")
             print("replicas identical" if record["replicas_identical"] else
                   f"WARNING: the {runtime.world} replicas differ", flush=True)
-    mixture.close()
+    loader.close()
     if log:
         log.close()
     if runtime.world > 1:
@@ -401,7 +515,10 @@ def format_record(record: dict, steps: int) -> str:
     tasks = ", ".join(f"{t} {v:.4f}" for t, v in record["task_loss"].items())
     line = (f"step {record['step']}/{steps} | loss {record['loss']:.4f} ({tasks}) | lr {record['lr']:.2e} | "
             f"grad {record['grad_norm']:.3f} | {record['samples_per_s']:.1f} samples/s "
-            f"{record['tokens_per_s']:.0f} tok/s | mem {record['memory_gb']:.1f} GB")
+            f"{record['tokens_per_s']:.0f} tok/s | data wait {record['data_wait_s']:.2f}s compute "
+            f"{record['compute_s']:.2f}s | mem {record['memory_gb']:.1f} GB")
+    if record["padding"] is not None:
+        line += f" | padding {record['padding']:.0%}"
     if record["skipped"]:
         line += " | skipped " + ", ".join(f"{reason} {n}" for reason, n in record["skipped"].items())
     return line

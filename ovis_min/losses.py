@@ -3,13 +3,25 @@
 Flow matching on the VAE latents: x_t = t*noise + (1-t)*x0, target velocity noise - x0 (the official sampler
 integrates dx/dt = v from t=1 to 0), t logit-normal, shifted like the sampler's schedule when config.json enables
 timestep_shift (flow.py).
+
+Weighting over an optimizer step (all micro-batches of all ranks, the "window"): the cross-entropy is summed over
+the supervised tokens and divided by the window's supervised tokens, so a short answer weighs as much per token as
+a long one wherever it lands (a mean per micro-batch would overweight short answers); flow matching is a mean per
+sample. Each task counts by its share of the window's samples:
+
+    loss = (understanding samples / samples) * CE sum / supervised tokens + flow-matching sum / samples
+
+so the same global batch gives the same gradient however it is split into micro-batches and processes.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import flow
-from .data import Batch
+from .data import TASKS, Batch, MicroBatch
+from .distributed import Runtime, all_reduce_sum, gradient_sync
 from .model import IGNORE_ID, OvisU1, encode_image_tokens
 
 
@@ -23,8 +35,9 @@ def idle_image_term(model: OvisU1) -> torch.Tensor:
     return 0.0 * (embeds.sum() + model.vte.indicator_embeds().sum())
 
 
-def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy on the supervised (assistant) tokens; (loss, LLM tokens).
+def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) -> tuple[torch.Tensor, int, int]:
+    """Next-token cross-entropy summed over the supervised (assistant) tokens; (loss sum, LLM tokens, LLM positions
+    with the padding).
 
     idle_image: for a batch without images, run the encoder and adapter anyway, on a blank image whose embeddings
     enter the LLM input times zero. Every rank then uses the same weights in the same order whatever its batch
@@ -38,8 +51,8 @@ def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) ->
     supervised = targets != IGNORE_ID
     # The (B, L, 152K) logits of every position would dwarf the rest of the step: project only what is learned.
     logits = model.llm.lm_head(hidden[:, :-1][supervised])  # (T, V)
-    loss = F.cross_entropy(logits.float(), targets[supervised])
-    return loss, int(merged.attention_mask.sum())
+    loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+    return loss_sum, int(merged.attention_mask.sum()), merged.attention_mask.numel()
 
 
 def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
@@ -47,28 +60,45 @@ def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) 
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
+def posterior_tokens(vae, mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """(B, N, 16) packed latent tokens of a cached VAE posterior: the second half of encode_image_tokens."""
+    return flow.pack_latents(vae.to_latent_space(vae.sample_latent(mean, logvar, noise=noise)))
+
+
 def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[torch.Tensor, int]:
-    """Flow matching on the target's VAE latent tokens; (loss, LLM + decoder tokens)."""
+    """Flow matching on the target's VAE latent tokens; ((B,) loss of each sample, LLM + decoder tokens).
+
+    A batch from a cache (train.py cache) brings the VAE posteriors and the LLM condition: neither runs."""
     vae, decoder, mm = model.visual_generator.vae, model.visual_generator.backbone, model.config.mmdit
-    device = batch.target.device
-    size = batch.target.shape[-1]
-    channels, latent, rows = model.config.vae.latent_channels, size // 8, size // 16  # 8x VAE, then 2x2 packing
+    cached = batch.target_mean is not None
+    device = batch.target_mean.device if cached else batch.target.device
+    # one aspect-ratio bucket
+    height, width = [8 * n for n in batch.target_mean.shape[-2:]] if cached else batch.target.shape[-2:]
+    channels, rows, cols = model.config.vae.latent_channels, height // 16, width // 16  # 8x VAE, then 2x2 packing
     # Each sample draws, in this order and whatever its batch holds: the VAE posterior noise of the target and of
     # the source, the flow noise, the time. So a sample's randomness depends on its seed alone.
     generators = [torch.Generator().manual_seed(int(seed)) for seed in batch.seeds]
-    target_eps = per_sample_noise((channels, latent, latent), generators).to(device)
-    source_eps = per_sample_noise((channels, latent, latent), generators).to(device)
+    target_eps = per_sample_noise((channels, height // 8, width // 8), generators).to(device)
+    source_eps = per_sample_noise((channels, height // 8, width // 8), generators).to(device)
     with torch.no_grad():  # the VAE is frozen
-        x0 = encode_image_tokens(vae, batch.target, noise=target_eps).float()  # (B, N, 16)
-        cond_img = None if batch.source is None else encode_image_tokens(vae, batch.source, noise=source_eps)
-    # Only stages that train the adapter/encoder/LLM need gradients through the condition.
-    with torch.set_grad_enabled(condition_grad and torch.is_grad_enabled()):
-        txt, txt_mask = model.generation_condition(batch.input_ids, batch.attention_mask, batch.pixel_values,
-                                                   batch.grid_thws, left_padding=False)
+        if cached:
+            x0 = posterior_tokens(vae, batch.target_mean, batch.target_logvar, target_eps).float()
+            cond_img = None if batch.source_mean is None else posterior_tokens(vae, batch.source_mean,
+                                                                               batch.source_logvar, source_eps)
+        else:
+            x0 = encode_image_tokens(vae, batch.target, noise=target_eps).float()  # (B, N, 16)
+            cond_img = None if batch.source is None else encode_image_tokens(vae, batch.source, noise=source_eps)
+    if cached:
+        txt, txt_mask = batch.condition, batch.condition_mask
+    else:  # only stages that train the adapter/encoder/LLM need gradients through the condition
+        with torch.set_grad_enabled(condition_grad and torch.is_grad_enabled()):
+            txt, txt_mask = model.generation_condition(batch.input_ids, batch.attention_mask, batch.pixel_values,
+                                                       batch.grid_thws, left_padding=False)
     txt_tokens, cls = decoder.encode_text(txt, txt_mask)
 
     noise = per_sample_noise(tuple(x0.shape[1:]), generators).to(device)
-    t = torch.cat([flow.sample_timesteps(1, generator=g, image_seq_len=rows * rows if mm.timestep_shift else None,
+    # the shift follows the bucket's token count, as the sampler's schedule does for its size
+    t = torch.cat([flow.sample_timesteps(1, generator=g, image_seq_len=rows * cols if mm.timestep_shift else None,
                                          base_shift=mm.base_shift, max_shift=mm.max_shift) for g in generators])
     t = t.to(device)
     x_t = flow.noisy_latents(x0, noise, t)
@@ -77,17 +107,42 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     key_mask = [txt_mask, torch.ones(batch_size, num_img, dtype=torch.bool, device=device)]
     if cond_img is not None:  # rows without a source image carry zeros there, hidden by the key mask
         key_mask.append(batch.has_source[:, None].expand(batch_size, num_img))
-    rope = decoder.rope(flow.sequence_position_ids(num_txt, rows, rows, edit_image=cond_img is not None,
+    rope = decoder.rope(flow.sequence_position_ids(num_txt, rows, cols, edit_image=cond_img is not None,
                                                    device=device), x_t.dtype)
     velocity = decoder.predict_velocity(x_t, txt_tokens, decoder.text_vector(cls), rope, t, cond_img=cond_img,
                                         key_mask=torch.cat(key_mask, dim=1))
     tokens = int(txt_mask.sum()) + batch_size * num_img + (int(batch.has_source.sum()) * num_img
                                                            if cond_img is not None else 0)
-    return flow.flow_matching_loss(velocity, x0, noise), tokens
+    per_sample = (velocity.float() - flow.velocity_target(x0, noise).float()).square().mean(dim=(1, 2))
+    return per_sample, tokens
+
+
+@dataclass
+class LossScale:
+    """What one sample's loss is multiplied by in a window: see the module's docstring."""
+    per_token: float  # of the summed cross-entropy
+    per_sample: float  # of a sample's flow-matching loss
+
+
+@dataclass
+class Tally:
+    """What a micro-batch (or a window of them) adds up to on one rank."""
+    sums: dict[str, torch.Tensor]  # task -> loss sum (detached)
+    tokens: int = 0  # LLM + decoder tokens
+    understanding_tokens: int = 0  # LLM tokens of understanding batches, and their positions with the padding
+    understanding_positions: int = 0
+
+    def add(self, other: "Tally") -> None:
+        for task, value in other.sums.items():
+            self.sums[task] = self.sums[task] + value.float() if task in self.sums else value.float()
+        self.tokens += other.tokens
+        self.understanding_tokens += other.understanding_tokens
+        self.understanding_positions += other.understanding_positions
 
 
 class TrainStep(nn.Module):
-    """One micro-batch -> (loss, tokens). A module around the model so that DDP/FSDP see the whole step."""
+    """One micro-batch -> (weighted loss, Tally). A module around the model so that DDP/FSDP see the whole step,
+    whichever tasks and buckets the micro-batch holds."""
 
     def __init__(self, model: OvisU1):
         super().__init__()
@@ -96,7 +151,71 @@ class TrainStep(nn.Module):
         self.upstream_trains = any(p.requires_grad for name, p in model.named_parameters()
                                    if not name.startswith("visual_generator."))
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        if batch.task == "understanding":
-            return understanding_loss(self.model, batch, idle_image=self.upstream_trains)
-        return generation_loss(self.model, batch, condition_grad=self.upstream_trains)
+    def forward(self, micro: MicroBatch, scale: LossScale) -> tuple[torch.Tensor, Tally]:
+        loss, tally = 0.0, Tally({})
+        for batch in micro.parts:
+            if batch.task == "understanding":
+                task_sum, tokens, positions = understanding_loss(self.model, batch, idle_image=self.upstream_trains)
+                loss = loss + scale.per_token * task_sum
+                tally.add(Tally({}, understanding_tokens=tokens, understanding_positions=positions))
+            else:
+                per_sample, tokens = generation_loss(self.model, batch, condition_grad=self.upstream_trains)
+                task_sum = per_sample.sum()
+                loss = loss + scale.per_sample * task_sum
+            tally.add(Tally({batch.task: task_sum.detach()}, tokens))
+        return loss, tally
+
+
+@dataclass
+class WindowTotals:
+    """One optimizer step's numbers on one rank: the Tally, counts per task (supervised tokens for understanding,
+    samples for generation), understanding samples and samples."""
+    tally: Tally
+    counts: dict[str, int]
+    understanding_samples: int
+    samples: int
+
+    def values(self) -> list[float]:
+        """What the ranks add up, in the order `summary` reads."""
+        tally = self.tally
+        return [*(float(tally.sums[t]) if t in tally.sums else 0.0 for t in TASKS), *(self.counts[t] for t in TASKS),
+                self.understanding_samples, self.samples, tally.tokens, tally.understanding_tokens,
+                tally.understanding_positions]
+
+
+def summary(totals: list[float]) -> tuple[float, dict[str, float], float, float | None]:
+    """The all-reduced WindowTotals.values() -> (the step's loss, loss per task, tokens, padding fraction of the
+    understanding batches or None)."""
+    n = len(TASKS)
+    sums, counts = dict(zip(TASKS, totals[:n])), dict(zip(TASKS, totals[n:2 * n]))
+    understanding_samples, samples, tokens, understanding_tokens, positions = totals[2 * n:2 * n + 5]
+    task_loss = {t: sums[t] / counts[t] for t in TASKS if counts[t]}
+    loss = sum(sums[t] for t in TASKS if t != "understanding") / samples
+    if counts["understanding"]:
+        loss += understanding_samples / samples * task_loss["understanding"]
+    return loss, task_loss, tokens, (1 - understanding_tokens / positions) if positions else None
+
+
+def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime: Runtime,
+                    autocast) -> WindowTotals:
+    """Forward and backward every micro-batch of one optimizer step on this rank, weighted as the module's
+    docstring says; gradients are reduced across ranks on the last micro-batch. Collective."""
+    counts = dict.fromkeys(TASKS, 0)
+    for micro in micro_batches:
+        for batch in micro.parts:
+            counts[batch.task] += batch.supervised_tokens if batch.task == "understanding" else len(batch)
+    understanding_samples = sum(len(b) for m in micro_batches for b in m.parts if b.task == "understanding")
+    samples = sum(len(m) for m in micro_batches)
+    tokens_all, understanding_all, samples_all = all_reduce_sum(
+        [counts["understanding"], understanding_samples, samples], runtime)
+    # DDP and FSDP average gradients over ranks: each rank's share is scaled up by the world size to undo it.
+    scale = LossScale(per_token=runtime.world * understanding_all / samples_all / max(tokens_all, 1),
+                      per_sample=runtime.world / samples_all)
+    tally = Tally({})
+    for i, micro in enumerate(micro_batches):
+        with gradient_sync(module, i == len(micro_batches) - 1):
+            with autocast:
+                loss, micro_tally = module(micro, scale)
+            loss.backward()
+        tally.add(micro_tally)
+    return WindowTotals(tally, counts, understanding_samples, samples)

@@ -3,7 +3,9 @@
 Per stage: the loss falls on a repeated batch, exactly the stage's parameters change, and the checkpoint is a
 strict official-layout checkpoint. Resuming continues exactly; two CPU processes (DDP, and FSDP for stage 3) agree.
 """
+import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,16 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import train
 from ovis_min import losses
 from ovis_min.checkpoint import load_model, open_checkpoint
-from ovis_min.data import (DataConfig, Mixture, SkipRow, collate, edit_example, index_manifests, load_example,
-                           t2i_example, understanding_example)
-from ovis_min.prompt import Tokenizer
+from ovis_min import data, frozen_cache, vae
+from ovis_min import model as model_module
+from ovis_min.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
+                           index_manifests, load_example, read_row, scan_manifest, t2i_example, understanding_example)
+from ovis_min.preprocess import blank_image, condition_images, resize_center_crop
+from ovis_min.prompt import UNCONDITIONAL_PROMPT, Tokenizer, preprocess_inputs, t2i_prompt
+from ovis_min.distributed import Runtime
 from ovis_min.stages import STAGES, set_trainable
+from ovis_min.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 170, 60), "yellow": (230, 200, 20)}
@@ -81,8 +89,7 @@ def manifest(tmp_path_factory) -> Path:
     ]
     path = root / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows + bad) + "{not json\n")
-    # For two processes with --overfit 2: rank 0 always gets the first row of a task, rank 1 the second, so rank 1's
-    # understanding batches never hold an image while rank 0's always do.
+    # With --overfit 2 a run's understanding samples alternate between the first row (an image) and the second (none).
     split = [rows[0], rows[16], rows[1], rows[3], rows[18], rows[19]]
     assert "images" in rows[0] and "images" not in rows[16] and "instruction" in rows[18]
     (root / "split.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split))
@@ -172,6 +179,39 @@ def test_resume_continues_exactly(ckpt, manifest, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_loader_worker_processes_give_the_same_run_and_resume_exactly(ckpt, manifest, tmp_path):
+    """Rows are loaded ahead by two worker processes; the checkpoint holds the position the training consumed, not
+    the one the workers had read ahead to."""
+    common = ["--stage", 5, "--init", ckpt, "--data", manifest, "--steps", 3, "--batch", 4, "--micro-batch", 2,
+              "--resolution", RESOLUTION]
+    inline = run([*common, "--out", tmp_path / "a"])
+    with_workers = [*map(str, common), "--out", str(tmp_path / "b"), "--workers", "2"]
+    first = train.main([*with_workers, "--stop-after", "1"])
+    rest = train.main(["--resume", str(tmp_path / "b")])  # with its 2 workers
+    for key in ("loss", "task_loss", "grad_norm", "skipped"):
+        assert [r[key] for r in first + rest] == [r[key] for r in inline], key
+    assert all(r["data_wait_s"] >= 0 and r["compute_s"] > 0 for r in first + rest)
+
+
+def test_the_global_batches_do_not_depend_on_processes_or_micro_batches(manifest):
+    """What each step trains on, and the position a checkpoint keeps, are the same on 1 or 3 processes."""
+    manifests = index_manifests([manifest])
+    ratios = {"understanding": 1, "t2i": 1, "edit": 1}
+    one = Mixture(manifests, ratios)
+    steps = [one.next_global_batch(6) for _ in range(3)]
+    for world, micro_batch in ((3, 1), (2, 3), (1, 2)):
+        sampler = iter(data.RankSampler(Mixture(manifests, ratios), 6, micro_batch, 0, 1))
+        shares = [iter(data.RankSampler(Mixture(manifests, ratios), 6, micro_batch, r, world)) for r in range(world)]
+        for step in steps:
+            per_rank = [[d for _ in range(6 // (micro_batch * world)) for d in next(share)] for share in shares]
+            assert sorted((d.task, d.position) for rank in per_rank for d in rank) == \
+                sorted((d.task, d.position) for d in step), (world, micro_batch)
+            assert [d for _ in range(6 // micro_batch) for d in next(sampler)] == step
+    resumed = Mixture(manifests, ratios)
+    resumed.load_state_dict(one.state_dict())
+    assert resumed.next_global_batch(6) == one.next_global_batch(6)
+
+
 # -- two processes ---------------------------------------------------------------------------------------------
 
 def torchrun(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -184,8 +224,9 @@ def torchrun(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
 
 
 def test_two_processes_ddp_keep_identical_replicas(ckpt, manifest, tmp_path):
-    """Stage 1 mixes all tasks, one micro-batch per step: step 1 reduces gradients after an understanding batch
-    in which rank 1 has no image (see `manifest`), then accumulation over the next steps."""
+    """Stage 1 mixes all tasks and each rank draws its own: step 1 reduces gradients after rank 0 ran an
+    understanding batch and rank 1 a T2I one, step 2 after a text-only understanding batch (see `manifest`) on rank 0
+    and an edit on rank 1, then accumulation over the next steps."""
     out = tmp_path / "ddp"
     common = ["--stage", 1, "--init", ckpt, "--data", manifest.parent / "split.jsonl", "--micro-batch", 1,
               "--overfit", 2, "--steps", 4]
@@ -193,7 +234,9 @@ def test_two_processes_ddp_keep_identical_replicas(ckpt, manifest, tmp_path):
     torchrun([*common, "--out", out, "--batch", 6, "--resume", out], tmp_path)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r.get("step") for r in log] == [1, 2, None, 3, 4, None]
-    assert set(log[0]["task_loss"]) == {"understanding"} and len(log[3]["task_loss"]) == 3
+    assert set(log[0]["task_loss"]) == {"understanding", "t2i"}
+    assert set(log[1]["task_loss"]) == {"understanding", "edit"}
+    assert len(log[3]["task_loss"]) == 3
     assert log[-1]["replicas_identical"] and len(log[-1]["replicas"]) == 2
     state(out / "step-00000004")
 
@@ -246,7 +289,7 @@ def test_a_samples_flow_loss_does_not_depend_on_its_batch_mates(tiny, manifest):
         together, _ = losses.generation_loss(model, collate([edit, no_image], cfg.tokenizer.pad_token_id), False)
         alone = [losses.generation_loss(model, collate([e], cfg.tokenizer.pad_token_id), False)[0]
                  for e in (edit, no_image)]
-    torch.testing.assert_close(together, (alone[0] + alone[1]) / 2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-6)
 
 
 def test_understanding_loss_is_cross_entropy_on_the_answer_tokens_only(tiny, manifest):
@@ -257,13 +300,14 @@ def test_understanding_loss_is_cross_entropy_on_the_answer_tokens_only(tiny, man
     answer = cfg.tokenizer.encode("a green circle<|im_end|>")
     assert example.labels[example.labels != -100].tolist() == answer
     batch = collate([example], cfg.tokenizer.pad_token_id)
+    assert batch.supervised_tokens == len(answer)
     with torch.no_grad():
-        loss, _ = losses.understanding_loss(model, batch)
+        loss_sum, _, _ = losses.understanding_loss(model, batch)
         merged = model.merge_inputs(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.grid_thws,
                                     batch.labels, left_padding=False)
         logits = model.llm(inputs_embeds=merged.embeds, attention_mask=merged.attention_mask)
         expected = torch.nn.functional.cross_entropy(logits[0, :-1], merged.labels[0, 1:], ignore_index=-100)
-    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(loss_sum / len(answer), expected)
 
 
 def test_text_only_batches_still_give_every_trained_weight_a_gradient(ckpt, tiny):
@@ -273,10 +317,59 @@ def test_text_only_batches_still_give_every_trained_weight_a_gradient(ckpt, tiny
     cfg = tiny[1]
     example = understanding_example({"conversations": [{"from": "human", "value": "hi"},
                                                        {"from": "gpt", "value": "hello"}]}, Path("."), 0, cfg)
-    loss, _ = losses.TrainStep(model)(collate([example], cfg.tokenizer.pad_token_id))
+    micro = MicroBatch([collate([example], cfg.tokenizer.pad_token_id)], {})
+    loss, _ = losses.TrainStep(model)(micro, losses.LossScale(per_token=1.0, per_sample=1.0))
     loss.backward()
     params = dict(model.named_parameters())
     assert all(params[name].grad is not None for name in trained)
+
+
+# -- loss weighting over the window ----------------------------------------------------------------------------
+
+def window_gradients(ckpt: Path, manifest: Path, batch: int, micro_batch: int, rank: int = 0,
+                     world: int = 1) -> dict[str, torch.Tensor]:
+    """The gradient of stage 1's first optimizer step (all three tasks) on this rank, after the DDP reduction."""
+    loaded = load_model(ckpt, dtype=torch.float32)
+    trained = set_trainable(loaded.model, 1)
+    cfg = DataConfig(Tokenizer(ckpt), loaded.config.preprocess, loaded.config.multimodal_max_length, RESOLUTION)
+    manifests = index_manifests([manifest])
+    mixture = Mixture(manifests, {"understanding": 1, "t2i": 1, "edit": 1})
+    loader = Loader(mixture, MicroBatchData(mixture, cfg),
+                    batch, micro_batch, rank, world)
+    runtime = Runtime(rank, world, torch.device("cpu"))
+    step = losses.TrainStep(loaded.model)
+    module = torch.nn.parallel.DistributedDataParallel(step) if world > 1 else step
+    micro_batches = [next(loader) for _ in range(batch // (micro_batch * world))]
+    losses.backward_window(module, micro_batches, runtime, contextlib.nullcontext())
+    params = dict(loaded.model.named_parameters())
+    return {name: params[name].grad for name in sorted(trained)}
+
+
+def _two_process_gradients(rank: int, ckpt: Path, manifest: Path, out: Path) -> None:
+    """Micro-batches of 1 (3 per rank) and of 3 (one per rank, holding several tasks)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=2)
+    try:
+        grads = [window_gradients(ckpt, manifest, 6, micro_batch, rank, 2) for micro_batch in (1, 3)]
+        if rank == 0:
+            torch.save(grads, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_same_global_batch_gives_the_same_gradient_however_it_is_split(ckpt, manifest, tmp_path):
+    """6 samples of three tasks: one micro-batch holding all three, 3 or 6 micro-batches, 2 processes with 3
+    micro-batches each or one mixed one each. Answers of different lengths land in different micro-batches, so a
+    mean per micro-batch would weigh their tokens differently."""
+    whole = window_gradients(ckpt, manifest, 6, 6)
+    assert all(g is not None and g.abs().sum() > 0 for g in whole.values())
+    splits = [window_gradients(ckpt, manifest, 6, 2), window_gradients(ckpt, manifest, 6, 1)]
+    torch.multiprocessing.spawn(_two_process_gradients, args=(ckpt, manifest, tmp_path / "grads.pt"), nprocs=2)
+    splits += torch.load(tmp_path / "grads.pt")
+    for grads in splits:
+        assert grads.keys() == whole.keys()
+        for name in whole:
+            torch.testing.assert_close(grads[name], whole[name], rtol=1e-4, atol=1e-7, msg=name)
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -293,16 +386,189 @@ def test_bad_rows_are_skipped_and_counted_by_reason(manifest, tiny):
                 reasons.append(skip.reason)
     assert sorted(reasons) == sorted(["missing image", "unreadable image", "too long", "no answer", "malformed"])
 
-    mixture = Mixture(manifests, {"t2i": 1}, tiny[1])
-    batches = [mixture.next_batch(3) for _ in range(4)]  # more than an epoch of 8 good and 2 bad t2i rows
+    mixture = Mixture(manifests, {"t2i": 1})
+    loader = Loader(mixture, MicroBatchData(mixture, tiny[1]), batch=3, micro_batch=3,
+                    rank=0, world=1)
+    batches = [next(loader) for _ in range(4)]  # more than an epoch of 8 good and 2 bad t2i rows
     assert all(len(b) == 3 for b in batches)
-    assert mixture.skipped["missing image"] + mixture.skipped["too long"] >= 2
+    assert sum(b.skipped["missing image"] + b.skipped["too long"] for b in batches) >= 2
 
 
-def test_tasks_are_interleaved_in_their_ratios(manifest, tiny):
-    mixture = Mixture(index_manifests([manifest]), {"understanding": 2, "t2i": 1, "edit": 1}, tiny[1])
-    order = [mixture.next_task() for _ in range(8)]
+def test_the_blank_condition_and_the_unconditional_ids_are_made_once(tiny, manifest, monkeypatch):
+    model, cfg = tiny
+    cfg = replace(cfg, made={})
+    calls = []
+    monkeypatch.setattr(data, "condition_images", lambda *a: calls.append(a) or condition_images(*a))
+    examples = [t2i_example({"image": "red_square.png", "caption": caption}, manifest.parent, seed,
+                            replace(cfg, drop_prompt=drop)) for seed, (caption, drop) in
+                enumerate([("red", 0.0), ("a blue one", 0.0), ("dropped", 1.0), ("dropped too", 1.0)])]
+    assert len(calls) == 1
+    encoder_image, _ = condition_images(blank_image(RESOLUTION, RESOLUTION), RESOLUTION, RESOLUTION, cfg.preprocess)
+    for example, prompt in zip(examples, [t2i_prompt("red"), t2i_prompt("a blue one"), UNCONDITIONAL_PROMPT,
+                                          UNCONDITIONAL_PROMPT]):
+        input_ids, _, pixel_values, grid_thws = preprocess_inputs(cfg.tokenizer, prompt, [encoder_image],
+                                                                  cfg.preprocess, generation_preface=None)
+        assert torch.equal(example.input_ids, input_ids) and torch.equal(example.pixel_values, pixel_values)
+        assert torch.equal(example.grid_thws, grid_thws)
+
+
+def test_a_manifest_is_indexed_once_until_it_changes(manifest, tmp_path, monkeypatch):
+    path = tmp_path / "m.jsonl"
+    path.write_bytes(manifest.read_bytes())
+    first = index_manifests([path])
+    scans = []
+    monkeypatch.setattr(data, "scan_manifest", lambda p: scans.append(p) or scan_manifest(p))
+    again = index_manifests([path])  # another rank, or the next run
+    assert scans == [] and again.malformed == first.malformed == 1
+    assert {t: list(r) for t, r in again.rows.items()} == {t: list(r) for t, r in first.rows.items()}
+
+    with open(path, "a") as f:  # an edited manifest is indexed again, and its old index removed
+        f.write(json.dumps({"image": "red_square.png", "caption": "one more"}) + "\n")
+    grown = index_manifests([path])
+    assert len(scans) == 1 and len(grown.rows["t2i"]) == len(first.rows["t2i"]) + 1
+    assert len(list(tmp_path.glob("m.jsonl.index-*.npy"))) == 1
+    assert read_row(grown, grown.rows["t2i"][len(grown.rows["t2i"]) - 1])[0]["caption"] == "one more"
+
+    index_file, = tmp_path.glob("m.jsonl.index-*.npy")
+    index_file.write_bytes(b"not an index")  # a damaged index is made again
+    assert len(index_manifests([path]).rows["t2i"]) == len(grown.rows["t2i"]) and len(scans) == 2
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    """Generation rows of several aspect ratios, and edits whose target is a little off the source's shape."""
+    root = tmp_path_factory.mktemp("shapes")
+    rows = []
+    for i, (height, width) in enumerate([(100, 200), (200, 100), (90, 90), (140, 150), (60, 130), (130, 70)] * 2):
+        Image.new("RGB", (width, height), tuple(COLORS.values())[i % 4]).save(root / f"{i}.png")
+        rows.append({"image": f"{i}.png", "caption": f"picture {i}", "width": width, "height": height})
+    for i in range(3):
+        Image.new("RGB", (200, 104), (255, 255, 255)).save(root / f"target{i}.png")
+        rows.append({"source": f"{i}.png", "instruction": "make it white", "target": f"target{i}.png"})
+    rows.append({"images": ["0.png"], "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                        {"from": "gpt", "value": "a red picture"}]})
+    rows.append({"conversations": [{"from": "human", "value": "Say hi, please, to everyone in the room."},
+                                   {"from": "gpt", "value": "hi"}]})
+    (root / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root / "rows.jsonl"
+
+
+def test_generation_micro_batches_are_aspect_ratio_buckets(tiny, shapes):
+    cfg = replace(tiny[1], resolution=96, buckets=data.bucket_table(96), made={})
+    assert cfg.buckets == [(64, 128), (96, 96), (128, 64)]
+    manifests = index_manifests([shapes])
+    mixture = Mixture(manifests, {"t2i": 2, "edit": 1})
+    loader = Loader(mixture, MicroBatchData(mixture, cfg), batch=6, micro_batch=3, rank=0, world=1)
+    parts = [part for _ in range(6) for part in next(loader).parts]
+    assert len({part.target.shape[-2:] for part in parts}) == 3  # every part is one bucket (a stack of one shape)
+    for _ in range(3):  # a global batch sorts each task's samples by aspect ratio, so micro-batches rarely mix buckets
+        draws = mixture.next_global_batch(6)
+        for task in ("t2i", "edit"):
+            keys = [mixture.batching_key(d) for d in draws if d.task == task]
+            assert keys == sorted(keys) and (task == "edit" or len(set(keys)) > 1)  # edits: no width/height given
+    for part in (p for p in parts if p.task == "edit" and p.source is not None):
+        assert part.source.shape == part.target.shape  # an edit's images share the source's bucket
+    for name in sorted({r.name for r in shapes.parent.glob("*.png")}):  # covered and cropped, never stretched
+        image = Image.open(shapes.parent / name)
+        height, width = data.nearest_bucket(cfg.buckets, image.height, image.width)
+        assert abs(math.log(height / width) - math.log(image.height / image.width)) < 0.4, name
+        example = t2i_example({"image": name, "caption": "x"}, shapes.parent, 0, cfg)
+        assert torch.equal(example.target, resize_center_crop(image, height, width))
+
+
+def test_the_timestep_shift_follows_the_buckets_token_count(tiny, shapes, monkeypatch):
+    model, cfg = tiny
+    cfg = replace(cfg, resolution=64, buckets=data.bucket_table(64), made={})
+    example = t2i_example({"image": "4.png", "caption": "wide"}, shapes.parent, 0, cfg)  # 130 x 60: the 1:4 bucket
+    assert example.target.shape == (3, 32, 128)
+    lengths = []
+    sample_timesteps = losses.flow.sample_timesteps
+    monkeypatch.setattr(losses.flow, "sample_timesteps",
+                        lambda *a, image_seq_len, **k: lengths.append(image_seq_len) or sample_timesteps(
+                            *a, image_seq_len=image_seq_len, **k))
+    with torch.no_grad():
+        per_sample, _ = losses.generation_loss(model, collate([example], cfg.tokenizer.pad_token_id), False)
+    assert per_sample.shape == (1,) and torch.isfinite(per_sample).all()
+    assert lengths == [(32 // 16) * (128 // 16) if model.config.mmdit.timestep_shift else None]
+
+
+def test_a_run_with_buckets_logs_the_understanding_padding(ckpt, shapes, tmp_path, capsys):
+    common = ["--stage", 1, "--init", ckpt, "--data", shapes, "--steps", 1, "--batch", 6, "--micro-batch", 2]
+    record, = run([*common, "--out", tmp_path / "a", "--resolution", 64])
+    assert set(record["task_loss"]) == {"understanding", "t2i", "edit"} and 0 < record["padding"] < 1
+    assert f"padding {record['padding']:.0%}" in capsys.readouterr().out
+    square, = run([*common, "--out", tmp_path / "b", "--resolution", 64, "--buckets", "none"])
+    assert square["task_loss"]["understanding"] == record["task_loss"]["understanding"]  # buckets are generation's
+
+
+def test_training_from_the_cache_gives_the_same_losses_without_the_vae_encoder_and_the_llm(ckpt, shapes, tmp_path,
+                                                                                           monkeypatch):
+    cache = tmp_path / "cache"
+    made = ["cache", "--stage", 5, "--init", ckpt, "--data", shapes, "--out", cache, "--resolution", 64]
+    assert train.main([str(a) for a in made]) == {"t2i": 12, "edit": 3}
+    assert train.main([str(a) for a in made]) == {"t2i": 0, "edit": 0}  # resumable: finished shards are kept
+    (cache / "edit-000000.safetensors").unlink()
+    assert train.main([str(a) for a in made]) == {"t2i": 0, "edit": 3}
+
+    go = lambda args: train.main([str(a) for a in [*args, "--workers", 0]])  # noqa: E731 (run() sets 32 px)
+    common = ["--stage", 5, "--init", ckpt, "--data", shapes, "--steps", 3, "--batch", 4, "--micro-batch", 2,
+              "--resolution", 64, "--drop-prompt", 0.3, "--drop-image", 0.3]
+    uncached = go([*common, "--out", tmp_path / "a"])
+    calls = []
+    for owner, name in ((vae.AutoencoderKL, "encode"), (model_module.OvisU1, "generation_condition")):
+        original = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    cached = go([*common, "--out", tmp_path / "b", "--cache", cache])
+    assert calls == []
+    for a, b in zip(uncached, cached):
+        assert a["task_loss"].keys() == b["task_loss"].keys()
+        torch.testing.assert_close(b["loss"], a["loss"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b["grad_norm"], a["grad_norm"], rtol=1e-4, atol=1e-6)
+
+    for changed, needle in ((["--resolution", 96], "resolution 64"), (["--buckets", "none"], "buckets"),
+                            (["--init", write_tiny_checkpoint(tmp_path / "other", seed=1)], "other weights"),
+                            (["--stage", 2], "decoder stages")):
+        with pytest.raises(SystemExit, match=needle):
+            go([*common, "--out", tmp_path / f"c{len(calls)}", "--cache", cache, *changed])
+        calls.append(needle)
+    with pytest.raises(SystemExit, match="resolution"):  # nor is it overwritten by a cache of other settings
+        train.main([str(a) for a in [*made[:-1], 96]])
+
+
+def test_the_cache_is_split_over_ranks_and_used_only_when_complete(ckpt, tiny, shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(frozen_cache, "ROWS_PER_SHARD", 4)  # 12 T2I rows: 3 shards, 2 for rank 0 and 1 for rank 1
+    model = load_model(ckpt, dtype=torch.float32).model
+    cfg = replace(tiny[1], resolution=64, buckets=data.bucket_table(64), made={})
+    manifests = index_manifests([shapes])
+    wanted = frozen_cache.settings(model, manifests, cfg, "fp32")
+
+    def build(rank: int) -> dict[str, int]:
+        runtime = Runtime(rank, 2, torch.device("cpu"))
+        return frozen_cache.build_cache(model, manifests, ["t2i"], cfg, tmp_path, runtime, 4, "fp32",
+                                        contextlib.nullcontext())
+
+    assert build(0) == {"t2i": 8}
+    with pytest.raises(frozen_cache.CacheError, match="1 of its 3 t2i shards are missing"):
+        frozen_cache.FrozenCache(tmp_path, wanted, manifests, ["t2i"])
+    assert build(1) == {"t2i": 4}
+    cache = frozen_cache.FrozenCache(tmp_path, wanted, manifests, ["t2i"])
+    example = cache.example("t2i", 5, 0, replace(cfg, drop_prompt=0.0))
+    assert example.image_shape == data.nearest_bucket(cfg.buckets, *Image.open(shapes.parent / "5.png").size[::-1])
+
+
+def test_tasks_are_interleaved_in_their_ratios(manifest):
+    mixture = Mixture(index_manifests([manifest]), {"understanding": 2, "t2i": 1, "edit": 1})
+    order = [draw.task for _ in range(8) for draw in mixture.next_global_batch(1)]
     assert order == ["understanding", "t2i", "edit", "understanding"] * 2
+    # a global batch groups its samples by task, understanding ones from short to long
+    draws = mixture.next_global_batch(8)
+    assert sorted((d.task, d.position) for d in draws) == sorted(
+        [("understanding", 4), ("understanding", 5), ("understanding", 6), ("understanding", 7), ("t2i", 2),
+         ("t2i", 3), ("edit", 2), ("edit", 3)])
+    assert [d.task for d in draws] == ["understanding"] * 4 + ["t2i"] * 2 + ["edit"] * 2
+    stream = mixture.streams["understanding"]
+    lengths = [stream.rows.sort_key(stream.index(d.position)) for d in draws[:4]]
+    assert lengths == sorted(lengths) and len(set(lengths)) > 1
 
 
 def test_help_explains_stages_data_and_examples(capsys):
@@ -312,5 +578,6 @@ def test_help_explains_stages_data_and_examples(capsys):
     text = capsys.readouterr().out
     for stage in STAGES:
         assert f"RUN --stage {stage} " in text
-    for needle in ("conversations", "caption", "instruction", "torchrun", "--resume", "flow matching"):
+    for needle in ("conversations", "caption", "instruction", "torchrun", "--resume", "flow matching", "--buckets",
+                   "--workers", "DataLoader", "train.py cache", "--cache", "global batch", "answer tokens"):
         assert needle in text
