@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -37,7 +38,7 @@ from .checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, Checkpoint
                          save_checkpoint)
 from .cli import TrainError
 from .data import Mixture
-from .distributed import Runtime, all_gather
+from .distributed import Runtime, all_gather, all_reduce_sum
 from .ema import EMA
 from .files import disk_full, temp_prefix, write_atomic
 
@@ -344,3 +345,35 @@ def export(run: Path, out: Path, ema: bool = False, step: int | None = None) -> 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------------------------------------------
+class StopRequest:
+    """SIGTERM or SIGUSR1, what schedulers send a while before they stop a job: the run finishes its step, saves
+    a checkpoint and exits 0. A second signal exits at once (status 128 + the signal), a save in progress or not.
+    The signal may reach one rank only; `agreed` tells every rank, so that all stop after the same step."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            sys.stderr.write(f"\n{signal.Signals(signum).name} again: stopping at once\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.received = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                         "(send it again to stop at once)\n")
+        sys.stderr.flush()
+
+    def agreed(self, runtime: Runtime) -> bool:
+        """Whether any rank received a signal. Collective: every rank calls it after every step."""
+        return all_reduce_sum([float(self.received is not None)], runtime)[0] > 0
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,234 @@
+"""Training checkpoints on the tiny model: the sharded state resumes on another number of processes with the
+losses of an uninterrupted run, a kill -9 during a save resumes from the checkpoint before it, --keep, the
+official-layout export (sample.py reads it), the EMA, and SIGTERM.
+
+One process and two give the same losses up to float rounding only (gradients are averaged over the ranks
+instead of over the accumulated micro-batches): runs on different numbers of processes are compared with
+assert_close, runs on the same number exactly.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import train
+from script_runner import run_script
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--resolution", "32", "--workers", "0"]
+STEPS = 8
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # ckpt: the tiny checkpoint of conftest.py
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Eight text-to-image rows: one task, so that one process and two take the same rows for a step."""
+    root = tmp_path_factory.mktemp("data")
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (40, 40), (30 * i, 255 - 30 * i, 90)).save(root / f"c{i}.png")
+        rows.append({"image": f"c{i}.png", "caption": f"colour number {i}"})
+    path = root / "t2i.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def arguments(ckpt: Path, data: Path, out: Path, *extra) -> list[str]:
+    """Stage 0 (the decoder), batch 2: two processes of one sample, or one process accumulating two."""
+    return [str(a) for a in ["--stage", 0, "--init", ckpt, "--data", data, "--out", out, "--steps", STEPS,
+                             "--batch", 2, "--micro-batch", 1, "--lr", 1e-3, "--save-every", 1, *FAST, *extra]]
+
+
+def torchrun_command(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(ROOT / "train.py"), *args]
+
+
+def torchrun(args: list[str], cwd: Path) -> None:
+    result = subprocess.run(torchrun_command(args), cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def whole(ckpt, data, tmp_path_factory) -> list[dict]:
+    """The uninterrupted one-process run every other run must equal."""
+    return train.main(arguments(ckpt, data, tmp_path_factory.mktemp("whole") / "run"))
+
+
+def logged(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def losses(records: list[dict]) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records if "step" in r]
+
+
+def assert_same_losses(records: list[dict], reference: list[dict]) -> None:
+    """The same steps with the same losses and gradient norms, up to float rounding."""
+    assert [r[0] for r in losses(records)] == [r[0] for r in losses(reference)]
+    got, want = (torch.tensor([r[1:] for r in losses(x)], dtype=torch.float64) for x in (records, reference))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def complete_steps(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("step-*") if (p / "complete").is_file())
+
+
+# -- preemption and another number of processes --------------------------------------------------------------
+
+def worker_of_rank(torchrun_pid: int, rank: int) -> int:
+    """The pid of torchrun's worker process of `rank` (its RANK environment variable)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{torchrun_pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                try:
+                    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+                except FileNotFoundError:
+                    continue
+                if f"RANK={rank}".encode() in environ:
+                    return int(child)
+        time.sleep(0.05)
+    raise TimeoutError(f"no worker of rank {rank}")
+
+
+@pytest.fixture(scope="module")
+def preempted(ckpt, data, tmp_path_factory) -> Path:
+    """A two-process run whose rank 1 got SIGTERM after step 1: both ranks stopped after the same step, saved,
+    and exited 0."""
+    out = tmp_path_factory.mktemp("preempted") / "run"
+    run = subprocess.Popen(torchrun_command(arguments(ckpt, data, out)), cwd=out.parent, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT)
+    output = []
+    for line in run.stdout:
+        output.append(line)
+        if line.startswith("step 1/"):
+            os.kill(worker_of_rank(run.pid, 1), signal.SIGTERM)  # rank 0 learns it from the all_reduce
+            break
+    output += run.stdout.readlines()
+    assert run.wait(timeout=300) == 0, "".join(output)[-3000:]
+    stopped = int(complete_steps(out)[-1][len("step-"):])
+    assert stopped < STEPS and f"stopped after step {stopped}," in "".join(output), "".join(output)[-3000:]
+    assert not (out / f"step-{stopped + 1:08d}").exists()
+    return out
+
+
+def test_sigterm_stops_a_two_process_run_after_a_checkpoint_and_the_resume_continues(preempted, tmp_path, whole):
+    out = tmp_path / "run"
+    shutil.copytree(preempted, out)
+    torchrun(["--resume", str(out), *FAST], tmp_path)
+    assert_same_losses(logged(out), whole)
+
+
+def test_resume_two_processes_on_one_continues_exactly(preempted, tmp_path, whole):
+    out = tmp_path / "run"
+    shutil.copytree(preempted, out)
+    train.main(["--resume", str(out), *FAST])
+    assert_same_losses(logged(out), whole)
+
+
+def test_resume_one_process_on_two_continues_exactly(ckpt, data, tmp_path, whole):
+    out = tmp_path / "run"
+    train.main(arguments(ckpt, data, out, "--stop-after", 3))
+    torchrun(["--resume", str(out), *FAST], tmp_path)
+    assert_same_losses(logged(out), whole)
+
+
+# -- kill -9, keep -----------------------------------------------------------------------------------------------
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train
+from ovis_min import train_checkpoint
+
+write_atomic = train_checkpoint.write_atomic
+
+
+def killed_before_the_marker(path, data, replace=True):
+    # kill -9 in the middle of step 3's save: its state and trainer.pt are written, its marker is not
+    if path.name == "complete" and path.parent.name == "step-00000003":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write_atomic(path, data, replace)
+
+
+train_checkpoint.write_atomic = killed_before_the_marker
+train.main(sys.argv[1:])
+"""
+
+
+def test_kill_9_during_a_save_resumes_from_the_checkpoint_before_and_keep_2_leaves_two(ckpt, data, tmp_path, whole):
+    out = tmp_path / "run"
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER.format(root=str(ROOT)))
+    killed = run_script(str(killer), *arguments(ckpt, data, out, "--keep", 2), cwd=tmp_path)
+    assert killed.returncode == 128 + signal.SIGKILL, killed.stderr[-2000:]
+    assert (out / "step-00000003" / "trainer.pt").is_file() and complete_steps(out) == ["step-00000001",
+                                                                                       "step-00000002"]
+    records = train.main(["--resume", str(out), *FAST])
+    assert losses(records) == losses(whole)[2:]
+    assert losses(logged(out)) == losses(whole)
+    assert sorted(p.name for p in out.glob("step-*")) == complete_steps(out) == [f"step-{n:08d}" for n in (7, 8)]
+
+
+# -- export and EMA ----------------------------------------------------------------------------------------------
+
+def exported(run: Path, step: int, out: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    train.main(["export", str(run), "--step", str(step), "--out", str(out), *(["--ema"] if ema else [])])
+    return load_file(out / "model.safetensors")
+
+
+def test_ema_follows_its_formula_survives_resume_and_its_export_samples(ckpt, data, tmp_path):
+    decay, steps = 0.75, 3
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--steps", steps, "--ema-decay", decay, "--keep", 0]
+    train.main(arguments(ckpt, data, a, *common))
+    train.main(arguments(ckpt, data, b, *common, "--stop-after", 2))
+    train.main(["--resume", str(b), *FAST])
+
+    start = {**load_file(ckpt / "model-00001-of-00002.safetensors"),
+             **load_file(ckpt / "model-00002-of-00002.safetensors")}
+    weights = [start] + [exported(a, n, tmp_path / f"w{n}") for n in range(1, steps + 1)]
+    emas = [start] + [exported(a, n, tmp_path / f"ema{n}", ema=True) for n in range(1, steps + 1)]
+    trained = [name for name in start if name.startswith("visual_generator.backbone.")]
+    for n in range(1, steps + 1):
+        assert emas[n].keys() == start.keys()
+        assert all(torch.equal(emas[n][k], start[k]) for k in start if k not in trained)  # frozen: the source's
+        for name in trained:
+            torch.testing.assert_close(emas[n][name], decay * emas[n - 1][name] + (1 - decay) * weights[n][name])
+    assert any(not torch.equal(emas[steps][k], weights[steps][k]) for k in trained)
+
+    resumed = exported(b, steps, tmp_path / "ema-resumed", ema=True)
+    assert all(torch.equal(resumed[k], emas[steps][k]) for k in start)
+
+    sample = pytest.importorskip("sample")
+    image = tmp_path / "ema.png"
+    assert sample.main(["--weights", str(tmp_path / f"ema{steps}"), "--prompt", "colour number 3", "--width", "32",
+                        "--height", "32", "--steps", "2", "--device", "cpu", "--out", str(image)]) == 0
+    assert Image.open(image).size == (32, 32)
+
+
+def test_export_is_one_line_naming_the_fix(ckpt, data, tmp_path):
+    out = tmp_path / "run"
+    train.main(arguments(ckpt, data, out, "--steps", 1))
+    for args, names in ((["--ema", "--out", tmp_path / "e"], ["--ema-decay", "without --ema"]),
+                        (["--step", 7, "--out", tmp_path / "e"], ["step-00000007"]),
+                        (["--out", out], ["--out", "already exists"])):
+        result = run_script("train.py", "export", str(out), *map(str, args), cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert all(name in result.stderr for name in names), result.stderr
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
