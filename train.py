@@ -85,8 +85,8 @@ from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.stages import (SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
                              learning_rate, make_optimizer, set_trainable)
 from ovis_min.ema import EMA  # noqa: E402
-from ovis_min.train_checkpoint import (StopRequest, abandon_later, checked_source, export,  # noqa: E402
-                                       read_trainer_state, resolve_resume, restore, save, source_record, trim_log)
+from ovis_min.train_checkpoint import (Saver, StopRequest, abandon_later, checked_source, export,  # noqa: E402
+                                       read_trainer_state, resolve_resume, restore, source_record, trim_log)
 
 ctrl_c_raises()
 
@@ -362,7 +362,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     stop = min(args.steps, args.stop_after or args.steps)
     records = []
     log = open(out / "log.jsonl", "a") if runtime.main else None
-    stop_request = StopRequest()
+    saver, stop_request = Saver(out, frozen, args, runtime), StopRequest()
     for step in range(start, stop):
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
@@ -403,9 +403,9 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
 
         preempted = stop_request.agreed(runtime)
         last = step + 1 == stop or preempted
+        saver.poll()
         if last or (step + 1) % args.save_every == 0:
-            save(out, step + 1, step_module, optimizer, ema, mixture, frozen, args, runtime,
-                 export=step + 1 == args.steps)
+            saver.save(step + 1, step_module, optimizer, ema, mixture, last)
         if preempted:
             if runtime.main:
                 print(f"stopped after step {step + 1}, as a stop signal asked; continue with --resume {out}",

@@ -13,6 +13,7 @@ The export (train.py export, and the last step of a run) is a checkpoint in the 
 under its official name, the trained ones (or their EMA) in float32, the others copied from the source as it
 stores them, so that sample.py and ovis_min.checkpoint.load_model read it as they read the official release.
 """
+import contextlib
 import hashlib
 import io
 import json
@@ -177,48 +178,95 @@ def remove_step(step_dir: Path) -> None:
     shutil.rmtree(step_dir, ignore_errors=True)
 
 
-def save(out: Path, step: int, step_module: nn.Module, optimizer, ema: EMA | None, mixture: Mixture, source: dict,
-         args, runtime: Runtime, export: bool) -> Path:
-    """Write OUT/step-NNNNNNNN: every rank its shards of the state, rank 0 trainer.pt (and the export when
-    `export`), then the marker, `latest`, and pruning to --keep. Collective.
+class Saver:
+    """Writes a run's checkpoints into OUT/step-NNNNNNNN: every rank its shards of the state, rank 0 trainer.pt,
+    then (when every shard is on disk) the marker, `latest`, and pruning to --keep.
 
-    A kill at any moment leaves the previous complete checkpoint as the newest, and a marker-less directory that
-    a later save of that step replaces or pruning removes. A failure (a full disk) removes the partial directory.
+    The state is copied to host memory while the step waits (DCP's staging), then written by a background thread
+    (dcp.async_save) while training goes on; one save at a time, the next waits for the one in flight. The last
+    save of a run, and the one before a stop on a signal, is written at once, the last one with the export.
+
+    A kill at any moment leaves the previous complete checkpoint the newest, and a marker-less directory that a
+    later save of that step replaces or pruning removes. A failure (a full disk) removes the partial directory.
     """
-    step_dir = out / step_name(step)
-    try:
-        if runtime.main:  # an abandoned checkpoint of the same step (see abandon_later), or an interrupted save
-            remove_step(step_dir)
-            step_dir.mkdir()
-        if runtime.world > 1:
+
+    def __init__(self, out: Path, source: dict, args, runtime: Runtime):
+        self.out, self.source, self.args, self.runtime = out, source, args, runtime
+        # The background writer's collectives get a group of their own, so that they never interleave with the
+        # training step's; gloo, because DCP coordinates over the CPU.
+        self.group = dist.new_group(backend="gloo") if runtime.world > 1 else None
+        self.pending = None  # (step, future) of the save in flight
+
+    def save(self, step: int, step_module: nn.Module, optimizer, ema: EMA | None, mixture: Mixture,
+             last: bool) -> None:
+        """Collective."""
+        self.wait()
+        main, single = self.runtime.main, self.runtime.world == 1
+        step_dir = self.out / step_name(step)
+        with self.removed_on_failure(step_dir):
+            if main:  # an abandoned checkpoint of the same step (see abandon_later), or an interrupted save
+                remove_step(step_dir)
+                step_dir.mkdir()
+            self.barrier()
+            state = training_state(step_module, optimizer, ema)
+            trainer_state = {"step": step, "world_size": self.runtime.world, "source": self.source,
+                             "data": all_gather(mixture.state_dict(), self.runtime),
+                             "rng": all_gather(rng_state(self.runtime), self.runtime),
+                             "args": {k: (str(v) if isinstance(v, Path) else [str(d) for d in v] if k == "data" else v)
+                                      for k, v in vars(self.args).items() if k not in ("resume", "out", "stop_after")}}
+            if main:
+                buffer = io.BytesIO()
+                torch.save(trainer_state, buffer)
+                write_atomic(step_dir / TRAINER_FILE, buffer.getvalue())
+            if last:
+                dcp.save(state, checkpoint_id=step_dir / STATE_DIR, process_group=self.group, no_dist=single)
+                self.finish(step, export=step == self.args.steps)
+                self.barrier()  # no rank leaves before the marker is there
+            else:
+                self.pending = step, dcp.async_save(state, checkpoint_id=step_dir / STATE_DIR,
+                                                    process_group=self.group, no_dist=single)
+
+    def poll(self) -> None:
+        """Complete the save in flight if its writing is done (rank 0: its marker appears soon after)."""
+        if self.pending is not None and self.pending[1].done():
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        step, future = self.pending
+        self.pending = None
+        with self.removed_on_failure(self.out / step_name(step)):
+            future.result()  # rank 0's completes once every rank's shards and the metadata are written
+            self.finish(step, export=False)
+
+    def finish(self, step: int, export: bool) -> None:
+        if not self.runtime.main:
+            return
+        step_dir = self.out / step_name(step)
+        if export:
+            write_export(step_dir, step_dir, ema=False)
+        write_atomic(step_dir / COMPLETE_FILE, json.dumps({"step": step}) + "\n")
+        write_atomic(self.out / LATEST_FILE, step_dir.name + "\n")
+        prune(self.out, step, self.args.keep)
+        print(f"saved {step_dir}", flush=True)
+
+    def barrier(self) -> None:
+        if self.runtime.world > 1:
             dist.barrier()
-        dcp.save(training_state(step_module, optimizer, ema), checkpoint_id=step_dir / STATE_DIR,
-                 no_dist=runtime.world == 1)
-        trainer_state = {"step": step, "world_size": runtime.world, "source": source,
-                         "data": all_gather(mixture.state_dict(), runtime), "rng": all_gather(rng_state(runtime), runtime),
-                         "args": {k: (str(v) if isinstance(v, Path) else [str(d) for d in v] if k == "data" else v)
-                                  for k, v in vars(args).items() if k not in ("resume", "out", "stop_after")}}
-        if runtime.main:
-            buffer = io.BytesIO()
-            torch.save(trainer_state, buffer)
-            write_atomic(step_dir / TRAINER_FILE, buffer.getvalue())
-            if export:
-                write_export(step_dir, step_dir, ema=False)
-            write_atomic(step_dir / COMPLETE_FILE, json.dumps({"step": step}) + "\n")
-            write_atomic(out / LATEST_FILE, step_dir.name + "\n")
-            prune(out, step, args.keep)
-            print(f"saved {step_dir}", flush=True)
-    except (OSError, SafetensorError, CheckpointException) as error:
-        if runtime.main:
-            remove_step(step_dir)
-        raise save_error(error, step_dir, f"continue with --resume {out}") from None
-    except BaseException:
-        if runtime.main:
-            remove_step(step_dir)
-        raise
-    if runtime.world > 1:
-        dist.barrier()
-    return step_dir
+
+    @contextlib.contextmanager
+    def removed_on_failure(self, step_dir: Path):
+        try:
+            yield
+        except (OSError, SafetensorError, CheckpointException) as error:
+            if self.runtime.main:
+                remove_step(step_dir)
+            raise save_error(error, step_dir, f"continue with --resume {self.out}") from None
+        except BaseException:
+            if self.runtime.main:
+                remove_step(step_dir)
+            raise
 
 
 def save_error(error: BaseException, target: Path, then: str) -> TrainError:
