@@ -38,6 +38,9 @@ Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, t
   its official name: trained ones in float32, frozen ones as --init stores them), so sample.py --weights OUT,
   ovis_min.checkpoint.load_model and --init OUT (the next stage) read it as they read the official release;
   `train.py export` writes one for any step, or for the EMA.
+  SIGTERM or SIGUSR1 (what schedulers send a while before they stop a job) to any process of the run: every process
+  finishes its step, the run saves a checkpoint and exits 0; a second signal stops at once. Under torchrun, signal
+  the train.py processes: torchrun passes SIGTERM on to them but kills them 30 s later, and dies of SIGUSR1.
 
 Distributed: torchrun --nproc_per_node N train.py ... runs DDP, or FSDP2 (fully_shard per block) for stage 3,
   which trains the LLM. Gradient accumulation = batch / (micro-batch x processes). bf16 autocast on GPU

@@ -232,3 +232,52 @@ def test_export_is_one_line_naming_the_fix(ckpt, data, tmp_path):
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
+
+
+def test_a_resume_whose_init_changed_is_one_line_naming_the_fix(ckpt, data, tmp_path):
+    """The frozen weights are not in the checkpoints: they are read from --init again, which must not change."""
+    source = tmp_path / "source"
+    shutil.copytree(ckpt, source)
+    out = tmp_path / "run"
+    train.main(arguments(source, data, out, "--stop-after", 1))
+    shard = source / "model-00002-of-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))  # another checkpoint of the same tensors
+    result = run_script("train.py", "--resume", str(out), *FAST, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert str(source) in result.stderr and "changed" in result.stderr
+    shutil.rmtree(source)
+    result = run_script("train.py", "--resume", str(out), *FAST, cwd=tmp_path)
+    assert result.returncode == 1 and "missing" in result.stderr and "Traceback" not in result.stderr
+
+
+SIGNALLED_TWICE = """
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from ovis_min.train_checkpoint import StopRequest
+
+request = StopRequest()
+os.kill(os.getpid(), signal.SIGUSR1)
+time.sleep(0.1)
+assert request.received == signal.SIGUSR1  # the first one only asks
+print("asked", flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(10)
+"""
+
+
+def test_a_second_stop_signal_exits_at_once(tmp_path):
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED_TWICE.format(root=str(ROOT)))
+    result = run_script(str(script), cwd=tmp_path)
+    assert result.stdout == "asked\n" and result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert "SIGTERM again: stopping at once" in result.stderr
+
+
+def test_help_documents_export_and_the_ema(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["export", "--help"])
+    assert exit_info.value.code == 0 and "--ema" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--ema-decay" in text and "train.py export" in text and "SIGTERM" in text
