@@ -146,9 +146,29 @@ def training_state(step_module: nn.Module, optimizer, ema: EMA | None) -> dict:
     return state
 
 
-def saved_keys(step_dir: Path) -> set[str]:
-    """The flattened DCP keys of a checkpoint ("weights.<official name>", "ema.<official name>", ...)."""
-    return set(dcp.FileSystemReader(step_dir / STATE_DIR).read_metadata().state_dict_metadata)
+def saved_metadata(step_dir: Path) -> dict:
+    """DCP's table of a checkpoint's tensors by flattened key ("weights.<official name>", "ema.<name>", ...)."""
+    try:
+        return dcp.FileSystemReader(step_dir / STATE_DIR).read_metadata().state_dict_metadata
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
+        raise unreadable(step_dir, error) from None
+
+
+def load_state(step_dir: Path, state: dict, no_dist: bool) -> None:
+    """Fill `state`'s tensors in place from the checkpoint, each in the layout it has here. Collective unless
+    `no_dist`."""
+    try:
+        dcp.load(state, checkpoint_id=step_dir / STATE_DIR, no_dist=no_dist)
+    except CheckpointException as error:
+        raise unreadable(step_dir, next(iter(error.failures.values()))[0]) from None
+    except (OSError, RuntimeError, ValueError) as error:
+        raise unreadable(step_dir, error) from None
+
+
+def unreadable(step_dir: Path, error: BaseException) -> TrainError:
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return TrainError(f"cannot read {step_dir / STATE_DIR} ({reason}): the checkpoint is damaged or not this "
+                      "run's; use an earlier step directory")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -323,10 +343,10 @@ def restore(step_dir: Path, trainer_state: dict, step_module: nn.Module, optimiz
     """Trained weights, optimizer state and EMA (resharded by DCP to this run's processes), the data position and
     the RNG state; returns the step to continue from. Collective."""
     state = training_state(step_module, optimizer, ema)
-    fresh_ema = ema is not None and not any(key.startswith("ema.") for key in saved_keys(step_dir))
+    fresh_ema = ema is not None and not any(key.startswith("ema.") for key in saved_metadata(step_dir))
     if fresh_ema:
         del state["ema"]
-    dcp.load(state, checkpoint_id=step_dir / STATE_DIR, no_dist=runtime.world == 1)
+    load_state(step_dir, state, no_dist=runtime.world == 1)
     set_state_dict(step_module, optimizer, model_state_dict={f"model.{n}": t for n, t in state["weights"].items()},
                    optim_state_dict=state["optimizer"], options=StateDictOptions(strict=False))
     if fresh_ema:
@@ -349,12 +369,11 @@ def write_export(step_dir: Path, directory: Path, ema: bool) -> None:
     """Fill `directory` with the official layout of `step_dir`'s weights (or their EMA), on this process alone."""
     source = checked_source(read_trainer_state(step_dir))
     key = "ema" if ema else "weights"
-    metadata = dcp.FileSystemReader(step_dir / STATE_DIR).read_metadata().state_dict_metadata
-    trained = {fqn[len(key) + 1:]: torch.empty(info.size, dtype=torch.float32) for fqn, info in metadata.items()
-               if fqn.startswith(key + ".")}
+    trained = {fqn[len(key) + 1:]: torch.empty(info.size, dtype=torch.float32)
+               for fqn, info in saved_metadata(step_dir).items() if fqn.startswith(key + ".")}
     if not trained:
         raise TrainError(f"{step_dir} holds no EMA: the run was trained without --ema-decay; export it without --ema")
-    dcp.load({key: trained}, checkpoint_id=step_dir / STATE_DIR, no_dist=True)
+    load_state(step_dir, {key: trained}, no_dist=True)
 
     stored = open_checkpoint(source)  # the same names as the source (e.g. no tied lm_head)
     directory.mkdir(parents=True, exist_ok=True)

@@ -220,7 +220,7 @@ def test_ema_follows_its_formula_survives_resume_and_its_export_samples(ckpt, da
     assert Image.open(image).size == (32, 32)
 
 
-def test_export_is_one_line_naming_the_fix(ckpt, data, tmp_path):
+def test_export_and_resume_errors_are_one_line_naming_the_fix(ckpt, data, tmp_path):
     out = tmp_path / "run"
     train.main(arguments(ckpt, data, out, "--steps", 1))
     for args, names in ((["--ema", "--out", tmp_path / "e"], ["--ema-decay", "without --ema"]),
@@ -230,6 +230,11 @@ def test_export_is_one_line_naming_the_fix(ckpt, data, tmp_path):
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert all(name in result.stderr for name in names), result.stderr
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".tmp-*"))
+    (out / "step-00000001" / "state" / "__0_0.distcp").write_bytes(b"")  # damaged
+    for args in (["export", out, "--out", tmp_path / "e"], ["--resume", out, *FAST]):
+        result = run_script("train.py", *map(str, args), cwd=tmp_path)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert "cannot read" in result.stderr and "state" in result.stderr, result.stderr
 
 
 
