@@ -7,12 +7,9 @@ instead of over the accumulated micro-batches): runs on different numbers of pro
 assert_close, runs on the same number exactly.
 """
 import json
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from script_runner import run_script
+from script_runner import run_script, start_script
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--resolution", "32", "--workers", "0"]
@@ -49,15 +46,24 @@ def arguments(ckpt: Path, data: Path, out: Path, *extra) -> list[str]:
                              "--batch", 2, "--micro-batch", 1, "--lr", 1e-3, "--save-every", 1, *FAST, *extra]]
 
 
-def torchrun_command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(ROOT / "train.py"), *args]
+def start_two_processes(args: list[str], cwd: Path) -> list:
+    """A two-process run with the environment torchrun gives its workers, each process forked from
+    script_runner's preloaded server (no torch start-up per process)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    return [start_script("train.py", *args, cwd=cwd, env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                                           "WORLD_SIZE": "2", "RANK": str(rank),
+                                                           "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2"})
+            for rank in (0, 1)]
 
 
-def torchrun(args: list[str], cwd: Path) -> None:
-    result = subprocess.run(torchrun_command(args), cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+def two_processes(args: list[str], cwd: Path) -> str:
+    """Run on two processes; returns rank 0's output."""
+    runs = [process.wait() for process in start_two_processes(args, cwd)]
+    for run in runs:
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return runs[0].stdout
 
 
 @pytest.fixture(scope="module")
@@ -87,40 +93,18 @@ def complete_steps(out: Path) -> list[str]:
 
 # -- preemption and another number of processes --------------------------------------------------------------
 
-def worker_of_rank(torchrun_pid: int, rank: int) -> int:
-    """The pid of torchrun's worker process of `rank` (its RANK environment variable)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        for task in Path(f"/proc/{torchrun_pid}/task").iterdir():
-            for child in (task / "children").read_text().split():
-                try:
-                    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-                except FileNotFoundError:
-                    continue
-                if f"RANK={rank}".encode() in environ:
-                    return int(child)
-        time.sleep(0.05)
-    raise TimeoutError(f"no worker of rank {rank}")
-
-
 @pytest.fixture(scope="module")
 def preempted(ckpt, data, tmp_path_factory) -> Path:
     """A two-process run whose rank 1 got SIGTERM after step 1: both ranks stopped after the same step, saved,
     and exited 0."""
     out = tmp_path_factory.mktemp("preempted") / "run"
-    run = subprocess.Popen(torchrun_command(arguments(ckpt, data, out)), cwd=out.parent, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT)
-    output = []
-    for line in run.stdout:
-        output.append(line)
-        if line.startswith("step 1/"):
-            os.kill(worker_of_rank(run.pid, 1), signal.SIGTERM)  # rank 0 learns it from the all_reduce
-            break
-    output += run.stdout.readlines()
-    assert run.wait(timeout=300) == 0, "".join(output)[-3000:]
+    ranks = start_two_processes(arguments(ckpt, data, out), out.parent)
+    ranks[0].wait_for("step 1/")
+    ranks[1].send_signal(signal.SIGTERM)  # rank 0 learns it from the all_reduce
+    runs = [rank.wait() for rank in ranks]
+    assert [run.returncode for run in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
     stopped = int(complete_steps(out)[-1][len("step-"):])
-    assert stopped < STEPS and f"stopped after step {stopped}," in "".join(output), "".join(output)[-3000:]
+    assert stopped < STEPS and f"stopped after step {stopped}," in runs[0].stdout, runs[0].stdout[-3000:]
     assert not (out / f"step-{stopped + 1:08d}").exists()
     return out
 
@@ -128,7 +112,7 @@ def preempted(ckpt, data, tmp_path_factory) -> Path:
 def test_sigterm_stops_a_two_process_run_after_a_checkpoint_and_the_resume_continues(preempted, tmp_path, whole):
     out = tmp_path / "run"
     shutil.copytree(preempted, out)
-    torchrun(["--resume", str(out), *FAST], tmp_path)
+    two_processes(["--resume", str(out), *FAST], tmp_path)
     assert_same_losses(logged(out), whole)
 
 
@@ -142,7 +126,7 @@ def test_resume_two_processes_on_one_continues_exactly(preempted, tmp_path, whol
 def test_resume_one_process_on_two_continues_exactly(ckpt, data, tmp_path, whole):
     out = tmp_path / "run"
     train.main(arguments(ckpt, data, out, "--stop-after", 3))
-    torchrun(["--resume", str(out), *FAST], tmp_path)
+    two_processes(["--resume", str(out), *FAST], tmp_path)
     assert_same_losses(logged(out), whole)
 
 
