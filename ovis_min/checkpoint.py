@@ -38,6 +38,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 LATEST_FILE = "latest"  # in a train.py run directory: the name of its newest step-NNNNNNNN checkpoint
+TRAINER_FILE = "trainer.pt"  # in a train.py step directory: what marks it as one
 PREPROCESSOR_FILE = "preprocessor_config.json"
 REQUIRED_FILES = (CONFIG_FILE, PREPROCESSOR_FILE)  # plus the weights, plus a tokenizer in either form
 # The tokenizer in its two forms (one of them must be complete) and the side files other tools may want.
@@ -407,6 +408,10 @@ def load_model(source: str | Path = DEFAULT_REPO, dtype: torch.dtype = torch.bfl
     Everything is checked before the weights are read: the files, the configs and the tokenizer."""
     directory = resolve_source(source, revision=revision, download=download)
     missing = missing_files(directory)
+    if missing and (directory / TRAINER_FILE).is_file():
+        raise CheckpointError(f"{directory} is a training checkpoint without the weights in the official layout "
+                              f"(only the last step of a run has them); write them with: python train.py export "
+                              f"{directory} --out DIR, and pass --weights DIR")
     if missing:
         raise CheckpointError(f"{directory}: missing {', '.join(missing)}; {download_hint(directory)}")
     config = read_config(directory)

@@ -35,8 +35,8 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, CheckpointError, open_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, TRAINER_FILE, CheckpointError,
+                         open_checkpoint, save_checkpoint)
 from .cli import TrainError
 from .data import Mixture
 from .distributed import Runtime, all_gather, all_reduce_sum
@@ -47,7 +47,7 @@ from .files import disk_full, temp_prefix, write_atomic
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 SHARD_BYTES = 5 * 2 ** 30
 STEP_NAME = re.compile(r"step-(\d{8})")
-STATE_DIR, TRAINER_FILE, COMPLETE_FILE = "state", "trainer.pt", "complete"
+STATE_DIR, COMPLETE_FILE = "state", "complete"
 TRAINER_KEYS = ("step", "world_size", "data", "rng", "args", "source")
 
 

@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
+from ovis_min.checkpoint import CheckpointError, load_model
 from script_runner import run_script, start_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -136,6 +137,7 @@ KILLER = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import train
+from ovis_min.checkpoint import CheckpointError, load_model
 from ovis_min import train_checkpoint
 
 write_atomic = train_checkpoint.write_atomic
@@ -214,6 +216,10 @@ def test_export_and_resume_errors_are_one_line_naming_the_fix(ckpt, data, tmp_pa
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
         assert all(name in result.stderr for name in names), result.stderr
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".tmp-*"))
+    middle = tmp_path / "middle"  # a step before the last: no export
+    train.main(arguments(ckpt, data, middle, "--stop-after", 1))
+    with pytest.raises(CheckpointError, match=f"training checkpoint.*python train.py export {middle}/step-00000001"):
+        load_model(middle)
     (out / "step-00000001" / "state" / "__0_0.distcp").write_bytes(b"")  # damaged
     for args in (["export", out, "--out", tmp_path / "e"], ["--resume", out, *FAST]):
         result = run_script("train.py", *map(str, args), cwd=tmp_path)
