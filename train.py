@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
     parser.add_argument("--save-every", type=whole_number(1), default=1000, help="steps between checkpoints (and at the end; "
                         "default 1000)")
-    parser.add_argument("--keep", type=whole_number(0), default=3, help="checkpoints to keep (default 3; 0: all)")
+    parser.add_argument("--keep", type=whole_number(0), default=3, help="complete checkpoints to keep, the newest "
+                        "always among them (default 3; 0: all)")
     parser.add_argument("--stop-after", type=whole_number(1), help="stop after this step with a checkpoint, keeping the "
                         "schedule of --steps (for jobs with a time limit)")
     parser.add_argument("--workers", type=whole_number(0), default=4, help="threads that read and preprocess images "
