@@ -56,13 +56,18 @@ Cached frozen work (decoder stages 0, 4, 5, whose VAE and LLM are frozen):
   split over the processes under torchrun, and refused by a run with other frozen weights, data, resolution,
   buckets or precision.
 
-Checkpoints: OUT/step-NNNNNNNN/ is a complete checkpoint in the official layout (config.json, tokenizer and
-  preprocessor files copied from the source, every weight under its official name: trained ones in float32,
-  frozen ones as the source stored them), so sample.py and ovis_min.checkpoint.load_model read it as they read
-  the official release, and --init (a step or run directory) starts the next stage from it. trainer.pt next to
-  the weights holds the optimizer state, the step, each rank's data position and RNG state, and the arguments.
-  Directories are renamed into place when complete and OUT/latest names the newest; --resume OUT continues
-  exactly where the run stopped.
+Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, their optimizer state and EMA,
+  written by every process in parallel (torch.distributed.checkpoint), and trainer.pt (step, data position, RNG
+  state, arguments). Frozen weights are not rewritten: they come from --init, which must stay where it is. A
+  step directory counts once its `complete` marker is written, last; OUT/latest names the newest. --resume OUT
+  continues exactly where the run stopped, on any number of processes. The last step of a run is also exported
+  in the official layout (config.json, tokenizer and preprocessor files copied from --init, every weight under
+  its official name: trained ones in float32, frozen ones as --init stores them), so sample.py --weights OUT,
+  ovis_min.checkpoint.load_model and --init OUT (the next stage) read it as they read the official release;
+  `train.py export` writes one for any step, or for the EMA.
+  SIGTERM or SIGUSR1 (what schedulers send a while before they stop a job) to any process of the run: every process
+  finishes its step, the run saves a checkpoint and exits 0; a second signal stops at once. Under torchrun, signal
+  the train.py processes: torchrun passes SIGTERM on to them but kills them 30 s later, and dies of SIGUSR1.
 
 Distributed: torchrun --nproc_per_node N train.py ... runs DDP, or FSDP2 (fully_shard per block) for stage 3,
   which trains the LLM. Gradient accumulation = batch / (micro-batch x processes). bf16 autocast on GPU
@@ -79,6 +84,7 @@ RUN = torchrun --nproc_per_node 8 train.py; U, T, E = understanding, T2I and edi
   python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 1000 --batch 8 --micro-batch 2 --lr 1e-5 \\
       --out runs/ft                                  # a small fine-tune on one GPU
   python train.py --resume runs/ft                   # continue an interrupted run with its arguments
+  python train.py export runs/ft --ema --out ft-ema  # the EMA of the newest checkpoint, for sample.py --weights
 """
 import sys
 
@@ -98,19 +104,22 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load_checkpoint, read_config,  # noqa: E402
-                                 resolve_source, tied_groups)
+                                 tied_groups)
 from ovis_min.cli import TrainError  # noqa: E402
 from ovis_min.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
                            bucket_table, index_manifests, parse_mix)
 from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, setup_runtime,  # noqa: E402
                                   wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
+from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
 from ovis_min.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.stages import (DECODER, SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
                              learning_rate, make_optimizer, set_trainable)
-from ovis_min.train_checkpoint import read_trainer_state, resolve_resume, restore, save, trim_log  # noqa: E402
+from ovis_min.ema import EMA  # noqa: E402
+from ovis_min.train_checkpoint import (Saver, StopRequest, abandon_later, checked_source, export,  # noqa: E402
+                                       read_trainer_state, resolve_resume, restore, source_record, trim_log)
 
 ctrl_c_raises()
 
@@ -164,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
     parser.add_argument("--save-every", type=whole_number(1), default=1000, help="steps between checkpoints (and at the end; "
                         "default 1000)")
-    parser.add_argument("--keep", type=whole_number(0), default=3, help="checkpoints to keep (default 3; 0: all)")
+    parser.add_argument("--keep", type=whole_number(0), default=3, help="complete checkpoints to keep, the newest "
+                        "always among them (default 3; 0: all)")
     parser.add_argument("--stop-after", type=whole_number(1), help="stop after this step with a checkpoint, keeping the "
                         "schedule of --steps (for jobs with a time limit)")
     parser.add_argument("--buckets", choices=("aspect", "none"), default="aspect", help="generation images: "
@@ -183,6 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="default: cuda if available")
     parser.add_argument("--overfit", type=whole_number(0), default=0, metavar="N", help="debugging: train on the first N rows "
                         "of each task over and over, with the same noise and timesteps (the loss must fall)")
+    # checkpoints
+    parser.add_argument("--ema-decay", type=real(0, 1, open_high=True), metavar="D", help="keep a float32 EMA of the "
+                        "trained weights, ema = D*ema + (1-D)*weights after every step, saved with the checkpoints "
+                        "(e.g. --ema-decay 0.9999 for stages 4-5; export it with train.py export RUN --ema)")
+    return parser
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.py export", description="Write a training checkpoint in the "
+                                     "official layout, for sample.py --weights, load_model and --init. Example: "
+                                     "python train.py export runs/s5 --ema --out s5-ema")
+    parser.add_argument("run", type=Path, help="run directory (its newest complete checkpoint) or step directory")
+    parser.add_argument("--step", type=whole_number(1), help="the step to export (default: the newest)")
+    parser.add_argument("--ema", action="store_true", help="the EMA of the weights (a run with --ema-decay)")
+    parser.add_argument("--out", type=Path, required=True, help="new directory to write")
     return parser
 
 
@@ -337,6 +362,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cache"]:
         return cache_main(argv[1:])
+    if argv[:1] == ["export"]:
+        options = build_export_parser().parse_args(argv[1:])
+        print(f"wrote {export(options.run, options.out, options.ema, options.step)}")
+        return []
     args, resume_dir, trainer_state = parse_args(argv)
     fill_defaults(args)
     if trainer_state is not None:
@@ -374,7 +403,7 @@ def run_cli() -> None:
 
 def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict | None) -> list[dict]:
     stage = STAGES[args.stage]
-    source = resume_dir or resolve_source(args.init)
+    source = checked_source(trainer_state) if trainer_state is not None else resolve_source(args.init)
     per_process = args.micro_batch * runtime.world
     if args.batch % per_process:
         raise TrainError(f"--batch {args.batch} is not a multiple of micro-batch x processes = {args.micro_batch} x "
@@ -416,10 +445,12 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     parallel = args.parallel if args.parallel != "auto" else "fsdp" if "llm." in stage.trains else "ddp"
     wrapped = wrap(step_module, runtime, parallel)
     optimizer = make_optimizer(step_module, args)
+    ema = EMA(model, args.ema_decay) if args.ema_decay else None
+    frozen = trainer_state["source"] if trainer_state is not None else source_record(source)
 
     start = 0
     if trainer_state is not None:
-        start = restore(trainer_state, step_module, optimizer, mixture, runtime)
+        start = restore(resume_dir, trainer_state, step_module, optimizer, ema, mixture, runtime)
 
     cache = None
     if args.cache is not None:
@@ -438,6 +469,9 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             print(f"note: removed {leftover.name}, a partial checkpoint of a run that was killed", file=sys.stderr)
         if trainer_state is not None:
             trim_log(out / "log.jsonl", start)
+            for later in abandon_later(out, start):
+                print(f"note: {later.name} continues the run past {resume_dir.name} another way; it will be "
+                      "replaced", file=sys.stderr)
         counts = sum(p.numel() for n, p in model.named_parameters() if n in trained)
         print(f"stage {args.stage} ({stage.name}): training {counts / 1e6:.2f}M parameters ({len(trained)} tensors) "
               f"on {', '.join(f'{t} {r:g}' for t, r in mixture.ratios.items())}; {runtime.world} process(es) x "
@@ -451,6 +485,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     stop = min(args.steps, args.stop_after or args.steps)
     records = []
     log = open(out / "log.jsonl", "a") if runtime.main else None
+    saver, stop_request = Saver(out, frozen, args, runtime), StopRequest()
     for step in range(start, stop):
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
@@ -465,6 +500,8 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
 
         values = window.values()
         totals = all_reduce_sum([*values, *(sum(m.skipped[r] for m in micro_batches) for r in SKIP_REASONS)],
@@ -483,11 +520,17 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             log.flush()
             print(format_record(record, args.steps), flush=True)
 
-        last = step + 1 == stop
+        preempted = stop_request.agreed(runtime)
+        last = step + 1 == stop or preempted
+        saver.poll()
         if last or (step + 1) % args.save_every == 0:
-            # the new checkpoint is complete and is the newest: later saves copy their files from it, so that
-            # pruning older ones (the resumed one among them) never takes away what a save reads
-            source = save(out, step + 1, step_module, optimizer, mixture, source, trained, args, runtime)
+            saver.save(step + 1, step_module, optimizer, ema, mixture, last)
+        if preempted:
+            if runtime.main:
+                print(f"stopped after step {step + 1}, as a stop signal asked; continue with --resume {out}",
+                      flush=True)
+            break
+    stop_request.close()
 
     if runtime.world > 1 and isinstance(wrapped, nn.parallel.DistributedDataParallel):
         prints = all_gather(fingerprint(model), runtime)

@@ -36,6 +36,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 LATEST_FILE = "latest"  # in a train.py run directory: the name of its newest step-NNNNNNNN checkpoint
+TRAINER_FILE = "trainer.pt"  # in a train.py step directory: what marks it as one
 PREPROCESSOR_FILE = "preprocessor_config.json"
 REQUIRED_FILES = (CONFIG_FILE, PREPROCESSOR_FILE)  # plus the weights, plus a tokenizer in either form
 # The tokenizer in its two forms (one of them must be complete) and the side files other tools may want.
@@ -406,6 +407,10 @@ def load_model(directory: Path | str, dtype: torch.dtype = torch.bfloat16,
     is checked before the weights are read: the files, the configs and the tokenizer."""
     directory = Path(directory)
     missing = missing_files(directory, with_shards=False)  # the shards: open_checkpoint, from the one index read
+    if missing and (directory / TRAINER_FILE).is_file():
+        raise CheckpointError(f"{directory} is a training checkpoint without the weights in the official layout "
+                              f"(only the last step of a run has them); write them with: python train.py export "
+                              f"{directory} --out DIR, and pass --weights DIR")
     if missing:
         raise CheckpointError(f"{directory}: missing {', '.join(missing)}; {download_hint(directory)}")
     checkpoint = open_checkpoint(directory)
@@ -528,9 +533,3 @@ def few_names(names: list[str], n: int = 5) -> str:
     """The first few names and how many more: error messages stay readable for a 1000-tensor model."""
     shown = ", ".join(names[:n])
     return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
-
-
-def resolve_source(source: str | Path, revision: str = "main", download: bool = False) -> Path:
-    """`hub.resolve_source`, by the name train.py imports it under."""
-    from .hub import resolve_source as resolve  # hub.py imports this module
-    return resolve(source, revision, download)

@@ -1,59 +1,99 @@
-"""Training checkpoints: OUT/step-NNNNNNNN/ in the official layout plus trainer.pt (optimizer, step, data
-positions, RNG, arguments), written atomically, pruned to the newest --keep, and read back on --resume."""
+"""Training checkpoints, and the official-layout export of one.
+
+  OUT/step-NNNNNNNN/
+    state/        torch.distributed.checkpoint (DCP): the trained weights, their optimizer state and EMA, each
+                  rank writing the shards it holds; any number of processes reads them back (DCP reshards)
+    trainer.pt    the step, the arguments, the data position, each rank's RNG state, and where the frozen weights
+                  come from (the run's --init, by path and fingerprint: they are never rewritten)
+    complete      written last: a step directory without it is an interrupted save and is never resumed from
+    config.json, model*.safetensors, tokenizer and preprocessor files: at the end of a run, the export below
+  OUT/latest      the newest complete step directory (what sample.py --weights OUT and --init OUT read)
+
+The export (train.py export, and the last step of a run) is a checkpoint in the official layout: every tensor
+under its official name, the trained ones (or their EMA) in float32, the others copied from the source as it
+stores them, so that sample.py and ovis_min.checkpoint.load_model read it as they read the official release.
+"""
+import contextlib
+import io
 import json
 import math
 import os
 import pickle
 import re
 import shutil
+import signal
 import sys
+import warnings
+import zlib
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .checkpoint import LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, SAFETENSORS_DTYPES, open_checkpoint, save_checkpoint
+from .checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, TRAINER_FILE, CheckpointError,
+                         open_checkpoint, save_checkpoint)
 from .cli import TrainError
 from .data import Mixture
-from .distributed import Runtime, all_gather
+from .distributed import Runtime, all_gather, all_reduce_sum
+from .ema import EMA
 from .files import disk_full, temp_prefix, write_atomic
 
+# DCP warns at every save and load without a process group that it assumes a single process: it is one.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 SHARD_BYTES = 5 * 2 ** 30
-
-
 STEP_NAME = re.compile(r"step-(\d{8})")
+STATE_DIR, COMPLETE_FILE = "state", "complete"
+TRAINER_KEYS = ("step", "world_size", "data", "rng", "args", "source")
 
 
-def resolve_resume(path: Path) -> Path:
-    """A step directory, or a run directory whose `latest` file names one."""
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def is_complete(step_dir: Path) -> bool:
+    return (step_dir / COMPLETE_FILE).is_file()
+
+
+def step_dirs(out: Path) -> dict[int, Path]:
+    """Every step directory of a run, complete or not, by step."""
+    return {int(m.group(1)): p for p in out.iterdir() if (m := STEP_NAME.fullmatch(p.name)) and p.is_dir()}
+
+
+def complete_steps(out: Path) -> list[int]:
+    return sorted(step for step, path in step_dirs(out).items() if is_complete(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finding and reading a checkpoint
+# ---------------------------------------------------------------------------------------------------------------
+def resolve_resume(path: Path, flag: str = "--resume") -> Path:
+    """A complete step directory, or a run directory's newest complete one."""
     if not path.is_dir():
-        raise TrainError(f"--resume {path}: no such run directory")
-    if (path / "trainer.pt").is_file():
+        raise TrainError(f"{flag} {path}: no such run directory")
+    if STEP_NAME.fullmatch(path.name) and ((path / TRAINER_FILE).exists() or (path / STATE_DIR).exists()):
+        if not is_complete(path):
+            raise TrainError(f"{flag} {path}: an interrupted save (no '{COMPLETE_FILE}' marker); give the run "
+                             f"directory {path.parent}, which stands for its newest complete checkpoint")
         return path
-    latest = path / LATEST_FILE
-    if not latest.is_file():
-        raise TrainError(f"--resume {path}: nothing to resume (no 'latest' file and no trainer.pt): give a run "
-                         "directory written by train.py --out, or one of its step-NNNNNNNN directories")
-    name = latest.read_text(errors="replace").strip()
-    # `latest` only ever names a sibling step directory; anything else (a path, '..') was not written by train.py
-    if not STEP_NAME.fullmatch(name):
-        raise TrainError(f"--resume {path}: its 'latest' file names {name!r}, not a step-NNNNNNNN directory; "
-                         "resume from a step directory instead (--resume RUN/step-NNNNNNNN)")
-    step_dir = path / name
-    if not (step_dir / "trainer.pt").is_file():
-        raise TrainError(f"--resume {path}: 'latest' names {name}, which is missing or incomplete; resume from an "
-                         "earlier step directory (--resume RUN/step-NNNNNNNN)")
-    return step_dir
-
-
-TRAINER_KEYS = ("step", "optimizer", "world_size", "data", "rng", "args")
+    steps = complete_steps(path)
+    if steps:
+        return path / step_name(steps[-1])
+    if (path / LATEST_FILE).is_file():
+        name = (path / LATEST_FILE).read_text(errors="replace").strip()
+        raise TrainError(f"{flag} {path}: its 'latest' file names {name[:40]!r}, but the run holds no complete "
+                         f"step-NNNNNNNN checkpoint (one with its '{COMPLETE_FILE}' marker); start a new run")
+    raise TrainError(f"{flag} {path}: nothing to resume (no complete step-NNNNNNNN checkpoint): give a run "
+                     "directory written by train.py --out, or one of its step directories")
 
 
 def read_trainer_state(step_dir: Path) -> dict:
     """trainer.pt, read without unpickling code (weights_only), and checked to be one train.py wrote."""
-    path = step_dir / "trainer.pt"
+    path = step_dir / TRAINER_FILE
     try:
         state = torch.load(path, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
@@ -65,67 +105,215 @@ def read_trainer_state(step_dir: Path) -> dict:
     return state
 
 
-def full_state(step_module: nn.Module, optimizer) -> tuple[dict, dict]:
-    """(model weights under official names, optimizer state): whole on rank 0, on CPU. Collective."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(step_module, options=options)
-    prefix = "model."
-    weights = {name[len(prefix):]: tensor for name, tensor in weights.items()}
-    return weights, get_optimizer_state_dict(step_module, optimizer, options=options)
+def source_fingerprint(source: Path) -> str:
+    """The CRC-32 of each shard's bytes, by shard: tells a replaced or rewritten checkpoint from the original (it
+    is no defence against a forged one) at about the speed the disk reads the shards."""
+    sums = []
+    for file in open_checkpoint(source).files:
+        crc = 0
+        with open(source / file, "rb") as f:
+            while chunk := f.read(2 ** 24):
+                crc = zlib.crc32(chunk, crc)
+        sums.append(f"{file}:{crc:08x}")
+    return " ".join(sums)
 
 
-def write_checkpoint(out: Path, step: int, weights: dict, source: Path, trained: set[str], trainer_state: dict,
-                     keep: int) -> Path:
-    """Write OUT/step-NNNNNNNN atomically: a temporary directory, renamed when complete, then `latest` updated.
+def source_record(source: Path) -> dict:
+    return {"path": str(source.resolve()), "fingerprint": source_fingerprint(source)}
 
-    A kill at any moment leaves either the previous checkpoint named by `latest` (and a temporary directory that
-    the next run removes) or the new one complete. A failure (a full disk) removes the partial directory.
-    """
-    name = f"step-{step:08d}"
-    final, tmp = out / name, out / f"{temp_prefix()}{name}"
+
+def checked_source(trainer_state: dict) -> Path:
+    """The checkpoint the run's frozen weights (and config, tokenizer) come from, as it was when the run began."""
+    path = Path(trainer_state["source"]["path"])
+    what = f"{path}, where the run's frozen weights, config and tokenizer come from (its --init),"
     try:
-        tmp.mkdir(parents=True)
-        for file in REQUIRED_FILES + OPTIONAL_FILES:
-            if (source / file).is_file():
-                shutil.copyfile(source / file, tmp / file)
-        stored = open_checkpoint(source).tensors  # write the same names as the source (e.g. no tied lm_head)
-        state = {}
-        for key, info in stored.items():
-            tensor = weights[key]
-            # Trained weights stay float32 so that a resumed run continues exactly; frozen ones go back to the
-            # dtype they were read from, which restores them bit for bit.
-            state[key] = tensor.float() if key in trained else tensor.to(SAFETENSORS_DTYPES[info.dtype])
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        save_checkpoint(state, tmp, shards=max(1, math.ceil(total / SHARD_BYTES)))
-        torch.save(trainer_state, tmp / "trainer.pt")
-        if final.exists():  # an older run's step of the same number, from before a resume at an earlier step
-            os.replace(final, tmp.with_name(tmp.name + "-replaced"))
-        os.replace(tmp, final)
-        write_atomic(out / LATEST_FILE, name + "\n")
-    except (OSError, SafetensorError) as error:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full(error):
-            raise TrainError(f"the disk is full while saving {final}: the partial save was removed; free some space "
-                             f"and continue with --resume {out}") from None
-        raise TrainError(f"cannot save {final} ({error.strerror or error})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp.with_name(tmp.name + "-replaced"), ignore_errors=True)
-    prune(out, step, keep)
-    return final
+        fingerprint = source_fingerprint(path)
+    except (CheckpointError, OSError):
+        raise TrainError(f"{what} is missing or damaged; put it back where it was") from None
+    if fingerprint != trainer_state["source"]["fingerprint"]:
+        raise TrainError(f"{what} has changed since the run began; put the original back")
+    return path
+
+
+def training_state(step_module: nn.Module, optimizer, ema: EMA | None) -> dict:
+    """What DCP saves and loads, each tensor as this rank holds it (whole under DDP, its shards under FSDP): the
+    trained weights and the EMA by official name, and the optimizer state."""
+    weights, optim_state = get_state_dict(step_module, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    prefix = "model."  # TrainStep's attribute
+    state = {"weights": {name[len(prefix):]: tensor for name, tensor in weights.items()}, "optimizer": optim_state}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
+
+
+def saved_metadata(step_dir: Path) -> dict:
+    """DCP's table of a checkpoint's tensors by flattened key ("weights.<official name>", "ema.<name>", ...)."""
+    try:
+        return dcp.FileSystemReader(step_dir / STATE_DIR).read_metadata().state_dict_metadata
+    except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as error:
+        raise unreadable(step_dir, error) from None
+
+
+def load_state(step_dir: Path, state: dict, no_dist: bool) -> None:
+    """Fill `state`'s tensors in place from the checkpoint, each in the layout it has here. Collective unless
+    `no_dist`."""
+    try:
+        dcp.load(state, checkpoint_id=step_dir / STATE_DIR, no_dist=no_dist)
+    except CheckpointException as error:
+        raise unreadable(step_dir, next(iter(error.failures.values()))[0]) from None
+    except (OSError, RuntimeError, ValueError) as error:
+        raise unreadable(step_dir, error) from None
+
+
+def unreadable(step_dir: Path, error: BaseException) -> TrainError:
+    reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+    return TrainError(f"cannot read {step_dir / STATE_DIR} ({reason}): the checkpoint is damaged or not this "
+                      "run's; use an earlier step directory")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------------------
+def rng_state(runtime: Runtime) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if runtime.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
+    return state
+
+
+def set_rng_state(state: dict, runtime: Runtime) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and runtime.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], runtime.device)
+
+
+def remove_step(step_dir: Path) -> None:
+    """The marker first: a kill half-way leaves an incomplete directory, never a complete-looking part of one."""
+    (step_dir / COMPLETE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(step_dir, ignore_errors=True)
+
+
+class Saver:
+    """Writes a run's checkpoints into OUT/step-NNNNNNNN: every rank its shards of the state, rank 0 trainer.pt,
+    then (when every shard is on disk) the marker, `latest`, and pruning to --keep.
+
+    The state is copied to host memory while the step waits (DCP's staging), then written by a background thread
+    (dcp.async_save) while training goes on; one save at a time, the next waits for the one in flight. The last
+    save of a run, and the one before a stop on a signal, is written at once, the last one with the export.
+
+    A kill at any moment leaves the previous complete checkpoint the newest, and a marker-less directory that a
+    later save of that step replaces or pruning removes. A failure (a full disk) removes the partial directory.
+    """
+
+    def __init__(self, out: Path, source: dict, args, runtime: Runtime):
+        self.out, self.source, self.args, self.runtime = out, source, args, runtime
+        # The background writer's collectives get a group of their own, so that they never interleave with the
+        # training step's; gloo, because DCP coordinates over the CPU.
+        self.group = dist.new_group(backend="gloo") if runtime.world > 1 else None
+        self.pending = None  # (step, future) of the save in flight
+
+    def save(self, step: int, step_module: nn.Module, optimizer, ema: EMA | None, mixture: Mixture,
+             last: bool) -> None:
+        """Collective."""
+        self.wait()
+        main, single = self.runtime.main, self.runtime.world == 1
+        step_dir = self.out / step_name(step)
+        with self.removed_on_failure(step_dir):
+            if main:  # an abandoned checkpoint of the same step (see abandon_later), or an interrupted save
+                remove_step(step_dir)
+                step_dir.mkdir()
+            self.barrier()
+            state = training_state(step_module, optimizer, ema)
+            trainer_state = {"step": step, "world_size": self.runtime.world, "source": self.source,
+                             "data": all_gather(mixture.state_dict(), self.runtime),
+                             "rng": all_gather(rng_state(self.runtime), self.runtime),
+                             "args": {k: (str(v) if isinstance(v, Path) else [str(d) for d in v] if k == "data" else v)
+                                      for k, v in vars(self.args).items() if k not in ("resume", "out", "stop_after")}}
+            if main:
+                buffer = io.BytesIO()
+                torch.save(trainer_state, buffer)
+                write_atomic(step_dir / TRAINER_FILE, buffer.getvalue())
+            if last:
+                dcp.save(state, checkpoint_id=step_dir / STATE_DIR, process_group=self.group, no_dist=single)
+                self.finish(step, export=step == self.args.steps)
+                self.barrier()  # no rank leaves before the marker is there
+            else:
+                self.pending = step, dcp.async_save(state, checkpoint_id=step_dir / STATE_DIR,
+                                                    process_group=self.group, no_dist=single)
+
+    def poll(self) -> None:
+        """Complete the save in flight if its writing is done (rank 0: its marker appears soon after)."""
+        if self.pending is not None and self.pending[1].done():
+            self.wait()
+
+    def wait(self) -> None:
+        if self.pending is None:
+            return
+        step, future = self.pending
+        self.pending = None
+        with self.removed_on_failure(self.out / step_name(step)):
+            future.result()  # rank 0's completes once every rank's shards and the metadata are written
+            self.finish(step, export=False)
+
+    def finish(self, step: int, export: bool) -> None:
+        if not self.runtime.main:
+            return
+        step_dir = self.out / step_name(step)
+        if export:
+            write_export(step_dir, step_dir, ema=False)
+        write_atomic(step_dir / COMPLETE_FILE, json.dumps({"step": step}) + "\n")
+        write_atomic(self.out / LATEST_FILE, step_dir.name + "\n")
+        prune(self.out, step, self.args.keep)
+        print(f"saved {step_dir}", flush=True)
+
+    def barrier(self) -> None:
+        if self.runtime.world > 1:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def removed_on_failure(self, step_dir: Path):
+        try:
+            yield
+        except (OSError, SafetensorError, CheckpointException) as error:
+            if self.runtime.main:
+                remove_step(step_dir)
+            raise save_error(error, step_dir, f"continue with --resume {self.out}") from None
+        except BaseException:
+            if self.runtime.main:
+                remove_step(step_dir)
+            raise
+
+
+def save_error(error: BaseException, target: Path, then: str) -> TrainError:
+    if isinstance(error, CheckpointException):
+        # DCP wraps each rank's failure; a full disk is the context of torch's serialiser's RuntimeError
+        failures = [e for e, _ in error.failures.values()]
+        error = next((e for e in failures + [e.__context__ for e in failures] if isinstance(e, OSError)), error)
+    if disk_full(error):
+        return TrainError(f"the disk is full while saving {target}: the partial save was removed; free some space "
+                          f"and {then}")
+    return TrainError(f"cannot save {target} ({getattr(error, 'strerror', None) or str(error).splitlines()[0]})")
 
 
 def prune(out: Path, step: int, keep: int) -> None:
-    """Keep the `keep` newest checkpoints up to `step` (the one just written among them). Steps above it are
-    left alone: they belong to a run that was resumed from an earlier step, and are replaced as it gets there."""
-    if keep <= 0:
-        return
-    steps = sorted(int(m.group(1)) for p in out.iterdir() if (m := STEP_NAME.fullmatch(p.name)))
-    for old in [n for n in steps if n <= step][:-keep]:
-        shutil.rmtree(out / f"step-{old:08d}", ignore_errors=True)
+    """Keep the `keep` newest complete checkpoints up to `step` (the one just written among them) and remove the
+    interrupted saves below it. Steps above it are left alone: the run passes them later and replaces them."""
+    dirs = step_dirs(out)
+    complete = [n for n in sorted(dirs) if n <= step and is_complete(dirs[n])]
+    old = complete[:-keep] if keep > 0 else []
+    interrupted = [n for n in dirs if n < step and not is_complete(dirs[n])]
+    for n in old + interrupted:
+        remove_step(dirs[n])
+
+
+def abandon_later(out: Path, step: int) -> list[Path]:
+    """Resuming at `step` while the run holds newer complete checkpoints (an explicit older step directory):
+    those continue another line of the run, so they lose their marker (never resumed from, replaced as the run
+    gets there). Returns them."""
+    later = [path for n, path in sorted(step_dirs(out).items()) if n > step and is_complete(path)]
+    for path in later:
+        (path / COMPLETE_FILE).unlink()
+    return later
 
 
 def trim_log(path: Path, step: int) -> None:
@@ -147,49 +335,107 @@ def trim_log(path: Path, step: int) -> None:
     write_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def rng_state(runtime: Runtime) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if runtime.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(runtime.device)
-    return state
-
-
-def set_rng_state(state: dict, runtime: Runtime) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and runtime.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], runtime.device)
-
-
-def save(out: Path, step: int, step_module: nn.Module, optimizer, mixture: Mixture, source: Path, trained: set[str],
-         args, runtime: Runtime) -> Path:
-    """Gather weights, optimizer state and every rank's data position and RNG state; rank 0 writes. Collective."""
-    weights, optim_state = full_state(step_module, optimizer)
-    state = {"step": step, "optimizer": optim_state, "world_size": runtime.world,
-             "data": all_gather(mixture.state_dict(), runtime), "rng": all_gather(rng_state(runtime), runtime),
-             "args": {k: (str(v) if isinstance(v, Path) else [str(d) for d in v] if k == "data" else v)
-                      for k, v in vars(args).items() if k not in ("resume", "out", "stop_after")}}
-    if runtime.main:
-        path = write_checkpoint(out, step, weights, source, trained, state, args.keep)
-        print(f"saved {path}", flush=True)
-    if runtime.world > 1:
-        dist.barrier()
-    return out / f"step-{step:08d}"
-
-
-def restore(trainer_state: dict, step_module: nn.Module, optimizer, mixture: Mixture, runtime: Runtime) -> int:
-    """Optimizer state, data positions and RNG state from trainer.pt; returns the step to continue from."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(step_module, optimizer, optim_state_dict=trainer_state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
-    if trainer_state["world_size"] == runtime.world:
-        mixture.load_state_dict(trainer_state["data"][runtime.rank])
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming
+# ---------------------------------------------------------------------------------------------------------------
+def restore(step_dir: Path, trainer_state: dict, step_module: nn.Module, optimizer, ema: EMA | None,
+            mixture: Mixture, runtime: Runtime) -> int:
+    """Trained weights, optimizer state and EMA (resharded by DCP to this run's processes), the data position and
+    the RNG state; returns the step to continue from. Collective."""
+    state = training_state(step_module, optimizer, ema)
+    fresh_ema = ema is not None and not any(key.startswith("ema.") for key in saved_metadata(step_dir))
+    if fresh_ema:
+        del state["ema"]
+    load_state(step_dir, state, no_dist=runtime.world == 1)
+    set_state_dict(step_module, optimizer, model_state_dict={f"model.{n}": t for n, t in state["weights"].items()},
+                   optim_state_dict=state["optimizer"], options=StateDictOptions(strict=False))
+    if fresh_ema:
+        ema.restart_from_weights()
+        if runtime.main:
+            print(f"note: {step_dir} has no EMA; it starts from the resumed weights", file=sys.stderr)
+    # Each rank takes its own data position back; on another number of processes, rank 0's: the Mixture's
+    # position is global (the same on every rank, whatever the number of processes and of micro-batches).
+    same_world = trainer_state["world_size"] == runtime.world
+    mixture.load_state_dict(trainer_state["data"][runtime.rank if same_world else 0])
+    if same_world:  # otherwise the freshly seeded streams: the losses draw no random number from them
         set_rng_state(trainer_state["rng"][runtime.rank], runtime)
-    else:  # approximately: the same number of rows per task in total, split over the new ranks
-        print(f"warning: resuming a {trainer_state['world_size']}-process run on {runtime.world} processes: data "
-              f"positions and random streams restart approximately", file=sys.stderr)
-        ranks = trainer_state["data"]
-        mixture.load_state_dict({"micro_batches": ranks[0]["micro_batches"],
-                                 "skipped": dict.fromkeys(ranks[0]["skipped"], 0),
-                                 "draws": {t: sum(r["draws"][t] for r in ranks) // runtime.world
-                                           for t in ranks[0]["draws"]}})
     return trainer_state["step"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The official-layout export
+# ---------------------------------------------------------------------------------------------------------------
+def write_export(step_dir: Path, directory: Path, ema: bool) -> None:
+    """Fill `directory` with the official layout of `step_dir`'s weights (or their EMA), on this process alone."""
+    source = checked_source(read_trainer_state(step_dir))
+    key = "ema" if ema else "weights"
+    trained = {fqn[len(key) + 1:]: torch.empty(info.size, dtype=torch.float32)
+               for fqn, info in saved_metadata(step_dir).items() if fqn.startswith(key + ".")}
+    if not trained:
+        raise TrainError(f"{step_dir} holds no EMA: the run was trained without --ema-decay; export it without --ema")
+    load_state(step_dir, {key: trained}, no_dist=True)
+
+    stored = open_checkpoint(source)  # the same names as the source (e.g. no tied lm_head)
+    directory.mkdir(parents=True, exist_ok=True)
+    for file in REQUIRED_FILES + OPTIONAL_FILES:
+        if (source / file).is_file():
+            shutil.copyfile(source / file, directory / file)
+    state = {}
+    for file in stored.files:
+        with safe_open(source / file, framework="pt") as shard:
+            for name in stored.names_in(file):
+                state[name] = trained[name] if name in trained else shard.get_tensor(name)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    save_checkpoint(state, directory, shards=max(1, math.ceil(total / SHARD_BYTES)))
+
+
+def export(run: Path, out: Path, ema: bool = False, step: int | None = None) -> Path:
+    """`train.py export`: the run's newest complete checkpoint (or step `step`) in the official layout at `out`,
+    written in a temporary directory beside it and renamed when complete."""
+    step_dir = resolve_resume(run if step is None else run / step_name(step), flag="export")
+    if out.exists():
+        raise TrainError(f"export --out {out} already exists; choose another --out or remove it")
+    tmp = out.parent / f"{temp_prefix()}{out.name}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_export(step_dir, tmp, ema)
+        os.replace(tmp, out)
+    except (OSError, SafetensorError, CheckpointException) as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise save_error(error, out, "export again") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Preemption
+# ---------------------------------------------------------------------------------------------------------------
+class StopRequest:
+    """SIGTERM or SIGUSR1, what schedulers send a while before they stop a job: the run finishes its step, saves
+    a checkpoint and exits 0. A second signal exits at once (status 128 + the signal), a save in progress or not.
+    The signal may reach one rank only; `agreed` tells every rank, so that all stop after the same step."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            sys.stderr.write(f"\n{signal.Signals(signum).name} again: stopping at once\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.received = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
+                         "(send it again to stop at once)\n")
+        sys.stderr.flush()
+
+    def agreed(self, runtime: Runtime) -> bool:
+        """Whether any rank received a signal. Collective: every rank calls it after every step."""
+        return all_reduce_sum([float(self.received is not None)], runtime)[0] > 0
+
+    def close(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

@@ -57,10 +57,12 @@ def runs_dir(tmp_path: Path) -> Path:
         step = runs / name / "step-00000001"
         step.mkdir()
         (step / "trainer.pt").write_bytes(payload)
+        (step / "complete").write_text("")
         (runs / name / "latest").write_text("step-00000001\n")
     step = runs / "foreign" / "step-00000001"
     step.mkdir()
     torch.save({"weights": torch.zeros(2)}, step / "trainer.pt")  # a torch file, not train.py's state
+    (step / "complete").write_text("")
     return runs
 
 
@@ -227,20 +229,21 @@ def dead_pid() -> int:
 
 
 def test_every_state_a_killed_save_can_leave_resumes_exactly(ckpt, data, tmp_path, whole):
-    """A save is: a temporary directory filled, renamed to step-N, then `latest` replaced. A kill between any two
-    of these leaves one of the states made here by hand; each resumes like the uninterrupted run."""
+    """A save is: step-N's state written, its `complete` marker written, then `latest` replaced. A kill between any
+    two of these leaves one of the states made here by hand; each resumes like the uninterrupted run."""
     out = tmp_path / "run"
     train.main(common(ckpt, data, out) + ["--keep", "0", "--stop-after", "3"])
-    # killed while filling step 3's temporary directory: step-00000003 never appeared
-    os.rename(out / "step-00000003", out / f".tmp-{dead_pid()}-step-00000003")
+    # killed while writing step 3's state: no marker, part of the state missing
+    (out / "step-00000003" / "complete").unlink()
+    (out / "step-00000003" / "state" / ".metadata").unlink()
     (out / "latest").write_text("step-00000002\n")
     records = train.main(["--resume", str(out), "--stop-after", "3", *FAST])
     assert losses(records) == losses(whole)[2:3]
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
-    # killed after the rename, before `latest` was replaced: step-00000003 exists, latest still names step 2
+    # killed after the marker, before `latest` was replaced: the newest complete checkpoint is step 3
     (out / "latest").write_text("step-00000002\n")
     records = train.main(["--resume", str(out), "--stop-after", "4", *FAST])
-    assert losses(records) == losses(whole)[2:4]
+    assert losses(records) == losses(whole)[3:4]
     # killed while writing `latest`'s temporary file
     (out / f".tmp-{dead_pid()}-latest.part").write_text("step-0000")
     records = train.main(["--resume", str(out), *FAST])
