@@ -81,6 +81,7 @@ from ovis_min.losses import TrainStep  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.stages import (SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
                              learning_rate, make_optimizer, set_trainable)
+from ovis_min.throughput import Throughput, format_duration, peak_flops  # noqa: E402
 from ovis_min.train_checkpoint import read_trainer_state, resolve_resume, restore, save, trim_log  # noqa: E402
 
 ctrl_c_raises()
@@ -332,6 +333,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     params = [p for p in step_module.parameters() if p.requires_grad]
     stop = min(args.steps, args.stop_after or args.steps)
     records = []
+    throughput = Throughput(peak_flops(runtime.device, precision))
     log = open(out / "log.jsonl", "a") if runtime.main else None
     for step in range(start, stop):
         lr = learning_rate(step, args)
@@ -342,10 +344,11 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         for micro in range(accumulation):
             batch = mixture.next_batch(args.micro_batch).to(runtime.device)
             with gradient_sync(wrapped, micro == accumulation - 1):
-                with autocast:
+                with autocast, throughput.counting(batch.task):
                     loss, batch_tokens = wrapped(batch)
                 (loss / accumulation).backward()
-            loss_sums[batch.task] += loss.item()
+            loss_sums[batch.task] = loss_sums[batch.task] + loss.detach().double()  # on the device: no sync
+            throughput.micro_batch(batch.task, batch_tokens)
             counts[batch.task] += 1
             tokens += batch_tokens
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
@@ -355,14 +358,16 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         optimizer.zero_grad(set_to_none=True)
 
         skipped = mixture.skipped
-        totals = all_reduce_sum([*loss_sums.values(), *counts.values(), tokens, *skipped.values()], runtime)
+        totals = all_reduce_sum([*loss_sums.values(), *counts.values(), tokens, throughput.step_flops,
+                                 *skipped.values()], runtime)
         elapsed = time.perf_counter() - began
         n = len(TASKS)
         task_loss = {t: totals[i] / totals[n + i] for i, t in enumerate(TASKS) if totals[n + i]}
         record = {"step": step + 1, "loss": sum(totals[:n]) / sum(totals[n:2 * n]), "task_loss": task_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "samples_per_s": args.batch / elapsed,
                   "tokens_per_s": totals[2 * n] / elapsed, "memory_gb": peak_memory_gb(runtime.device),
-                  "skipped": {reason: int(v) for reason, v in zip(skipped, totals[2 * n + 1:]) if v}}
+                  "skipped": {reason: int(v) for reason, v in zip(skipped, totals[2 * n + 2:]) if v},
+                  **throughput.end_step(elapsed, totals[2 * n + 1], runtime.world, stop - step - 1)}
         if runtime.main:
             records.append(record)
             log.write(json.dumps(record) + "\n")
@@ -402,6 +407,8 @@ def format_record(record: dict, steps: int) -> str:
     line = (f"step {record['step']}/{steps} | loss {record['loss']:.4f} ({tasks}) | lr {record['lr']:.2e} | "
             f"grad {record['grad_norm']:.3f} | {record['samples_per_s']:.1f} samples/s "
             f"{record['tokens_per_s']:.0f} tok/s | mem {record['memory_gb']:.1f} GB")
+    line += f" | {record['tflops']:.2f} TFLOP/s" + (f" mfu {100 * record['mfu']:.1f}%" if record["mfu"] else "")
+    line += f" | eta {format_duration(record['eta_s'])}"
     if record["skipped"]:
         line += " | skipped " + ", ".join(f"{reason} {n}" for reason, n in record["skipped"].items())
     return line

@@ -59,11 +59,12 @@ def gradient_sync(module: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
-    if runtime.world == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(tensor)
+def all_reduce_sum(values: list[float | torch.Tensor], runtime: Runtime) -> list[float]:
+    """The sums over the processes of Python numbers and 0-dim tensors on the device, read back in one copy: the
+    training loop's one wait for the accelerator per step."""
+    tensor = torch.stack([torch.as_tensor(v, device=runtime.device).to(torch.float64).reshape(()) for v in values])
+    if runtime.world > 1:
+        dist.all_reduce(tensor)
     return tensor.tolist()
 
 

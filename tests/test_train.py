@@ -108,6 +108,9 @@ def test_stage_learns_changes_only_its_parts_and_writes_an_official_checkpoint(s
     losses = [r["loss"] for r in records]
     assert len(losses) == 6 and losses[-1] < 0.95 * losses[0], losses
     assert set(records[0]["task_loss"]) == set(STAGES[stage].mix)
+    # speed: FLOPs counted on the first micro-batches, an ETA that reaches 0, no MFU on a CPU (no known peak)
+    assert all(r["tflops"] > 0 and r["mfu"] is None for r in records)
+    assert records[0]["eta_s"] > 0 and records[-1]["eta_s"] == 0
 
     step_dir = out / "step-00000006"
     assert (out / "latest").read_text().strip() == step_dir.name

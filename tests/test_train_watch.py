@@ -1,0 +1,59 @@
+"""Watching a run: the speed fields of the log line (ETA, FLOPs, MFU), validation losses and samples."""
+import pytest
+import torch
+from torch import nn
+
+from ovis_min import throughput
+from ovis_min.throughput import FlopCounter, Throughput, peak_flops
+
+
+def test_flops_count_the_forward_and_charge_the_backward_per_operand_needing_a_gradient():
+    layer = nn.Linear(8, 16)
+    x = torch.randn(4, 8)
+    matmul = 2 * 4 * 8 * 16
+    with FlopCounter() as counter:
+        layer(x)  # weight trained, input not: forward + the weight's gradient (+ the bias, counted as one more)
+    assert counter.flops == 3 * matmul
+    with torch.no_grad(), FlopCounter() as counter:
+        layer(x)
+    assert counter.flops == matmul
+    layer.requires_grad_(False)
+    with FlopCounter() as counter:
+        layer(x.requires_grad_())  # a frozen layer that gradients flow through: forward + the input's gradient
+    assert counter.flops == 2 * matmul
+
+
+def test_a_counted_forward_leaves_the_gradients_bit_identical():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    x = torch.randn(16, 8)
+
+    def grads(counting: bool) -> list[torch.Tensor]:
+        model.zero_grad()
+        with FlopCounter() if counting else torch.enable_grad():
+            loss = model(x).square().mean()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads(False), grads(True)))
+
+
+def test_eta_is_the_mean_of_recent_step_times_times_the_steps_left():
+    meter = Throughput(peak=2e12)
+    with meter.counting("t2i"):
+        nn.Linear(4, 4)(torch.randn(1, 4))
+    meter.micro_batch("t2i", tokens=1)
+    assert meter.flops_per_token["t2i"] == 3 * 2 * 16
+    first = meter.end_step(seconds=2.0, total_flops=4e12, world=2, steps_left=10)
+    assert first["eta_s"] == 20.0 and first["tflops"] == 1.0 and first["mfu"] == 0.5
+    for _ in range(throughput.RECENT_STEPS):
+        last = meter.end_step(seconds=1.0, total_flops=0.0, world=1, steps_left=3)
+    assert last["eta_s"] == 3.0  # the slow first step has left the window
+    assert Throughput(peak=None).end_step(1.0, 1e12, 1, 0)["mfu"] is None
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("Some Future GPU", None)])
+def test_peak_flops_by_device_name(monkeypatch, name, peak):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0), "bf16") == peak
+    assert peak_flops(torch.device("cpu"), "bf16") is None
