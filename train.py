@@ -83,6 +83,7 @@ from ovis_min.stages import (SCRATCH_STAGES, STAGES, enable_gradient_checkpointi
                              learning_rate, make_optimizer, set_trainable)
 from ovis_min.throughput import Throughput, format_duration, peak_flops  # noqa: E402
 from ovis_min.train_checkpoint import read_trainer_state, resolve_resume, restore, save, trim_log  # noqa: E402
+from ovis_min.validation import format_validation, load_held_out, validate  # noqa: E402
 
 ctrl_c_raises()
 
@@ -146,6 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="default: cuda if available")
     parser.add_argument("--overfit", type=whole_number(0), default=0, metavar="N", help="debugging: train on the first N rows "
                         "of each task over and over, with the same noise and timesteps (the loss must fall)")
+    watch = parser.add_argument_group("watching a run")
+    watch.add_argument("--val-data", type=Path, metavar="ROWS", help="held-out manifest (the --data format): its "
+                       "loss per task is logged every --val-every steps, with fixed seeds and no prompt/image drops")
+    watch.add_argument("--val-every", type=whole_number(1), metavar="N", help="steps between validations (default "
+                       "1000; needs --val-data)")
     return parser
 
 
@@ -194,7 +200,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path 
             parser.error(str(error))
     if args.device is not None:
         check_device(parser, args.device)
+    check_watch_flags(parser, args)
     return args, resume_dir, trainer_state
+
+
+def check_watch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.val_data is not None and not Path(args.val_data).is_file():
+        parser.error(f"--val-data {args.val_data}: no such file")
+    if args.val_every is not None and args.val_data is None:
+        parser.error("--val-every: give the held-out rows with --val-data ROWS")
 
 
 def check_device(parser: argparse.ArgumentParser, name: str) -> None:
@@ -217,6 +231,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.warmup = min(2000, max(1, args.steps // 50)) if args.warmup is None else args.warmup
     args.resolution = stage.resolution if args.resolution is None else args.resolution
     args.mix = args.mix or dict(stage.mix)
+    if args.val_data is not None:
+        args.val_every = args.val_every or 1000
     if args.resolution % 16:
         raise TrainError(f"--resolution {args.resolution} must be a multiple of 16 (8x VAE, then 2x2 packing)")
     if args.scratch and args.stage not in SCRATCH_STAGES:
@@ -291,6 +307,12 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
                           overfit=args.overfit, workers=args.workers)
     except (ValueError, FileNotFoundError) as error:
         raise TrainError(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None
+    held_out = None
+    if args.val_data is not None:
+        try:
+            held_out = load_held_out(Path(args.val_data), list(mixture.ratios), data_cfg, args.micro_batch)
+        except ValueError as error:
+            raise TrainError(str(error)) from None
 
     # The model: float32 master weights, the stage's parts trainable.
     model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device)
@@ -373,6 +395,14 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(format_record(record, args.steps), flush=True)
+
+        if held_out is not None and (step + 1) % args.val_every == 0:
+            record = {"step": step + 1, "val_loss": validate(step_module, held_out, runtime, autocast)}
+            if runtime.main:
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(format_validation(record), flush=True)
 
         last = step + 1 == stop
         if last or (step + 1) % args.save_every == 0:

@@ -108,6 +108,10 @@ BAD_INPUTS = [
     (["--resume", "{r}/corrupt"], ["trainer.pt"]),
     (["--resume", "{r}/random"], ["trainer.pt"]),
     (["--resume", "{r}/foreign"], ["trainer.pt"]),
+    (["--val-every", "10"], ["--val-every", "--val-data"]),
+    (["--val-every", "0", "--val-data", "{d}/good.jsonl"], ["--val-every"]),
+    (["--val-data", "{d}/missing.jsonl"], ["--val-data", "missing.jsonl"]),
+    (["--val-data", "{d}/missing-images.jsonl"], ["--val-data", "t2i"]),
 ]
 
 

@@ -1,10 +1,16 @@
 """Watching a run: the speed fields of the log line (ETA, FLOPs, MFU), validation losses and samples."""
+import json
+
 import pytest
 import torch
 from torch import nn
 
-from ovis_min import throughput
+import train
+from ovis_min import losses, throughput, validation
 from ovis_min.throughput import FlopCounter, Throughput, peak_flops
+from test_train import manifest, run  # noqa: F401  (manifest: the synthetic dataset fixture)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_flops_count_the_forward_and_charge_the_backward_per_operand_needing_a_gradient():
@@ -57,3 +63,41 @@ def test_peak_flops_by_device_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda", 0), "bf16") == peak
     assert peak_flops(torch.device("cpu"), "bf16") is None
+
+
+# -- in a run --------------------------------------------------------------------------------------------------
+
+def training_view(records: list[dict]) -> list[tuple]:
+    return [(r["step"], r["loss"], r["task_loss"], r["grad_norm"]) for r in records if "loss" in r]
+
+
+def test_validation_logs_each_tasks_held_out_loss_and_leaves_training_unchanged(ckpt, manifest, tmp_path,
+                                                                               monkeypatch):
+    forward, modes, rng_kept = losses.TrainStep.forward, [], []
+
+    def drawing_forward(self, batch):  # as a model with randomness would, validation draws from torch's generator
+        modes.append(self.training)
+        if not self.training:
+            torch.rand(1)
+        return forward(self, batch)
+
+    def checked_validate(*args, **kwargs):
+        before = torch.get_rng_state()
+        result = validation.validate(*args, **kwargs)
+        rng_kept.append(torch.equal(before, torch.get_rng_state()))
+        return result
+    monkeypatch.setattr(losses.TrainStep, "forward", drawing_forward)
+    monkeypatch.setattr(train, "validate", checked_validate)
+    common = ["--stage", 2, "--init", ckpt, "--data", manifest, "--steps", 3, "--batch", 4, "--micro-batch", 2,
+              "--lr", 1e-3]
+    plain = run([*common, "--out", tmp_path / "plain"])
+    watched = run([*common, "--out", tmp_path / "watched", "--val-data", manifest.parent / "split.jsonl",
+                   "--val-every", 1])
+    assert training_view(watched) == training_view(plain)
+    assert rng_kept == [True] * 3 and modes.count(True) == 2 * 2 * 3  # training forwards stay in train mode
+    validations = [r for r in watched if "val_loss" in r]
+    assert [r["step"] for r in validations] == [1, 2, 3]
+    assert all(set(r["val_loss"]) == {"understanding", "t2i", "edit"} for r in validations)
+    assert all(0 < loss < 100 for r in validations for loss in r["val_loss"].values())
+    logged = [json.loads(line) for line in (tmp_path / "watched" / "log.jsonl").read_text().splitlines()]
+    assert [r for r in logged if "val_loss" in r] == validations
