@@ -79,6 +79,7 @@ from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerpri
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
 from ovis_min.losses import TrainStep  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
+from ovis_min.samples import read_sample_prompts, write_samples  # noqa: E402
 from ovis_min.stages import (SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
                              learning_rate, make_optimizer, set_trainable)
 from ovis_min.throughput import Throughput, format_duration, peak_flops  # noqa: E402
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "loss per task is logged every --val-every steps, with fixed seeds and no prompt/image drops")
     watch.add_argument("--val-every", type=whole_number(1), metavar="N", help="steps between validations (default "
                        "1000; needs --val-data)")
+    watch.add_argument("--sample-prompts", type=Path, metavar="FILE", help="JSONL of captions, edits and questions "
+                       "(format in ovis_min/samples.py) sampled with fixed seeds every --sample-every steps into "
+                       "OUT/samples/step-NNNNNNNN/")
+    watch.add_argument("--sample-every", type=whole_number(1), metavar="N", help="steps between samples (default "
+                       "1000; needs --sample-prompts)")
     return parser
 
 
@@ -209,6 +215,10 @@ def check_watch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--val-data {args.val_data}: no such file")
     if args.val_every is not None and args.val_data is None:
         parser.error("--val-every: give the held-out rows with --val-data ROWS")
+    if args.sample_prompts is not None and not Path(args.sample_prompts).is_file():
+        parser.error(f"--sample-prompts {args.sample_prompts}: no such file")
+    if args.sample_every is not None and args.sample_prompts is None:
+        parser.error("--sample-every: give the prompts with --sample-prompts FILE")
 
 
 def check_device(parser: argparse.ArgumentParser, name: str) -> None:
@@ -233,6 +243,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.mix = args.mix or dict(stage.mix)
     if args.val_data is not None:
         args.val_every = args.val_every or 1000
+    if args.sample_prompts is not None:
+        args.sample_every = args.sample_every or 1000
     if args.resolution % 16:
         raise TrainError(f"--resolution {args.resolution} must be a multiple of 16 (8x VAE, then 2x2 packing)")
     if args.scratch and args.stage not in SCRATCH_STAGES:
@@ -311,6 +323,12 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     if args.val_data is not None:
         try:
             held_out = load_held_out(Path(args.val_data), list(mixture.ratios), data_cfg, args.micro_batch)
+        except ValueError as error:
+            raise TrainError(str(error)) from None
+    sample_prompts = None
+    if args.sample_prompts is not None:
+        try:
+            sample_prompts = read_sample_prompts(Path(args.sample_prompts), list(mixture.ratios))
         except ValueError as error:
             raise TrainError(str(error)) from None
 
@@ -403,6 +421,12 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(format_validation(record), flush=True)
+        if sample_prompts is not None and (step + 1) % args.sample_every == 0:
+            # from the EMA once there is one: pass its weights by parameter name as `weights`
+            write_samples(model, data_cfg.tokenizer, sample_prompts,
+                          out / "samples" / f"step-{step + 1:08d}" if runtime.main else None, args.resolution,
+                          runtime.device, autocast, fsdp_root=wrapped if parallel == "fsdp" and runtime.world > 1
+                          else None)
 
         last = step + 1 == stop
         if last or (step + 1) % args.save_every == 0:

@@ -202,12 +202,23 @@ def test_two_processes_ddp_keep_identical_replicas(ckpt, manifest, tmp_path):
 
 
 def test_two_processes_fsdp_for_the_llm_stage(ckpt, manifest, tmp_path):
+    """With validation on 3 rows (one process evaluates a padding batch) and sampled answers, both of which
+    gather the sharded weights in step on both processes."""
     out = tmp_path / "fsdp"
+    lines = manifest.read_text().splitlines()
+    (tmp_path / "val.jsonl").write_text("\n".join([lines[0], lines[2], lines[16]]) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"question": "What is it?", "image": str(manifest.parent /
+                                                        "red_square.png"), "max_new_tokens": 3}) + "\n")
     torchrun(["--stage", 3, "--init", ckpt, "--data", manifest.parent / "split.jsonl", "--out", out, "--steps", 2,
-              "--batch", 4, "--micro-batch", 1, "--lr", 1e-3, "--overfit", 2], tmp_path)
+              "--batch", 4, "--micro-batch", 1, "--lr", 1e-3, "--overfit", 2, "--val-data", tmp_path / "val.jsonl",
+              "--val-every", 2, "--sample-prompts", tmp_path / "prompts.jsonl", "--sample-every", 2], tmp_path)
     before, after = state(ckpt), state(out / "step-00000002")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {n for n in before if n.startswith(TRAINED[3]) and not n.startswith(UNUSED)}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], set(r["val_loss"])) for r in log if "val_loss" in r] == [(2, {"understanding"})]
+    answer, = json.loads((out / "samples" / "step-00000002" / "samples.json").read_text())
+    assert isinstance(answer["answer"], str)
 
 
 # -- the loss pieces -------------------------------------------------------------------------------------------

@@ -112,6 +112,10 @@ BAD_INPUTS = [
     (["--val-every", "0", "--val-data", "{d}/good.jsonl"], ["--val-every"]),
     (["--val-data", "{d}/missing.jsonl"], ["--val-data", "missing.jsonl"]),
     (["--val-data", "{d}/missing-images.jsonl"], ["--val-data", "t2i"]),
+    (["--sample-every", "10"], ["--sample-every", "--sample-prompts"]),
+    (["--sample-prompts", "{d}/missing.jsonl"], ["--sample-prompts", "missing.jsonl"]),
+    (["--sample-prompts", "{d}/not-json.jsonl"], ["--sample-prompts", "line 1"]),
+    (["--sample-prompts", "{d}/markers.jsonl"], ["--sample-prompts", "caption"]),
 ]
 
 

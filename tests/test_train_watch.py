@@ -1,12 +1,17 @@
 """Watching a run: the speed fields of the log line (ETA, FLOPs, MFU), validation losses and samples."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import train
 from ovis_min import losses, throughput, validation
+from ovis_min.checkpoint import load_model
+from ovis_min.prompt import Tokenizer
+from ovis_min.samples import read_sample_prompts, write_samples
 from ovis_min.throughput import FlopCounter, Throughput, peak_flops
 from test_train import manifest, run  # noqa: F401  (manifest: the synthetic dataset fixture)
 
@@ -101,3 +106,44 @@ def test_validation_logs_each_tasks_held_out_loss_and_leaves_training_unchanged(
     assert all(0 < loss < 100 for r in validations for loss in r["val_loss"].values())
     logged = [json.loads(line) for line in (tmp_path / "watched" / "log.jsonl").read_text().splitlines()]
     assert [r for r in logged if "val_loss" in r] == validations
+
+
+def write_prompts(folder: Path) -> Path:
+    rows = [{"caption": "a red square", "steps": 2}, {"source": "red_square.png", "instruction": "make it blue",
+                                                      "steps": 2, "seed": 7},
+            {"question": "What is in the image?", "image": "blue_circle.png", "max_new_tokens": 4}]
+    path = folder / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_samples_are_written_under_the_run_with_fixed_seeds(ckpt, manifest, tmp_path):
+    prompts = write_prompts(manifest.parent)
+    records = run(["--stage", 1, "--init", ckpt, "--data", manifest, "--out", tmp_path, "--steps", 2, "--batch", 1,
+                   "--micro-batch", 1, "--sample-prompts", prompts, "--sample-every", 2])
+    assert len(records) == 2
+    folder = tmp_path / "samples" / "step-00000002"
+    listing = json.loads((folder / "samples.json").read_text())
+    assert [e["task"] for e in listing] == ["t2i", "edit", "understanding"]
+    assert listing[1]["seed"] == 7 and isinstance(listing[2]["answer"], str)
+    for entry in listing[:2]:
+        assert Image.open(folder / entry["image"]).size == (32, 32)
+    assert sorted(p.name for p in folder.iterdir()) == ["00-t2i.png", "01-edit.png", "samples.json"]  # no leftovers
+    assert not (tmp_path / "samples" / "step-00000001").exists()
+
+
+def test_sampling_uses_the_weights_it_is_given_and_gives_the_models_own_back(ckpt, manifest):
+    loaded = load_model(ckpt, dtype=torch.float32)
+    model, tokenizer = loaded.model.train(), Tokenizer(ckpt)
+    prompts = read_sample_prompts(write_prompts(manifest.parent), ["t2i"])
+    own = {name: p.detach().clone() for name, p in model.named_parameters()}
+    decoder = "visual_generator.backbone.final_layer.linear.bias"
+    shifted = {decoder: own[decoder] + 0.5}  # as an EMA of the decoder would be
+    cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+
+    def image(weights) -> bytes:
+        write_samples(model, tokenizer, prompts, manifest.parent / "s", 32, cpu, off, weights=weights)
+        return (manifest.parent / "s" / "00-t2i.png").read_bytes()
+    plain, again, with_shift = image(None), image(None), image(shifted)
+    assert plain == again != with_shift
+    assert model.training and all(torch.equal(p, own[name]) for name, p in model.named_parameters())
