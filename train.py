@@ -82,6 +82,7 @@ from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.samples import read_sample_prompts, write_samples  # noqa: E402
 from ovis_min.stages import (SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
                              learning_rate, make_optimizer, set_trainable)
+from ovis_min.stages import DEFAULT_MICRO_BATCH, apply_memory_policy, uses_generator  # noqa: E402
 from ovis_min.throughput import Throughput, format_duration, peak_flops  # noqa: E402
 from ovis_min.train_checkpoint import read_trainer_state, resolve_resume, restore, save, trim_log  # noqa: E402
 from ovis_min.validation import format_validation, load_held_out, validate  # noqa: E402
@@ -113,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=whole_number(1), help="optimizer steps (default: the stage's)")
     parser.add_argument("--batch", type=whole_number(1), help="samples per optimizer step over all processes (default: the "
                         "stage's)")
-    parser.add_argument("--micro-batch", type=whole_number(1), default=4, help="samples per forward pass per process "
-                        "(default 4)")
+    parser.add_argument("--micro-batch", type=whole_number(1), default=DEFAULT_MICRO_BATCH, help="samples per "
+                        "forward pass per process (default %(default)s)")
     parser.add_argument("--lr", type=real(0, open_low=True), help="peak learning rate (default: the stage's)")
     parser.add_argument("--min-lr", type=real(0), help="final learning rate of the cosine (default lr/10)")
     parser.add_argument("--warmup", type=whole_number(1), help="linear warmup steps (default 2%% of steps, at least 1, at most "
@@ -132,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.05)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast dtype (default bf16 on GPU, "
                         "fp32 on CPU); weights and optimizer state are float32 either way")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in the "
-                        "backward pass (less memory, ~30%% more compute)")
+    parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute block "
+                        "activations in the backward pass (less memory, ~30%% more compute; default: on for "
+                        "stages 2, 3 and 5, whose activations would not fit an 80 GB GPU otherwise, see README)")
     parser.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
     parser.add_argument("--save-every", type=whole_number(1), default=1000, help="steps between checkpoints (and at the end; "
@@ -241,6 +243,7 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.warmup = min(2000, max(1, args.steps // 50)) if args.warmup is None else args.warmup
     args.resolution = stage.resolution if args.resolution is None else args.resolution
     args.mix = args.mix or dict(stage.mix)
+    args.grad_checkpointing = stage.grad_checkpointing if args.grad_checkpointing is None else args.grad_checkpointing
     if args.val_data is not None:
         args.val_every = args.val_every or 1000
     if args.sample_prompts is not None:
@@ -343,12 +346,13 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         else:
             init_adapter_(model)
     torch.manual_seed(args.seed + runtime.rank)
+    apply_memory_policy(model, mixture.ratios, precision)
     if args.grad_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     step_module = TrainStep(model)
     parallel = args.parallel if args.parallel != "auto" else "fsdp" if "llm." in stage.trains else "ddp"
-    wrapped = wrap(step_module, runtime, parallel)
+    wrapped = wrap(step_module, runtime, parallel, precision, uses_generator(mixture.ratios))
     optimizer = make_optimizer(step_module, args)
 
     start = 0

@@ -1,0 +1,109 @@
+"""The memory policy: frozen parts in bf16 in bf16 runs, FSDP2 shard groups and mixed precision, the generator
+left out of what an understanding-only run shards, and the README's per-stage memory estimate."""
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+import train
+from ovis_min import memory
+from ovis_min.checkpoint import load_model
+from ovis_min.distributed import Runtime, wrap
+from ovis_min.losses import TrainStep
+from ovis_min.stages import STAGES, apply_memory_policy, set_trainable, uses_generator
+from test_train import manifest, run  # noqa: F401  (manifest: the synthetic dataset fixture)
+from test_train_watch import write_prompts
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_frozen_parts_are_stored_in_bf16_only_when_the_run_computes_in_bf16(ckpt, precision):
+    model = load_model(ckpt, dtype=torch.float32).model
+    trained = set(set_trainable(model, 1))
+    apply_memory_policy(model, STAGES[1].mix, precision)
+    frozen = torch.bfloat16 if precision == "bf16" else torch.float32
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if name in trained else frozen), name
+
+
+def test_only_stages_with_generation_tasks_use_the_decoder_and_vae():
+    assert [s for s, spec in STAGES.items() if not uses_generator(spec.mix)] == [3]
+    assert not uses_generator({"understanding": 1, "t2i": 0})
+
+
+def shard_worker(rank: int, ckpt: str, init_file: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    report = {}
+    for stage in (1, 3):
+        model = load_model(ckpt, dtype=torch.float32).model
+        set_trainable(model, stage)
+        apply_memory_policy(model, STAGES[stage].mix, "bf16")
+        step_module = wrap(TrainStep(model), Runtime(rank, 2, torch.device("cpu")), "fsdp", "bf16",
+                           uses_generator(STAGES[stage].mix))
+        decoder, vae = model.visual_generator.backbone, model.visual_generator.vae
+        policy = lambda module: module._get_fsdp_state()._mp_policy  # noqa: E731
+        report[stage] = {
+            "llm_block_sharded": all(isinstance(p, DTensor) for p in model.llm.model.layers[0].parameters()),
+            "vit_block_sharded": all(isinstance(p, DTensor)
+                                     for p in model.visual_tokenizer.backbone.trunk.blocks[0].parameters()),
+            "decoder_blocks_sharded": [isinstance(p, DTensor) for block in [*decoder.double_blocks,
+                                                                             *decoder.single_blocks]
+                                       for p in block.parameters()],
+            "decoder_dtypes": sorted({str(p.dtype) for p in decoder.parameters()}),
+            "vae_whole": not any(isinstance(p, DTensor) for p in vae.parameters()),
+            "root": [str(policy(step_module).param_dtype), str(policy(step_module).reduce_dtype)],
+            "frozen_llm_block": [str(policy(model.llm.model.layers[0]).param_dtype),
+                                 str(policy(model.llm.model.layers[0]).reduce_dtype)],
+        }
+    Path(out, f"rank{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def test_fsdp_shards_every_block_with_bf16_weights_and_float32_gradient_reduction(ckpt, tmp_path):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(shard_worker, args=(str(ckpt), str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        report = {int(k): v for k, v in json.loads((tmp_path / f"rank{rank}.json").read_text()).items()}
+        for stage in (1, 3):
+            assert report[stage]["llm_block_sharded"] and report[stage]["vit_block_sharded"]
+            assert report[stage]["vae_whole"]
+            assert report[stage]["root"] == ["torch.bfloat16", "torch.float32"]  # the root holds trained weights
+        assert report[1]["frozen_llm_block"] == ["torch.bfloat16", "None"]  # nothing to reduce
+        assert report[3]["frozen_llm_block"] == ["torch.bfloat16", "torch.float32"]  # stage 3 trains the LLM
+        assert all(report[1]["decoder_blocks_sharded"])  # stage 1 runs the (frozen) decoder
+        assert not any(report[3]["decoder_blocks_sharded"])  # stage 3 never does: left out, in CPU memory
+        assert report[1]["decoder_dtypes"] == report[3]["decoder_dtypes"] == ["torch.bfloat16"]
+
+
+def test_a_bf16_run_with_frozen_parts_in_bf16_trains_validates_and_samples(ckpt, manifest, tmp_path):
+    """Stage 1 mixes every task: float32 adapter weights meet the bf16 LLM, decoder and VAE everywhere."""
+    records = run(["--stage", 1, "--init", ckpt, "--data", manifest, "--out", tmp_path, "--steps", 2, "--batch", 3,
+                   "--micro-batch", 1, "--precision", "bf16", "--val-data", manifest.parent / "split.jsonl",
+                   "--val-every", 2, "--sample-prompts", write_prompts(manifest.parent), "--sample-every", 2])
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    validation, = [r for r in records if "val_loss" in r]
+    assert set(validation["val_loss"]) == {"understanding", "t2i", "edit"}
+    listing = json.loads((tmp_path / "samples" / "step-00000002" / "samples.json").read_text())
+    assert [e["task"] for e in listing] == ["t2i", "edit", "understanding"]
+
+
+@pytest.mark.parametrize("stage, flags, expected", [(0, [], False), (2, [], True), (3, [], True), (5, [], True),
+                                                    (3, ["--no-grad-checkpointing"], False),
+                                                    (0, ["--grad-checkpointing"], True)])
+def test_gradient_checkpointing_defaults_to_the_stage_and_the_flag_wins(ckpt, manifest, tmp_path, stage, flags,
+                                                                        expected):
+    args, _, _ = train.parse_args([str(a) for a in ["--stage", stage, "--init", ckpt, "--data", manifest, "--out",
+                                                    tmp_path, *flags]])
+    train.fill_defaults(args)
+    assert args.grad_checkpointing is expected
