@@ -20,6 +20,7 @@ micro-batch holds one task, so a stage needs the most demanding of its tasks. Th
 assumptions, written below; allocator fragmentation, CUDA context (~0.5-1 GB) and temporary buffers are not
 counted. These are estimates, not measurements.
 """
+import functools
 from dataclasses import dataclass
 
 from .checkpoint import build_model
@@ -94,10 +95,16 @@ def activation_bytes(task: str, stage: int, micro_batch: int, checkpointing: boo
     return micro_batch * kept
 
 
+@functools.cache
+def full_size_model():
+    """Shapes only (the meta device); set_trainable marks each stage's parts on it in turn."""
+    return build_model(OvisConfig())
+
+
 def estimate(stage: int, checkpointing: bool | None = None, processes: int = PROCESSES,
              micro_batch: int = DEFAULT_MICRO_BATCH, ema: bool = True) -> Estimate:
     config = OvisConfig()
-    model = build_model(config)
+    model = full_size_model()
     trained = set(set_trainable(model, stage))
     checkpointing = STAGES[stage].grad_checkpointing if checkpointing is None else checkpointing
     fsdp = any(name.startswith("llm.") for name in trained)  # --parallel auto

@@ -3,7 +3,6 @@ left out of what an understanding-only run shards, and the README's per-stage me
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +106,20 @@ def test_gradient_checkpointing_defaults_to_the_stage_and_the_flag_wins(ckpt, ma
                                                     tmp_path, *flags]])
     train.fill_defaults(args)
     assert args.grad_checkpointing is expected
+
+
+def test_the_readme_quotes_the_memory_estimate_and_the_checkpointing_defaults_follow_it():
+    readme = (ROOT / "README.md").read_text()
+    assert memory.table() in readme
+    for stage, spec in STAGES.items():
+        without = memory.estimate(stage, checkpointing=False).total
+        assert spec.grad_checkpointing == (without > memory.CHECKPOINTING_ABOVE * memory.GPU_BYTES), stage
+        assert memory.estimate(stage, checkpointing=True).activations < memory.estimate(stage, False).activations
+
+
+def test_the_estimate_counts_what_each_stage_trains():
+    """Stage 3 trains the LLM, encoder and adapter (2.4B parameters) under FSDP over 8 GPUs: its AdamW state per
+    GPU is 8 bytes x 2.43B / 8; stage 0 trains the decoder (1.13B) under DDP: whole on every GPU."""
+    assert memory.estimate(3).optimizer == pytest.approx(8 * 2.433e9 / 8, rel=0.01)
+    assert memory.estimate(0).optimizer == pytest.approx(8 * 1.127e9, rel=0.01)
+    assert memory.estimate(0, ema=False).ema == 0

@@ -147,3 +147,28 @@ def test_sampling_uses_the_weights_it_is_given_and_gives_the_models_own_back(ckp
     plain, again, with_shift = image(None), image(None), image(shifted)
     assert plain == again != with_shift
     assert model.training and all(torch.equal(p, own[name]) for name, p in model.named_parameters())
+
+
+def test_help_documents_the_new_flags_with_examples(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    examples = text[text.index("Examples"):text.index("options:")]
+    for flag in ("--val-data", "--val-every", "--sample-prompts", "--sample-every", "--grad-checkpointing",
+                 "--no-grad-checkpointing"):
+        assert text.count(flag) >= 2 and flag in examples, flag  # in the examples and in the options list
+    for needle in ("ETA", "MFU", "OUT/samples/step-NNNNNNNN", '"caption"', '"question"', '"instruction"'):
+        assert needle in text, needle
+
+
+def test_on_resume_a_flag_given_wins_over_the_saved_value_even_when_it_is_the_default(ckpt, manifest, tmp_path):
+    run(["--stage", 2, "--init", ckpt, "--data", manifest, "--out", tmp_path, "--steps", 2, "--stop-after", 1,
+         "--batch", 2, "--micro-batch", 2, "--no-grad-checkpointing", "--val-data", manifest, "--val-every", 5])
+
+    def resumed(*flags) -> dict:
+        args, _, _ = train.parse_args(["--resume", str(tmp_path), *flags])
+        train.fill_defaults(args)
+        return {k: vars(args)[k] for k in ("micro_batch", "grad_checkpointing", "val_every")}
+    assert resumed() == {"micro_batch": 2, "grad_checkpointing": False, "val_every": 5}
+    assert resumed("--micro-batch", "4", "--grad-checkpointing", "--val-every", "1000") == {
+        "micro_batch": 4, "grad_checkpointing": True, "val_every": 1000}  # 4 and 1000 are the defaults
