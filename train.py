@@ -444,7 +444,6 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
                 log.flush()
                 print(format_validation(record), flush=True)
         if sample_prompts is not None and (step + 1) % args.sample_every == 0:
-            # from the EMA once there is one: pass its weights by parameter name as `weights`
             write_samples(model, data_cfg.tokenizer, sample_prompts,
                           out / "samples" / f"step-{step + 1:08d}" if runtime.main else None, args.resolution,
                           runtime.device, autocast, fsdp_root=wrapped if parallel == "fsdp" and runtime.world > 1

@@ -58,10 +58,12 @@ def read_sample_prompts(path: Path, tasks: list[str]) -> list[SamplePrompt]:
         if len(kinds) != 1 or not isinstance(row[KEYS[kinds[0]]], str):
             raise ValueError(f"{where}: give one of {', '.join(map(repr, KEYS.values()))} as a string")
         task = kinds[0]
-        names = [row["source"]] if task == "edit" and "source" in row else row.get("images", [row["image"]]
-                                                                                   if "image" in row else [])
-        if task == "edit" and "source" not in row:
-            raise ValueError(f"{where}: an edit needs its 'source' image")
+        if task == "edit":
+            if "source" not in row:
+                raise ValueError(f"{where}: an edit needs its 'source' image")
+            names = [row["source"]]
+        else:
+            names = row.get("images", [row["image"]] if "image" in row else [])
         try:
             images = [load_image(Path(path).parent / name) for name in names]
         except (ImageError, OSError, TypeError) as error:

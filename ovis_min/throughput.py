@@ -11,14 +11,15 @@ model's FLOPs, not the hardware's. A task's later micro-batches are charged its 
 since their lengths vary.
 
 MFU divides the achieved FLOP/s by the accelerator's dense peak from PEAK_TFLOPS; a CPU or an accelerator missing
-from the table has no MFU, only the achieved TFLOP/s.
+from the table has no MFU, only the achieved TFLOP/s. A step's time runs from its first micro-batch to its logged
+losses: validation, samples and checkpoints are left out of it (and of the ETA).
 """
 import collections
 import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import flop_registry
 
 # Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets: bf16 on tensor cores, and plain fp32
 # (float32 matmuls do not use TF32 unless torch is told to). Matched in order against torch's device name, so a
@@ -51,7 +52,6 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 class FlopCounter(TorchDispatchMode):
     """Counts the FLOPs of the operations run under it, forward and (as estimated above) backward."""
-    formulas = FlopCounterMode(display=False).flop_registry  # op -> FLOP formula
 
     def __init__(self):
         super().__init__()
@@ -60,7 +60,7 @@ class FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        formula = self.formulas.get(func._overloadpacket)
+        formula = flop_registry.get(func._overloadpacket)  # FlopCounterMode's formulas, by op
         if formula is not None:
             forward = formula(*args, **kwargs, out_val=result)
             needs_grad = sum(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
