@@ -18,14 +18,29 @@ only its float32 input (4h bytes per token) and one block at a time is recompute
 logits (bf16, their float32 copy and its gradient) for SUPERVISED_TOKENS answer tokens a sample. A step's
 micro-batch holds one task, so a stage needs the most demanding of its tasks. The sample sizes are upper-end
 assumptions, written below; allocator fragmentation, CUDA context (~0.5-1 GB) and temporary buffers are not
-counted. These are estimates, not measurements.
+counted. These are estimates, not measurements: `python -m ovis_min.memory --measure STAGE... --tokenizer DIR`
+measures them on one GPU (random full-size weights, the same sample sizes, two optimizer steps with an EMA) next to
+the estimate for one process.
 """
+import argparse
 import functools
+import math
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
 
 from .checkpoint import build_model
 from .config import OvisConfig
-from .stages import DEFAULT_MICRO_BATCH, STAGES, set_trainable, uses_generator
+from .data import DataConfig, SkipRow, collate, edit_example, t2i_example, understanding_example
+from .losses import TrainStep
+from .model import OvisU1
+from .prompt import Tokenizer
+from .stages import (DEFAULT_MICRO_BATCH, STAGES, apply_memory_policy, enable_gradient_checkpointing,
+                     make_optimizer, set_trainable, uses_generator)
 
 PROCESSES = 8
 GPU_BYTES = 80e9  # the GPUs the table is written for (H100/A100 80 GB)
@@ -107,7 +122,7 @@ def estimate(stage: int, checkpointing: bool | None = None, processes: int = PRO
     model = full_size_model()
     trained = set(set_trainable(model, stage))
     checkpointing = STAGES[stage].grad_checkpointing if checkpointing is None else checkpointing
-    fsdp = any(name.startswith("llm.") for name in trained)  # --parallel auto
+    fsdp = processes > 1 and any(name.startswith("llm.") for name in trained)  # --parallel auto
     on_gpu = {name: p.numel() for name, p in model.named_parameters()
               if uses_generator(STAGES[stage].mix) or not name.startswith("visual_generator.")}
     n_trained = sum(n for name, n in on_gpu.items() if name in trained)
@@ -145,5 +160,110 @@ def table() -> str:
     return "\n".join(lines)
 
 
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def assumed_examples(task: str, stage: int, count: int, cfg: DataConfig, folder: Path) -> list:
+    """`count` examples of the sizes the estimate assumes: the longest understanding prompt with one image at the
+    largest size and SUPERVISED_TOKENS answer tokens; a PROMPT_TOKENS caption or instruction at the resolution."""
+    size = cfg.resolution
+    per_word = len(cfg.tokenizer.encode(" word" * 64)) / 64
+
+    def text(tokens: int) -> str:
+        return " ".join(["word"] * math.ceil(tokens / per_word))
+    for seed in range(2):
+        random_image(size, size, seed).save(folder / f"{seed}.png")
+    if task != "understanding":
+        caption = text(PROMPT_TOKENS)
+        if task == "t2i":
+            return [t2i_example({"image": "0.png", "caption": caption}, folder, i, cfg) for i in range(count)]
+        row = {"source": "0.png", "instruction": caption, "target": "1.png"}
+        return [edit_example(row, folder, i, cfg) for i in range(count)]
+    side = int(cfg.preprocess.max_pixels ** 0.5)
+    random_image(side, side, 2).save(folder / "large.png")
+    answer = text(SUPERVISED_TOKENS)
+
+    def examples(question_words: int) -> list | None:
+        row = {"images": ["large.png"], "conversations": [
+            {"from": "human", "value": "<image>\n" + " ".join(["word"] * question_words)},
+            {"from": "gpt", "value": answer}]}
+        try:
+            return [understanding_example(row, folder, i, cfg) for i in range(count)]
+        except SkipRow:  # too long
+            return None
+    low, high = 0, cfg.max_length  # the longest question that fits: examples(low) fits, examples(high) not
+    if examples(low) is None:
+        raise ValueError("no understanding prompt fits the model's multimodal_max_length")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if examples(middle) is not None else (low, middle)
+    return examples(low)
+
+
+def measure(stage: int, tokenizer_dir: Path, device: torch.device, folder: Path, config: OvisConfig | None = None,
+            micro_batch: int = DEFAULT_MICRO_BATCH, steps: int = 2) -> dict:
+    """Peak allocated memory (bytes; None off CUDA) of `steps` bf16 optimizer steps per task of the stage on one
+    device, with random weights of `config` (default: full size) and an EMA, as train.py runs them."""
+    config = config or OvisConfig()
+    with torch.device(device):
+        model = OvisU1(config)
+    trained = set(set_trainable(model, stage))
+    spec = STAGES[stage]
+    apply_memory_policy(model, spec.mix, "bf16")
+    if spec.grad_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    step_module = TrainStep(model)
+    args = SimpleNamespace(weight_decay=0.01, lr=1e-5, beta1=0.9, beta2=0.95)
+    optimizer = make_optimizer(step_module, args)
+    params = [p for name, p in model.named_parameters() if name in trained]
+    ema = [p.detach().clone() for p in params]
+    cfg = DataConfig(Tokenizer(tokenizer_dir), config.preprocess, config.multimodal_max_length, spec.resolution,
+                     drop_prompt=0.0, drop_image=0.0)
+    peaks = {}
+    for task, ratio in spec.mix.items():
+        if not ratio:
+            continue
+        batch = collate(assumed_examples(task, stage, micro_batch, cfg, folder), cfg.tokenizer.pad_token_id)
+        batch = batch.to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(steps):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss, _ = step_module(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, params, 1e-3)
+        peaks[task] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {"stage": stage, "peak_bytes": peaks, "estimate_bytes": estimate(stage, processes=1,
+                                                                            micro_batch=micro_batch).total}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="The README's estimated memory table, or (--measure) the peak "
+                                     "memory of full-size steps with random weights on one GPU")
+    parser.add_argument("--measure", type=int, nargs="+", choices=sorted(STAGES), metavar="STAGE")
+    parser.add_argument("--tokenizer", type=Path, help="a checkpoint directory with the tokenizer (--measure)")
+    parser.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH)
+    parser.add_argument("--work", type=Path, default=Path("memory-images"), help="folder for the sample images")
+    args = parser.parse_args()
+    if not args.measure:
+        print(table())
+        return
+    if args.tokenizer is None or not torch.cuda.is_available():
+        parser.error("--measure needs a CUDA GPU and --tokenizer DIR")
+    args.work.mkdir(parents=True, exist_ok=True)
+    for stage in args.measure:
+        result = measure(stage, args.tokenizer, torch.device("cuda"), args.work, micro_batch=args.micro_batch)
+        peaks = ", ".join(f"{task} {peak / 1e9:.1f}" for task, peak in result["peak_bytes"].items())
+        print(f"stage {stage}: measured peak GB {peaks}; estimated for one GPU {result['estimate_bytes'] / 1e9:.1f}",
+              flush=True)
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    print(table())
+    main()

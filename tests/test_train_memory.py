@@ -3,6 +3,7 @@ left out of what an understanding-only run shards, and the README's per-stage me
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,12 @@ from torch.distributed.tensor import DTensor
 import train
 from ovis_min import memory
 from ovis_min.checkpoint import load_model
+from ovis_min.data import DataConfig
 from ovis_min.distributed import Runtime, wrap
 from ovis_min.losses import TrainStep
+from ovis_min.prompt import Tokenizer
 from ovis_min.stages import STAGES, apply_memory_policy, set_trainable, uses_generator
+from ovis_min.tiny import tiny_config
 from test_train import manifest, run  # noqa: F401  (manifest: the synthetic dataset fixture)
 from test_train_watch import write_prompts
 
@@ -123,3 +127,16 @@ def test_the_estimate_counts_what_each_stage_trains():
     assert memory.estimate(3).optimizer == pytest.approx(8 * 2.433e9 / 8, rel=0.01)
     assert memory.estimate(0).optimizer == pytest.approx(8 * 1.127e9, rel=0.01)
     assert memory.estimate(0, ema=False).ema == 0
+
+
+def test_the_measurement_runs_a_stages_steps_at_the_assumed_sizes(ckpt, tmp_path):
+    """On a GPU this measures the full-size model; here the tiny one goes through the same steps."""
+    short = replace(tiny_config(), multimodal_max_length=memory.SUPERVISED_TOKENS + 128)  # fast on a CPU
+    result = memory.measure(3, ckpt, torch.device("cpu"), tmp_path, config=short, micro_batch=1, steps=1)
+    assert set(result["peak_bytes"]) == {"understanding"}
+    assert result["estimate_bytes"] == memory.estimate(3, processes=1, micro_batch=1).total
+    cfg = DataConfig(Tokenizer(ckpt), tiny_config().preprocess, tiny_config().multimodal_max_length, 32)
+    longest, = memory.assumed_examples("understanding", 3, 1, cfg, tmp_path)
+    assert (longest.labels != -100).sum() >= memory.SUPERVISED_TOKENS
+    edit, = memory.assumed_examples("edit", 5, 1, cfg, tmp_path)
+    assert edit.source.shape[-1] == edit.target.shape[-1] == 32
