@@ -73,14 +73,32 @@ Distributed: torchrun --nproc_per_node N train.py ... runs DDP, or FSDP2 (fully_
   which trains the LLM. Gradient accumulation = batch / (micro-batch x processes). bf16 autocast on GPU
   (fp32 master weights), fp32 on CPU.
 
+Memory: under bf16, frozen weights are stored in bf16 and FSDP gathers weights in bf16 and reduces gradients in
+  float32; --parallel fsdp shards the decoder's blocks too; a run without generation tasks (stage 3) keeps the
+  decoder and VAE in CPU memory. Gradient checkpointing is on by default for stages 2, 3 and 5
+  (--no-grad-checkpointing turns it off). The README has a per-stage memory estimate at full size.
+
+Watching a run: each step's line has the loss per task, speed, an ETA (mean of the last 20 steps) and the
+  achieved TFLOP/s with the MFU against the GPU's bf16/fp32 peak (FLOPs counted on each task's first micro-batch;
+  no MFU on CPU). --val-data ROWS --val-every N logs the loss per task on held-out rows (fixed seeds, no drops);
+  --sample-prompts FILE --sample-every N writes fixed-seed images and answers to OUT/samples/step-NNNNNNNN/. A
+  prompts file is JSON lines: {"caption": ...}, {"source": "a.jpg", "instruction": ...} or {"question": ...,
+  "image": "a.jpg"}, each optionally with "seed", "steps" (default 30) and "max_new_tokens" (default 64).
+
 Examples (CKPT = the official checkpoint directory, e.g. from `python weights.py download --dir CKPT`;
-RUN = torchrun --nproc_per_node 8 train.py; U, T, E = understanding, T2I and editing manifests):
-  RUN --stage 0 --init CKPT --scratch --data T --out runs/s0
-  RUN --stage 1 --init runs/s0 --scratch --data U --data T --data E --out runs/s1
-  RUN --stage 2 --init runs/s1 --data U --data T --data E --out runs/s2
-  RUN --stage 3 --init runs/s2 --data U --grad-checkpointing --out runs/s3
-  RUN --stage 4 --init runs/s3 --data T --resolution 1024 --out runs/s4
-  RUN --stage 5 --init runs/s4 --data T --data E --out runs/s5
+RUN = torchrun --nproc_per_node 8 train.py; U, T, E = understanding, T2I and editing manifests, HELD = held-out
+rows of the stage's tasks, P = sample prompts):
+  RUN --stage 0 --init CKPT --scratch --data T --out runs/s0 --val-data HELD --val-every 2000 \\
+      --sample-prompts P --sample-every 5000
+  RUN --stage 1 --init runs/s0 --scratch --data U --data T --data E --out runs/s1 --val-data HELD --val-every 100 \\
+      --sample-prompts P --sample-every 250
+  RUN --stage 2 --init runs/s1 --data U --data T --data E --out runs/s2 --val-data HELD --val-every 100
+  RUN --stage 3 --init runs/s2 --data U --out runs/s3 --val-data HELD --val-every 1000 --sample-prompts P \\
+      --sample-every 1000                            # checkpointing is on by default here
+  RUN --stage 4 --init runs/s3 --data T --resolution 1024 --out runs/s4 --parallel fsdp --grad-checkpointing \\
+      --sample-prompts P --sample-every 5000         # the decoder sharded, if DDP does not fit
+  RUN --stage 5 --init runs/s4 --data T --data E --out runs/s5 --sample-prompts P --sample-every 5000 \\
+      --no-grad-checkpointing                        # faster, where the memory allows
   python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 1000 --batch 8 --micro-batch 2 --lr 1e-5 \\
       --out runs/ft                                  # a small fine-tune on one GPU
   python train.py --resume runs/ft                   # continue an interrupted run with its arguments
@@ -115,11 +133,15 @@ from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
 from ovis_min.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
-from ovis_min.stages import (DECODER, SCRATCH_STAGES, STAGES, enable_gradient_checkpointing, init_adapter_, init_decoder_,  # noqa: E402
-                             learning_rate, make_optimizer, set_trainable)
+from ovis_min.samples import read_sample_prompts, write_samples  # noqa: E402
+from ovis_min.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES, STAGES, apply_memory_policy,  # noqa: E402
+                             enable_gradient_checkpointing, init_adapter_, init_decoder_, learning_rate,
+                             make_optimizer, set_trainable, uses_generator)
 from ovis_min.ema import EMA  # noqa: E402
+from ovis_min.throughput import Throughput, format_duration, peak_flops  # noqa: E402
 from ovis_min.train_checkpoint import (Saver, StopRequest, abandon_later, checked_source, export,  # noqa: E402
                                        read_trainer_state, resolve_resume, restore, source_record, trim_log)
+from ovis_min.validation import format_validation, load_held_out, validate  # noqa: E402
 
 ctrl_c_raises()
 
@@ -148,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=whole_number(1), help="optimizer steps (default: the stage's)")
     parser.add_argument("--batch", type=whole_number(1), help="samples per optimizer step over all processes (default: the "
                         "stage's)")
-    parser.add_argument("--micro-batch", type=whole_number(1), default=4, help="samples per forward pass per process "
-                        "(default 4)")
+    parser.add_argument("--micro-batch", type=whole_number(1), default=DEFAULT_MICRO_BATCH, help="samples per "
+                        "forward pass per process (default %(default)s)")
     parser.add_argument("--lr", type=real(0, open_low=True), help="peak learning rate (default: the stage's)")
     parser.add_argument("--min-lr", type=real(0), help="final learning rate of the cosine (default lr/10)")
     parser.add_argument("--warmup", type=whole_number(1), help="linear warmup steps (default 2%% of steps, at least 1, at most "
@@ -167,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 0.05)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="autocast dtype (default bf16 on GPU, "
                         "fp32 on CPU); weights and optimizer state are float32 either way")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in the "
-                        "backward pass (less memory, ~30%% more compute)")
+    parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute block "
+                        "activations in the backward pass (less memory, ~30%% more compute; default: on for "
+                        "stages 2, 3 and 5, whose activations would not fit an 80 GB GPU otherwise, see README)")
     parser.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
     parser.add_argument("--save-every", type=whole_number(1), default=1000, help="steps between checkpoints (and at the end; "
@@ -197,6 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema-decay", type=real(0, 1, open_high=True), metavar="D", help="keep a float32 EMA of the "
                         "trained weights, ema = D*ema + (1-D)*weights after every step, saved with the checkpoints "
                         "(e.g. --ema-decay 0.9999 for stages 4-5; export it with train.py export RUN --ema)")
+    watch = parser.add_argument_group("watching a run")
+    watch.add_argument("--val-data", type=Path, metavar="ROWS", help="held-out manifest (the --data format): its "
+                       "loss per task is logged every --val-every steps, with fixed seeds and no prompt/image drops")
+    watch.add_argument("--val-every", type=whole_number(1), metavar="N", help="steps between validations (default "
+                       "1000; needs --val-data)")
+    watch.add_argument("--sample-prompts", type=Path, metavar="FILE", help="JSONL of captions, edits and questions "
+                       "(format in ovis_min/samples.py) sampled with fixed seeds every --sample-every steps into "
+                       "OUT/samples/step-NNNNNNNN/")
+    watch.add_argument("--sample-every", type=whole_number(1), metavar="N", help="steps between samples (default "
+                       "1000; needs --sample-prompts)")
     return parser
 
 
@@ -309,7 +342,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path 
             parser.error(str(error))
     if args.device is not None:
         check_device(parser, args.device)
+    check_watch_flags(parser, args)
     return args, resume_dir, trainer_state
+
+
+def check_watch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.val_data is not None and not Path(args.val_data).is_file():
+        parser.error(f"--val-data {args.val_data}: no such file")
+    if args.val_every is not None and args.val_data is None:
+        parser.error("--val-every: give the held-out rows with --val-data ROWS")
+    if args.sample_prompts is not None and not Path(args.sample_prompts).is_file():
+        parser.error(f"--sample-prompts {args.sample_prompts}: no such file")
+    if args.sample_every is not None and args.sample_prompts is None:
+        parser.error("--sample-every: give the prompts with --sample-prompts FILE")
 
 
 def check_device(parser: argparse.ArgumentParser, name: str) -> None:
@@ -332,6 +377,11 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.warmup = min(2000, max(1, args.steps // 50)) if args.warmup is None else args.warmup
     args.resolution = stage.resolution if args.resolution is None else args.resolution
     args.mix = args.mix or dict(stage.mix)
+    args.grad_checkpointing = stage.grad_checkpointing if args.grad_checkpointing is None else args.grad_checkpointing
+    if args.val_data is not None:
+        args.val_every = args.val_every or 1000
+    if args.sample_prompts is not None:
+        args.sample_every = args.sample_every or 1000
     if args.resolution % 16:
         raise TrainError(f"--resolution {args.resolution} must be a multiple of 16 (8x VAE, then 2x2 packing)")
     if args.resolution % 32 and args.buckets != "none":
@@ -426,6 +476,18 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         mixture = Mixture(manifests, args.mix, args.seed, args.overfit)
     except (ValueError, FileNotFoundError) as error:
         raise TrainError(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None
+    held_out = None
+    if args.val_data is not None:
+        try:
+            held_out = load_held_out(Path(args.val_data), list(mixture.ratios), data_cfg, args.micro_batch)
+        except ValueError as error:
+            raise TrainError(str(error)) from None
+    sample_prompts = None
+    if args.sample_prompts is not None:
+        try:
+            sample_prompts = read_sample_prompts(Path(args.sample_prompts), list(mixture.ratios))
+        except ValueError as error:
+            raise TrainError(str(error)) from None
 
     # The model: float32 master weights, the stage's parts trainable.
     model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device)
@@ -438,12 +500,13 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         else:
             init_adapter_(model)
     torch.manual_seed(args.seed + runtime.rank)
+    apply_memory_policy(model, mixture.ratios, precision)
     if args.grad_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     step_module = TrainStep(model)
     parallel = args.parallel if args.parallel != "auto" else "fsdp" if "llm." in stage.trains else "ddp"
-    wrapped = wrap(step_module, runtime, parallel)
+    wrapped = wrap(step_module, runtime, parallel, precision, uses_generator(mixture.ratios))
     optimizer = make_optimizer(step_module, args)
     ema = EMA(model, args.ema_decay) if args.ema_decay else None
     frozen = trainer_state["source"] if trainer_state is not None else source_record(source)
@@ -484,6 +547,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     params = [p for p in step_module.parameters() if p.requires_grad]
     stop = min(args.steps, args.stop_after or args.steps)
     records = []
+    throughput = Throughput(peak_flops(runtime.device, precision))
     log = open(out / "log.jsonl", "a") if runtime.main else None
     saver, stop_request = Saver(out, frozen, args, runtime), StopRequest()
     for step in range(start, stop):
@@ -494,7 +558,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         micro_batches = [next(loader).to(runtime.device, non_blocking=True) for _ in range(accumulation)]
         mixture.next_global_batch(args.batch)  # the position the loader has now delivered
         data_wait = time.perf_counter() - began
-        window = backward_window(wrapped, micro_batches, runtime, autocast)
+        window = backward_window(wrapped, micro_batches, runtime, autocast, throughput)
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -504,21 +568,35 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             ema.update()
 
         values = window.values()
-        totals = all_reduce_sum([*values, *(sum(m.skipped[r] for m in micro_batches) for r in SKIP_REASONS)],
-                                runtime)
+        totals = all_reduce_sum([*values, throughput.step_flops,
+                                 *(sum(m.skipped[r] for m in micro_batches) for r in SKIP_REASONS)], runtime)
         loss, task_loss, tokens, padding = summary(totals[:len(values)])
-        skipped = mixture.add_skipped(dict(zip(SKIP_REASONS, map(int, totals[len(values):]))))
+        skipped = mixture.add_skipped(dict(zip(SKIP_REASONS, map(int, totals[len(values) + 1:]))))
         elapsed = time.perf_counter() - began
         record = {"step": step + 1, "loss": loss, "task_loss": task_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "samples_per_s": args.batch / elapsed,
                   "tokens_per_s": tokens / elapsed, "memory_gb": peak_memory_gb(runtime.device),
                   "data_wait_s": data_wait, "compute_s": elapsed - data_wait, "padding": padding,
-                  "skipped": {reason: n for reason, n in skipped.items() if n}}
+                  "skipped": {reason: n for reason, n in skipped.items() if n},
+                  **throughput.end_step(elapsed, totals[len(values)], runtime.world, stop - step - 1)}
         if runtime.main:
             records.append(record)
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(format_record(record, args.steps), flush=True)
+
+        if held_out is not None and (step + 1) % args.val_every == 0:
+            record = {"step": step + 1, "val_loss": validate(step_module, held_out, runtime, autocast)}
+            if runtime.main:
+                records.append(record)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(format_validation(record), flush=True)
+        if sample_prompts is not None and (step + 1) % args.sample_every == 0:
+            write_samples(model, data_cfg.tokenizer, sample_prompts,
+                          out / "samples" / f"step-{step + 1:08d}" if runtime.main else None, args.resolution,
+                          runtime.device, autocast, fsdp_root=wrapped if parallel == "fsdp" and runtime.world > 1
+                          else None)
 
         preempted = stop_request.agreed(runtime)
         last = step + 1 == stop or preempted
@@ -562,6 +640,8 @@ def format_record(record: dict, steps: int) -> str:
             f"{record['compute_s']:.2f}s | mem {record['memory_gb']:.1f} GB")
     if record["padding"] is not None:
         line += f" | padding {record['padding']:.0%}"
+    line += f" | {record['tflops']:.2f} TFLOP/s" + (f" mfu {100 * record['mfu']:.1f}%" if record["mfu"] else "")
+    line += f" | eta {format_duration(record['eta_s'])}"
     if record["skipped"]:
         line += " | skipped " + ", ".join(f"{reason} {n}" for reason, n in record["skipped"].items())
     return line

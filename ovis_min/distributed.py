@@ -34,20 +34,40 @@ def setup_runtime(device_name: str | None) -> Runtime:
     return Runtime(dist.get_rank(), dist.get_world_size(), device)
 
 
-def wrap(step_module: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
-    """DDP ("ddp"), or FSDP2 ("fsdp", for training the LLM): one shard group per LLM/encoder block plus the root.
-    `step_module.model` is the OvisU1 the step runs."""
+def wrap(step_module: nn.Module, runtime: Runtime, parallel: str, precision: str, uses_generator: bool
+         ) -> nn.Module:
+    """DDP ("ddp"), or FSDP2 ("fsdp", for training the LLM): one shard group per transformer block (LLM, encoder,
+    and the decoder's if the run uses the decoder) plus the root for the rest. `step_module.model` is the OvisU1
+    the step runs."""
     if runtime.world == 1:
         return step_module
     if parallel == "ddp":
-        return nn.parallel.DistributedDataParallel(step_module)
+        # the gradients are views into DDP's reduction buckets instead of a second copy of them
+        return nn.parallel.DistributedDataParallel(step_module, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import fully_shard
     model = step_module.model
-    for block in [*model.llm.model.layers, *model.visual_tokenizer.backbone.trunk.blocks]:
-        fully_shard(block)
-    # Frozen decoder and VAE weights stay whole on every rank, never gathered (stage 3 does not even use them).
-    fully_shard(step_module, ignored_params={p for p in model.visual_generator.parameters() if not p.requires_grad})
+    decoder, vae = model.visual_generator.backbone, model.visual_generator.vae
+    blocks = [*model.llm.model.layers, *model.visual_tokenizer.backbone.trunk.blocks]
+    ignored = set(vae.parameters())  # small, frozen, convolutional: whole on every process, never gathered
+    if uses_generator:
+        blocks += [*decoder.double_blocks, *decoder.single_blocks, *decoder.txt_in.individual_token_refiner.blocks]
+    else:  # unused, kept in CPU memory (stages.apply_memory_policy): not part of the sharded model at all
+        ignored |= set(decoder.parameters())
+    for block in blocks:
+        fully_shard(block, mp_policy=precision_policy(block, precision))
+    fully_shard(step_module, mp_policy=precision_policy(step_module, precision), ignored_params=ignored)
     return step_module
+
+
+def precision_policy(module: nn.Module, precision: str):
+    """bf16: weights gathered and used in bf16, gradients reduced in float32 (a bf16 sum over many processes
+    loses the small ones); the sharded master weights and the optimizer stay float32. A frozen block has no
+    gradient to reduce (and FSDP, given a reduce dtype, would look for one in blocks a micro-batch left unused)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+    if precision != "bf16":
+        return MixedPrecisionPolicy()
+    trains = any(p.requires_grad for p in module.parameters())
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32 if trains else None)
 
 
 def gradient_sync(module: nn.Module, sync: bool):
@@ -59,11 +79,12 @@ def gradient_sync(module: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def all_reduce_sum(values: list[float], runtime: Runtime) -> list[float]:
-    if runtime.world == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(tensor)
+def all_reduce_sum(values: list[float | torch.Tensor], runtime: Runtime) -> list[float]:
+    """The sums over the processes of Python numbers and 0-dim tensors on the device, read back in one copy: the
+    training loop's one wait for the accelerator per step."""
+    tensor = torch.stack([torch.as_tensor(v, device=runtime.device).to(torch.float64).reshape(()) for v in values])
+    if runtime.world > 1:
+        dist.all_reduce(tensor)
     return tensor.tolist()
 
 

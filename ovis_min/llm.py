@@ -112,8 +112,9 @@ class Attention(nn.Module):
         if cache_pos is not None:
             if self.k_cache is None:
                 raise RuntimeError("no KV cache: call Qwen3.setup_cache(batch_size, max_len) before decoding")
-            self.k_cache.index_copy_(2, cache_pos, k)
-            self.v_cache.index_copy_(2, cache_pos, v)
+            # under autocast k and v come out in bf16 while the cache has the weights' dtype
+            self.k_cache.index_copy_(2, cache_pos, k.to(self.k_cache.dtype))
+            self.v_cache.index_copy_(2, cache_pos, v.to(self.v_cache.dtype))
             k, v = self.k_cache[:, :, :mask.shape[-1]], self.v_cache[:, :, :mask.shape[-1]]
         out = attention(q, k, v, mask)  # (B, H, L, hd)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))

@@ -23,6 +23,7 @@ from . import flow
 from .data import TASKS, Batch, MicroBatch
 from .distributed import Runtime, all_reduce_sum, gradient_sync
 from .model import IGNORE_ID, OvisU1, encode_image_tokens
+from .throughput import Throughput
 
 
 def idle_image_term(model: OvisU1) -> torch.Tensor:
@@ -196,10 +197,11 @@ def summary(totals: list[float]) -> tuple[float, dict[str, float], float, float 
     return loss, task_loss, tokens, (1 - understanding_tokens / positions) if positions else None
 
 
-def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime: Runtime,
-                    autocast) -> WindowTotals:
+def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime: Runtime, autocast,
+                    throughput: Throughput) -> WindowTotals:
     """Forward and backward every micro-batch of one optimizer step on this rank, weighted as the module's
-    docstring says; gradients are reduced across ranks on the last micro-batch. Collective."""
+    docstring says; gradients are reduced across ranks on the last micro-batch; `throughput` counts their FLOPs.
+    Collective."""
     counts = dict.fromkeys(TASKS, 0)
     for micro in micro_batches:
         for batch in micro.parts:
@@ -213,9 +215,11 @@ def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime:
                       per_sample=runtime.world / samples_all)
     tally = Tally({})
     for i, micro in enumerate(micro_batches):
+        kind = "+".join(part.task for part in micro.parts)  # what a micro-batch costs per token depends on its tasks
         with gradient_sync(module, i == len(micro_batches) - 1):
-            with autocast:
+            with autocast, throughput.counting(kind):
                 loss, micro_tally = module(micro, scale)
             loss.backward()
+        throughput.micro_batch(kind, micro_tally.tokens)
         tally.add(micro_tally)
     return WindowTotals(tally, counts, understanding_samples, samples)

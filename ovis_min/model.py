@@ -102,10 +102,10 @@ class OvisU1(nn.Module):
         if num_atoms != num_images:
             raise ValueError(f"the prompts hold {num_atoms} image placeholders but {num_images} images were given")
         images = self.visual_embeddings(pixel_values, grid_thws) if num_images else []
-        indicators = self.vte.indicator_embeds().to(self.dtype)  # (5, D)
-
         # negative placeholder ids have no row in the text table: embed them as id 0, then overwrite
         text_embeds = self.llm.model.embed_tokens(input_ids.clamp(min=0))  # (B, L, D)
+        # a training run may keep the frozen text table in bf16 and the trained visual table in float32
+        indicators = self.vte.indicator_embeds().to(text_embeds.dtype)  # (5, D)
         for i, indicator_id in enumerate(IMAGE_INDICATOR_IDS):
             text_embeds[input_ids == indicator_id] = indicators[i]
 

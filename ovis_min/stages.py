@@ -19,25 +19,35 @@ class Stage:
     batch: int  # samples per optimizer step, over all processes
     lr: float
     resolution: int  # generation images (our choice)
+    grad_checkpointing: bool  # by default: where its activations would not fit an 80 GB GPU (ovis_min/memory.py)
 
 
 DECODER = ("visual_generator.backbone.",)  # the refiner is the decoder's `txt_in`
 ADAPTER = ("visual_tokenizer.head.", "vte.")
 ENCODER = ("visual_tokenizer.backbone.",)
 STAGES = {
-    0: Stage("visual decoder pretraining", DECODER, {"t2i": 1}, 500_000, 1024, 1e-4, 512),
-    1: Stage("adapter pretraining", ADAPTER, {"understanding": 1, "t2i": 1, "edit": 1}, 1510, 8192, 5e-4, 512),
+    0: Stage("visual decoder pretraining", DECODER, {"t2i": 1}, 500_000, 1024, 1e-4, 512, False),
+    1: Stage("adapter pretraining", ADAPTER, {"understanding": 1, "t2i": 1, "edit": 1}, 1510, 8192, 5e-4, 512,
+             False),
     2: Stage("visual encoder alignment", ENCODER + ADAPTER, {"understanding": 1, "t2i": 1, "edit": 1}, 2630, 8192,
-             1e-4, 512),
-    3: Stage("understanding learning", ENCODER + ADAPTER + ("llm.",), {"understanding": 1}, 23_000, 2240, 5e-5, 512),
-    4: Stage("generation learning", DECODER, {"t2i": 1}, 275_000, 256, 5e-5, 1024),
-    5: Stage("generation fine-tuning", DECODER, {"t2i": 1, "edit": 1}, 325_000, 256, 5e-5, 1024),
+             1e-4, 512, True),
+    3: Stage("understanding learning", ENCODER + ADAPTER + ("llm.",), {"understanding": 1}, 23_000, 2240, 5e-5, 512,
+             True),
+    4: Stage("generation learning", DECODER, {"t2i": 1}, 275_000, 256, 5e-5, 1024, False),
+    5: Stage("generation fine-tuning", DECODER, {"t2i": 1, "edit": 1}, 325_000, 256, 5e-5, 1024, True),
 }
+DEFAULT_MICRO_BATCH = 4  # samples per forward pass and process
+GENERATION_TASKS = ("t2i", "edit")
 SCRATCH_STAGES = (0, 1)  # the parts these stages train start from random weights in the report
 # The adapter reads the encoder's last block output before its final norm, so no gradient ever reaches this norm:
 # it stays frozen rather than counting as trained.
 NEVER_USED = ("visual_tokenizer.backbone.trunk.post_trunk_norm.",)
 SHARD_BYTES = 5 * 2 ** 30
+
+
+def uses_generator(mix: dict[str, float]) -> bool:
+    """Whether a run on these task ratios ever runs the decoder or the VAE."""
+    return any(mix.get(task, 0) > 0 for task in GENERATION_TASKS)
 
 
 def set_trainable(model: OvisU1, stage: int) -> list[str]:
@@ -76,6 +86,17 @@ def init_adapter_(model: OvisU1) -> None:
     for module in model.visual_tokenizer.head:
         module.reset_parameters()
     nn.init.normal_(model.vte.weight, std=float(model.llm.model.embed_tokens.weight.std()))
+
+
+def apply_memory_policy(model: OvisU1, mix: dict[str, float], precision: str) -> None:
+    """Frozen parameters in bf16 when the run computes in bf16 (a float32 run keeps them float32, so CPU runs
+    stay exact), and the decoder and VAE in CPU memory when the run's tasks never use them (stage 3)."""
+    if precision == "bf16":
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.data = param.data.to(torch.bfloat16)
+    if not uses_generator(mix):
+        model.visual_generator.to("cpu")
 
 
 def enable_gradient_checkpointing(model: OvisU1) -> None:

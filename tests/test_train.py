@@ -29,6 +29,7 @@ from ovis_min.preprocess import blank_image, condition_images, resize_center_cro
 from ovis_min.prompt import UNCONDITIONAL_PROMPT, Tokenizer, preprocess_inputs, t2i_prompt
 from ovis_min.distributed import Runtime
 from ovis_min.stages import STAGES, set_trainable
+from ovis_min.throughput import Throughput
 from ovis_min.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,6 +116,9 @@ def test_stage_learns_changes_only_its_parts_and_writes_an_official_checkpoint(s
     losses = [r["loss"] for r in records]
     assert len(losses) == 6 and losses[-1] < 0.95 * losses[0], losses
     assert set(records[0]["task_loss"]) == set(STAGES[stage].mix)
+    # speed: FLOPs counted on the first micro-batches, an ETA that reaches 0, no MFU on a CPU (no known peak)
+    assert all(r["tflops"] > 0 and r["mfu"] is None for r in records)
+    assert records[0]["eta_s"] > 0 and records[-1]["eta_s"] == 0
 
     step_dir = out / "step-00000006"
     assert (out / "latest").read_text().strip() == step_dir.name
@@ -242,12 +246,23 @@ def test_two_processes_ddp_keep_identical_replicas(ckpt, manifest, tmp_path):
 
 
 def test_two_processes_fsdp_for_the_llm_stage(ckpt, manifest, tmp_path):
+    """With validation on 3 rows (one process evaluates a padding batch) and sampled answers, both of which
+    gather the sharded weights in step on both processes."""
     out = tmp_path / "fsdp"
+    lines = manifest.read_text().splitlines()
+    (tmp_path / "val.jsonl").write_text("\n".join([lines[0], lines[2], lines[16]]) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"question": "What is it?", "image": str(manifest.parent /
+                                                        "red_square.png"), "max_new_tokens": 3}) + "\n")
     torchrun(["--stage", 3, "--init", ckpt, "--data", manifest.parent / "split.jsonl", "--out", out, "--steps", 2,
-              "--batch", 4, "--micro-batch", 1, "--lr", 1e-3, "--overfit", 2], tmp_path)
+              "--batch", 4, "--micro-batch", 1, "--lr", 1e-3, "--overfit", 2, "--val-data", tmp_path / "val.jsonl",
+              "--val-every", 2, "--sample-prompts", tmp_path / "prompts.jsonl", "--sample-every", 2], tmp_path)
     before, after = state(ckpt), state(out / "step-00000002")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == {n for n in before if n.startswith(TRAINED[3]) and not n.startswith(UNUSED)}
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], set(r["val_loss"])) for r in log if "val_loss" in r] == [(2, {"understanding"})]
+    answer, = json.loads((out / "samples" / "step-00000002" / "samples.json").read_text())
+    assert isinstance(answer["answer"], str)
 
 
 # -- the loss pieces -------------------------------------------------------------------------------------------
@@ -340,7 +355,7 @@ def window_gradients(ckpt: Path, manifest: Path, batch: int, micro_batch: int, r
     step = losses.TrainStep(loaded.model)
     module = torch.nn.parallel.DistributedDataParallel(step) if world > 1 else step
     micro_batches = [next(loader) for _ in range(batch // (micro_batch * world))]
-    losses.backward_window(module, micro_batches, runtime, contextlib.nullcontext())
+    losses.backward_window(module, micro_batches, runtime, contextlib.nullcontext(), Throughput(None))
     params = dict(loaded.model.named_parameters())
     return {name: params[name].grad for name in sorted(trained)}
 

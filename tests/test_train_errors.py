@@ -110,6 +110,14 @@ BAD_INPUTS = [
     (["--resume", "{r}/corrupt"], ["trainer.pt"]),
     (["--resume", "{r}/random"], ["trainer.pt"]),
     (["--resume", "{r}/foreign"], ["trainer.pt"]),
+    (["--val-every", "10"], ["--val-every", "--val-data"]),
+    (["--val-every", "0", "--val-data", "{d}/good.jsonl"], ["--val-every"]),
+    (["--val-data", "{d}/missing.jsonl"], ["--val-data", "missing.jsonl"]),
+    (["--val-data", "{d}/missing-images.jsonl"], ["--val-data", "t2i"]),
+    (["--sample-every", "10"], ["--sample-every", "--sample-prompts"]),
+    (["--sample-prompts", "{d}/missing.jsonl"], ["--sample-prompts", "missing.jsonl"]),
+    (["--sample-prompts", "{d}/not-json.jsonl"], ["--sample-prompts", "line 1"]),
+    (["--sample-prompts", "{d}/markers.jsonl"], ["--sample-prompts", "caption"]),
 ]
 
 
