@@ -596,7 +596,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             write_samples(model, data_cfg.tokenizer, sample_prompts,
                           out / "samples" / f"step-{step + 1:08d}" if runtime.main else None, args.resolution,
                           runtime.device, autocast, fsdp_root=wrapped if parallel == "fsdp" and runtime.world > 1
-                          else None)
+                          else None, weights=None if ema is None else ema.weights)
 
         preempted = stop_request.agreed(runtime)
         last = step + 1 == stop or preempted

@@ -96,8 +96,10 @@ def read_trainer_state(step_dir: Path) -> dict:
     path = step_dir / TRAINER_FILE
     try:
         state = torch.load(path, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        raise TrainError(f"--resume: cannot read {path} ({str(error).splitlines()[0][:120]}): the file is damaged "
+    # random bytes make the restricted unpickler fail in many ways (an IndexError from a bad opcode argument too)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:120]
+        raise TrainError(f"--resume: cannot read {path} ({reason}): the file is damaged "
                          "or not train.py's; resume from an earlier step directory") from None
     if not isinstance(state, dict) or any(key not in state for key in TRAINER_KEYS) \
             or not isinstance(state["args"], dict) or "stage" not in state["args"]:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import train
 from ovis_min.checkpoint import CheckpointError, load_model
+from ovis_min.hub import resolve_source
 from script_runner import run_script, start_script
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,7 +240,7 @@ def test_export_and_resume_errors_are_one_line_naming_the_fix(ckpt, data, tmp_pa
     middle = tmp_path / "middle"  # a step before the last: no export
     train.main(arguments(ckpt, data, middle, "--stop-after", 1))
     with pytest.raises(CheckpointError, match=f"training checkpoint.*python train.py export {middle}/step-00000001"):
-        load_model(middle)
+        load_model(resolve_source(middle))  # what sample.py --weights RUN does
     (out / "step-00000001" / "state" / "__0_0.distcp").write_bytes(b"")  # damaged
     for args in (["export", out, "--out", tmp_path / "e"], ["--resume", out, *FAST]):
         result = run_script("train.py", *map(str, args), cwd=tmp_path)

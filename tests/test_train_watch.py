@@ -80,11 +80,11 @@ def test_validation_logs_each_tasks_held_out_loss_and_leaves_training_unchanged(
                                                                                monkeypatch):
     forward, modes, rng_kept = losses.TrainStep.forward, [], []
 
-    def drawing_forward(self, batch):  # as a model with randomness would, validation draws from torch's generator
+    def drawing_forward(self, micro, scale):  # as a model with randomness would, validation draws from torch's RNG
         modes.append(self.training)
         if not self.training:
             torch.rand(1)
-        return forward(self, batch)
+        return forward(self, micro, scale)
 
     def checked_validate(*args, **kwargs):
         before = torch.get_rng_state()
