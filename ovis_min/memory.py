@@ -145,7 +145,7 @@ def estimate(stage: int, checkpointing: bool | None = None, processes: int = PRO
 
 def table() -> str:
     """The README's table, in GB (1e9 bytes) per GPU."""
-    lines = ["| stage | trains | parallel | grad ckpt | weights | grads | AdamW | EMA | activations | total | "
+    lines = ["| stage | name | parallel | grad ckpt | weights | grads | AdamW | EMA | activations | total | "
              "total, other ckpt |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for stage, spec in STAGES.items():
