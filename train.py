@@ -79,8 +79,8 @@ Memory: under bf16, frozen weights are stored in bf16 and FSDP gathers weights i
   (--no-grad-checkpointing turns it off). The README has a per-stage memory estimate at full size.
 
 Watching a run: each step's line has the loss per task, speed, an ETA (mean of the last 20 steps) and the
-  achieved TFLOP/s with the MFU against the GPU's bf16/fp32 peak (FLOPs counted on each task's first micro-batch;
-  no MFU on CPU). --val-data ROWS --val-every N logs the loss per task on held-out rows (fixed seeds, no drops);
+  achieved TFLOP/s with the MFU against the GPU's bf16/fp32 peak (FLOPs counted on the first micro-batch of each
+  mix of tasks; no MFU on CPU). --val-data ROWS --val-every N logs the loss per task on held-out rows (fixed seeds, no drops);
   --sample-prompts FILE --sample-every N writes fixed-seed images and answers to OUT/samples/step-NNNNNNNN/. A
   prompts file is JSON lines: {"caption": ...}, {"source": "a.jpg", "instruction": ...} or {"question": ...,
   "image": "a.jpg"}, each optionally with "seed", "steps" (default 30) and "max_new_tokens" (default 64).
@@ -95,10 +95,12 @@ rows of the stage's tasks, P = sample prompts):
   RUN --stage 2 --init runs/s1 --data U --data T --data E --out runs/s2 --val-data HELD --val-every 100
   RUN --stage 3 --init runs/s2 --data U --out runs/s3 --val-data HELD --val-every 1000 --sample-prompts P \\
       --sample-every 1000                            # checkpointing is on by default here
-  RUN --stage 4 --init runs/s3 --data T --resolution 1024 --out runs/s4 --parallel fsdp --grad-checkpointing \\
-      --sample-prompts P --sample-every 5000         # the decoder sharded, if DDP does not fit
-  RUN --stage 5 --init runs/s4 --data T --data E --out runs/s5 --sample-prompts P --sample-every 5000 \\
-      --no-grad-checkpointing                        # faster, where the memory allows
+  RUN cache --stage 4 --init runs/s3 --data T --resolution 1024 --out cache/s4   # frozen VAE + LLM work, once
+  RUN --stage 4 --init runs/s3 --data T --resolution 1024 --cache cache/s4 --out runs/s4 --parallel fsdp \\
+      --grad-checkpointing --ema-decay 0.9999 --workers 8 --sample-prompts P --sample-every 5000
+                                                     # the decoder sharded, if DDP does not fit
+  RUN --stage 5 --init runs/s4 --data T --data E --out runs/s5 --ema-decay 0.9999 --sample-prompts P \\
+      --sample-every 5000 --no-grad-checkpointing    # faster, where the memory allows
   python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 1000 --batch 8 --micro-batch 2 --lr 1e-5 \\
       --out runs/ft                                  # a small fine-tune on one GPU
   python train.py --resume runs/ft                   # continue an interrupted run with its arguments
