@@ -1,10 +1,7 @@
 """Measuring speed: FLOPs counted by torch, the machine's ceilings, timing and peak memory.
 
-bench.py reports every workload with these, and a training loop can print its MFU with the same count:
-
-    flops = count_flops(lambda: loss_of(model, batch).backward())  # one micro-batch, forward + backward
-    ceilings = Ceilings(device, dtype); ceilings.measure()
-    mfu = flops / seconds_per_micro_batch / ceilings.flops
+bench.py reports every workload with these; train.py's MFU (throughput.py) counts with the same formulas
+(FLOP_FORMULAS), on the forward only, since a counter around the backward would change how it rounds.
 
 FLOPs are what torch's FlopCounterMode counts while the call runs: 2*M*N*K per matrix product (and per
 convolution, counted the same way), 4*B*H*Lq*Lk*D per attention forward and 2.5 times that for its backward,
@@ -22,7 +19,8 @@ except ImportError:  # Windows
     resource = None
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import (FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count,
+                                     shape_wrapper)
 
 aten = torch.ops.aten
 
@@ -35,6 +33,10 @@ CPU_ATTENTION_FLOPS = {
         lambda grad_out, query, key, value, *args, out_shape=None, **kwargs:
             sdpa_backward_flop_count(grad_out, query, key, value),
 }
+
+
+# Every op's formula, by op: FlopCounterMode's own and the CPU attention above, in the form its registry keeps.
+FLOP_FORMULAS = {**flop_registry, **{op: shape_wrapper(formula) for op, formula in CPU_ATTENTION_FLOPS.items()}}
 
 
 def count_flops(fn: Callable, *args) -> int:

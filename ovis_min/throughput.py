@@ -1,14 +1,14 @@
 """How fast a run goes: the time left (ETA) and the model FLOPs utilisation (MFU) of the log line.
 
 FLOPs are counted on the forward pass of the first micro-batch of each kind (the tasks it holds), with the FLOP
-formulas of torch.utils.flop_counter.FlopCounterMode. Its backward is not run under the counter: a Python dispatch
-mode makes autograd take other (equal but differently rounded) backward formulas, and a resumed run would then no
-longer repeat the uninterrupted one exactly. The backward is charged instead per operation: a matrix product's
-backward is one product of the same size per operand that needs a gradient (the input's, the weight's), so an
-operation run with gradients enabled costs its forward FLOPs times 1 + min(2, its inputs that require a gradient);
-under no_grad (the frozen VAE, a frozen condition) times 1. Recomputation under --grad-checkpointing is not counted:
-this is the model's FLOPs, not the hardware's. Later micro-batches of a kind are charged its FLOPs per token times
-their tokens, since their lengths vary.
+formulas of torch.utils.flop_counter.FlopCounterMode that bench.py counts with (perf.FLOP_FORMULAS). Its backward is
+not run under the counter: a Python dispatch mode makes autograd take other (equal but differently rounded) backward
+formulas, and a resumed run would then no longer repeat the uninterrupted one exactly. The backward is charged
+instead per operation: a matrix product's backward is one product of the same size per operand that needs a gradient
+(the input's, the weight's), so an operation run with gradients enabled costs its forward FLOPs times 1 + min(2, its
+inputs that require a gradient); under no_grad (the frozen VAE, a frozen condition) times 1. Recomputation under
+--grad-checkpointing is not counted: this is the model's FLOPs, not the hardware's. Later micro-batches of a kind
+are charged its FLOPs per token times their tokens, since their lengths vary.
 
 MFU divides the achieved FLOP/s by the accelerator's dense peak from PEAK_TFLOPS; a CPU or an accelerator missing
 from the table has no MFU, only the achieved TFLOP/s. A step's time runs from its first micro-batch to its logged
@@ -19,7 +19,8 @@ import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+
+from .perf import FLOP_FORMULAS
 
 # Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets: bf16 on tensor cores, and plain fp32
 # (float32 matmuls do not use TF32 unless torch is told to). Matched in order against torch's device name, so a
@@ -60,7 +61,7 @@ class FlopCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         result = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)  # FlopCounterMode's formulas, by op
+        formula = FLOP_FORMULAS.get(func._overloadpacket)
         if formula is not None:
             forward = formula(*args, **kwargs, out_val=result)
             needs_grad = sum(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
