@@ -115,7 +115,6 @@ ctrl_c_quits_quietly("train.py")  # covers the seconds the imports below take
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import resource  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -135,6 +134,7 @@ from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
 from ovis_min.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
+from ovis_min.perf import peak_memory_gb  # noqa: E402
 from ovis_min.samples import read_sample_prompts, write_samples  # noqa: E402
 from ovis_min.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES, STAGES, apply_memory_policy,  # noqa: E402
                              enable_gradient_checkpointing, init_adapter_, init_decoder_, learning_rate,
@@ -626,12 +626,6 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     if runtime.world > 1:
         dist.barrier()  # leave together: a rank tearing down gloo while its peer still talks aborts the peer
     return records
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kilobytes on Linux
 
 
 def format_record(record: dict, steps: int) -> str:
