@@ -261,8 +261,8 @@ class Saver:
         if not self.runtime.main:
             return
         step_dir = self.out / step_name(step)
-        if export:
-            write_export(step_dir, step_dir, ema=False)
+        if export:  # the run checked its source when it began; its frozen weights were read from it then
+            write_export(step_dir, step_dir, ema=False, source=Path(self.source["path"]))
         write_atomic(step_dir / COMPLETE_FILE, json.dumps({"step": step}) + "\n")
         write_atomic(self.out / LATEST_FILE, step_dir.name + "\n")
         prune(self.out, step, self.args.keep)
@@ -294,7 +294,8 @@ def save_error(error: BaseException, target: Path, then: str) -> TrainError:
     if disk_full(error):
         return TrainError(f"the disk is full while saving {target}: the partial save was removed; free some space "
                           f"and {then}")
-    return TrainError(f"cannot save {target} ({getattr(error, 'strerror', None) or str(error).splitlines()[0]})")
+    reason = getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    return TrainError(f"cannot save {target} ({reason})")
 
 
 def prune(out: Path, step: int, keep: int) -> None:
@@ -315,6 +316,8 @@ def abandon_later(out: Path, step: int) -> list[Path]:
     later = [path for n, path in sorted(step_dirs(out).items()) if n > step and is_complete(path)]
     for path in later:
         (path / COMPLETE_FILE).unlink()
+    if later:  # sample.py --weights OUT and --init OUT follow `latest`
+        write_atomic(out / LATEST_FILE, step_name(step) + "\n")
     return later
 
 
@@ -367,9 +370,9 @@ def restore(step_dir: Path, trainer_state: dict, step_module: nn.Module, optimiz
 # ---------------------------------------------------------------------------------------------------------------
 # The official-layout export
 # ---------------------------------------------------------------------------------------------------------------
-def write_export(step_dir: Path, directory: Path, ema: bool) -> None:
-    """Fill `directory` with the official layout of `step_dir`'s weights (or their EMA), on this process alone."""
-    source = checked_source(read_trainer_state(step_dir))
+def write_export(step_dir: Path, directory: Path, ema: bool, source: Path) -> None:
+    """Fill `directory` with the official layout of `step_dir`'s weights (or their EMA), the frozen ones copied from
+    `source` (the run's checked --init), on this process alone."""
     key = "ema" if ema else "weights"
     trained = {fqn[len(key) + 1:]: torch.empty(info.size, dtype=torch.float32)
                for fqn, info in saved_metadata(step_dir).items() if fqn.startswith(key + ".")}
@@ -381,7 +384,7 @@ def write_export(step_dir: Path, directory: Path, ema: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for file in REQUIRED_FILES + OPTIONAL_FILES:
         if (source / file).is_file():
-            shutil.copyfile(source / file, directory / file)
+            write_atomic(directory / file, (source / file).read_bytes())
     state = {}
     for file in stored.files:
         with safe_open(source / file, framework="pt") as shard:
@@ -400,7 +403,7 @@ def export(run: Path, out: Path, ema: bool = False, step: int | None = None) -> 
     tmp = out.parent / f"{temp_prefix()}{out.name}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_export(step_dir, tmp, ema)
+        write_export(step_dir, tmp, ema, checked_source(read_trainer_state(step_dir)))
         os.replace(tmp, out)
     except (OSError, SafetensorError, CheckpointException) as error:
         shutil.rmtree(tmp, ignore_errors=True)

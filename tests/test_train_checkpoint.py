@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
+from ovis_min import train_checkpoint
 from ovis_min.checkpoint import CheckpointError, load_model
 from ovis_min.hub import resolve_source
 from script_runner import run_script, start_script
@@ -298,3 +299,16 @@ def test_help_documents_export_and_the_ema(capsys):
         train.main(["--help"])
     text = capsys.readouterr().out
     assert "--ema-decay" in text and "train.py export" in text and "SIGTERM" in text
+
+
+def test_resuming_an_older_step_makes_latest_name_it(tmp_path):
+    """The newer checkpoints a resume from an older step abandons lose their marker, and `latest` (which
+    sample.py --weights RUN and --init RUN follow) names the resumed step until the run saves again."""
+    for step in (2, 3, 4):
+        (tmp_path / f"step-{step:08d}").mkdir()
+        (tmp_path / f"step-{step:08d}" / train_checkpoint.COMPLETE_FILE).write_text("{}\n")
+    (tmp_path / "latest").write_text("step-00000004\n")
+    abandoned = train_checkpoint.abandon_later(tmp_path, 2)
+    assert [p.name for p in abandoned] == ["step-00000003", "step-00000004"]
+    assert not any(train_checkpoint.is_complete(p) for p in abandoned)
+    assert (tmp_path / "latest").read_text() == "step-00000002\n"
