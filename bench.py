@@ -40,8 +40,7 @@ from ovis_min.config import LLMConfig, OvisConfig  # noqa: E402
 from ovis_min.files import write_atomic  # noqa: E402
 from ovis_min.generate import (attended_length, cache_length, compile_decode_step, compile_decoder_blocks,  # noqa: E402
                                matrix_vector_kernels)
-from ovis_min.model import OvisU1  # noqa: E402
-from ovis_min.model import decode_image_tokens, encode_image_tokens  # noqa: E402
+from ovis_min.model import OvisU1, decode_image_tokens, encode_image_tokens  # noqa: E402
 from ovis_min.perf import (Ceilings, bf16_slowdown_on_cpu, count_flops, describe_device, peak_memory_gb,  # noqa: E402
                            reset_peak_memory, seconds)
 from ovis_min.pipeline import MAX_SIZE, Condition, guided_velocity, sample_latents  # noqa: E402

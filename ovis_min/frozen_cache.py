@@ -26,7 +26,7 @@ from safetensors.torch import save
 from .data import (DataConfig, Example, Frozen, Manifests, SkipRow, blank_condition, collate, index_path,
                    load_example, prompt_ids)
 from .distributed import Runtime
-from .files import write_atomic
+from .files import read_json, write_atomic
 from .model import OvisU1, channels_last
 from .prompt import UNCONDITIONAL_PROMPT
 
@@ -34,7 +34,6 @@ CACHE_FORMAT = 1
 ROWS_PER_SHARD = 256
 OPEN_SHARDS = 32  # per process: safetensors handles kept open (file descriptors)
 SETTINGS_FILE = "cache.json"
-GENERATION_TASKS = ("t2i", "edit")
 
 
 class CacheError(ValueError):
@@ -167,10 +166,7 @@ def check_settings(cache: Path, wanted: dict, fix: str) -> None:
     path = cache / SETTINGS_FILE
     if not path.is_file():
         return
-    try:
-        found = json.loads(path.read_text())
-    except ValueError:
-        raise CacheError(f"{path} is damaged; {fix}") from None
+    found = read_json(path, dict, CacheError, fix)
     changed = [key for key in wanted if found.get(key) != wanted[key]]
     if changed:
         what = {"weights": "other weights", "manifests": "other --data manifests (or they changed)"}

@@ -39,10 +39,10 @@ CPU_ATTENTION_FLOPS = {
 FLOP_FORMULAS = {**flop_registry, **{op: shape_wrapper(formula) for op, formula in CPU_ATTENTION_FLOPS.items()}}
 
 
-def count_flops(fn: Callable, *args) -> int:
-    """The FLOPs of `fn(*args)`, run once for real (a `.backward()` inside it counts the backward too)."""
+def count_flops(fn: Callable[[], object]) -> int:
+    """The FLOPs of `fn()`, run once for real (a `.backward()` inside it counts the backward too)."""
     with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        fn(*args)
+        fn()
     return counter.get_total_flops()
 
 

@@ -42,7 +42,6 @@ SCRATCH_STAGES = (0, 1)  # the parts these stages train start from random weight
 # The adapter reads the encoder's last block output before its final norm, so no gradient ever reaches this norm:
 # it stays frozen rather than counting as trained.
 NEVER_USED = ("visual_tokenizer.backbone.trunk.post_trunk_norm.",)
-SHARD_BYTES = 5 * 2 ** 30
 
 
 def uses_generator(mix: dict[str, float]) -> bool:
