@@ -27,7 +27,7 @@ from .data import (DataConfig, Example, Frozen, Manifests, SkipRow, blank_condit
                    load_example, prompt_ids)
 from .distributed import Runtime
 from .files import read_json, write_atomic
-from .model import OvisU1, channels_last
+from .model import OvisU1, encode_posterior
 from .prompt import UNCONDITIONAL_PROMPT
 
 CACHE_FORMAT = 1
@@ -81,17 +81,15 @@ def _frozen_work(model: OvisU1, examples: list[Example], pad_id: int, autocast,
     """Per example: condition, and target (and source) posteriors; one batch of one image shape. Kept in the dtype
     they were computed in (bf16 under bf16 autocast), which is what training computes them in too."""
     batch = collate(examples, pad_id)
-    vae = channels_last(model.visual_generator.vae)
-    weight = next(vae.parameters())
+    vae = model.visual_generator.vae
     with autocast:
         txt, mask = model.generation_condition(batch.input_ids.to(model.device), batch.attention_mask.to(model.device),
                                                batch.pixel_values.to(model.device), batch.grid_thws.to(model.device),
                                                left_padding=False)
         encoded = {}
         for name, pixels in (("target", batch.target), ("source", batch.source)):
-            if posteriors and pixels is not None:  # as encode_image_tokens does
-                pixels = pixels.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
-                encoded[name] = vae.encode(pixels)
+            if posteriors and pixels is not None:
+                encoded[name] = encode_posterior(vae, pixels)
     out = []
     for i, example in enumerate(examples):
         values = {"condition": txt[i, mask[i]]}

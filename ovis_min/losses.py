@@ -22,7 +22,7 @@ from torch import nn
 from . import flow
 from .data import TASKS, Batch, MicroBatch
 from .distributed import Runtime, all_reduce_sum, gradient_sync
-from .model import IGNORE_ID, OvisU1, encode_image_tokens
+from .model import IGNORE_ID, OvisU1, encode_image_tokens, posterior_tokens
 from .throughput import Throughput
 
 
@@ -61,11 +61,6 @@ def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) 
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
-def posterior_tokens(vae, mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """(B, N, 16) packed latent tokens of a cached VAE posterior: the second half of encode_image_tokens."""
-    return flow.pack_latents(vae.to_latent_space(vae.sample_latent(mean, logvar, noise=noise)))
-
-
 def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[torch.Tensor, int]:
     """Flow matching on the target's VAE latent tokens; ((B,) loss of each sample, LLM + decoder tokens).
 
@@ -83,9 +78,9 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     source_eps = per_sample_noise((channels, height // 8, width // 8), generators).to(device)
     with torch.no_grad():  # the VAE is frozen
         if cached:
-            x0 = posterior_tokens(vae, batch.target_mean, batch.target_logvar, target_eps).float()
+            x0 = posterior_tokens(vae, batch.target_mean, batch.target_logvar, noise=target_eps).float()
             cond_img = None if batch.source_mean is None else posterior_tokens(vae, batch.source_mean,
-                                                                               batch.source_logvar, source_eps)
+                                                                               batch.source_logvar, noise=source_eps)
         else:
             x0 = encode_image_tokens(vae, batch.target, noise=target_eps).float()  # (B, N, 16)
             cond_img = None if batch.source is None else encode_image_tokens(vae, batch.source, noise=source_eps)

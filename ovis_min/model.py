@@ -161,15 +161,24 @@ def channels_last(vae: AutoencoderKL) -> AutoencoderKL:
     return vae.to(memory_format=torch.channels_last)
 
 
+def encode_posterior(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 3, H, W) pixels in [-1, 1] -> the VAE posterior's (mean, logvar), each (B, 4, H/8, W/8)."""
+    weight = next(vae.parameters())
+    pixels = pixels.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
+    return channels_last(vae).encode(pixels)
+
+
+def posterior_tokens(vae: AutoencoderKL, mean: torch.Tensor, logvar: torch.Tensor,
+                     generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """A sample of the posterior (mean, logvar) as (B, N, 16) packed latent tokens."""
+    return flow.pack_latents(vae.to_latent_space(vae.sample_latent(mean, logvar, generator=generator, noise=noise)))
+
+
 def encode_image_tokens(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None = None,
                         noise: torch.Tensor | None = None) -> torch.Tensor:
     """(B, 3, H, W) pixels in [-1, 1] -> (B, N, 16) packed latent tokens sampled from the VAE posterior: what the
     decoder generates (training targets) and sees of an image being edited."""
-    weight = next(vae.parameters())
-    pixels = pixels.to(weight.device, weight.dtype).contiguous(memory_format=torch.channels_last)
-    mean, logvar = channels_last(vae).encode(pixels)
-    latents = vae.to_latent_space(vae.sample_latent(mean, logvar, generator=generator, noise=noise))
-    return flow.pack_latents(latents)
+    return posterior_tokens(vae, *encode_posterior(vae, pixels), generator=generator, noise=noise)
 
 
 def decode_image_tokens(vae: AutoencoderKL, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
