@@ -96,10 +96,13 @@ def all_gather(obj, runtime: Runtime) -> list:
     return gathered
 
 
-def fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter's bytes: equal across ranks iff the replicas are bit-identical."""
+def fingerprint(model: nn.Module, leave_out: str | None = None) -> str:
+    """A hash of every parameter's bytes (but those whose name starts with `leave_out`): equal across ranks iff
+    the replicas are bit-identical."""
     digest = hashlib.sha256()
     for name, param in model.named_parameters():
+        if leave_out is not None and name.startswith(leave_out):
+            continue
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()

@@ -12,7 +12,6 @@ tensors named `ROW.target_mean` etc., unusable rows listed with their skip reaso
 are written atomically and split over the ranks, and those already there are kept: an interrupted `train.py cache`
 continues where it stopped.
 """
-import hashlib
 import json
 import math
 import random
@@ -25,7 +24,7 @@ from safetensors.torch import save
 
 from .data import (DataConfig, Example, Frozen, Manifests, SkipRow, blank_condition, collate, index_path,
                    load_example, prompt_ids)
-from .distributed import Runtime
+from .distributed import Runtime, fingerprint
 from .files import read_json, write_atomic
 from .model import OvisU1, encode_posterior
 from .prompt import UNCONDITIONAL_PROMPT
@@ -40,20 +39,11 @@ class CacheError(ValueError):
     """A cache that cannot be used for this run: the message says why and what to do."""
 
 
-def weights_fingerprint(model: OvisU1) -> str:
-    """A hash of every weight the cached values depend on: all but the decoder (and its refiner)."""
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        if not name.startswith("visual_generator.backbone."):
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def settings(model: OvisU1, manifests: Manifests, cfg: DataConfig, precision: str) -> dict:
-    """Everything that changes the cached values, as cache.json holds it; a cache is used only with the same."""
+    """Everything that changes the cached values, as cache.json holds it; a cache is used only with the same. The
+    values depend on every weight but the decoder's (and its refiner's), which train."""
     return json.loads(json.dumps({
-        "format": CACHE_FORMAT, "weights": weights_fingerprint(model),
+        "format": CACHE_FORMAT, "weights": fingerprint(model, leave_out="visual_generator.backbone.")[:16],
         "manifests": [index_path(path).name for path in manifests.files], "resolution": cfg.resolution,
         "buckets": cfg.buckets, "max_length": cfg.max_length, "precision": precision}))
 
