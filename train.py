@@ -558,7 +558,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             group["lr"] = lr
         began = time.perf_counter()
         micro_batches = [next(loader).to(runtime.device, non_blocking=True) for _ in range(accumulation)]
-        mixture.next_global_batch(args.batch)  # the position the loader has now delivered
+        mixture.advance(args.batch)  # to the position the loader has now delivered
         data_wait = time.perf_counter() - began
         window = backward_window(wrapped, micro_batches, runtime, autocast, throughput)
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))

@@ -580,14 +580,19 @@ class Mixture:
         self.drawn = dict.fromkeys(self.ratios, 0)
         self.skipped = dict.fromkeys(SKIP_REASONS, 0)  # over all ranks, as the training loop adds them up
 
-    def next_global_batch(self, size: int) -> list[Draw]:
+    def advance(self, size: int) -> list[Draw]:
+        """The next `size` draws, tasks in the ratios sample by sample; the position moves past them."""
         draws = []
         for _ in range(size):
             task = max(self.ratios, key=lambda t: self.ratios[t] * (self.samples + 1) - self.drawn[t])
             draws.append(Draw(task, self.drawn[task]))
             self.drawn[task] += 1
             self.samples += 1
-        return sorted(draws, key=lambda draw: (TASKS.index(draw.task), self.batching_key(draw)))
+        return draws
+
+    def next_global_batch(self, size: int) -> list[Draw]:
+        """`advance`, grouped by task and ordered by batching key (similar lengths or aspect ratios together)."""
+        return sorted(self.advance(size), key=lambda draw: (TASKS.index(draw.task), self.batching_key(draw)))
 
     def batching_key(self, draw: Draw) -> float:
         stream = self.streams[draw.task]
