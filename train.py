@@ -125,25 +125,25 @@ from torch import nn  # noqa: E402
 from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load_checkpoint, read_config,  # noqa: E402
                                  tied_groups)
 from ovis_min.cli import TrainError  # noqa: E402
-from ovis_min.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
-                           bucket_table, index_manifests, parse_mix)
-from ovis_min.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, setup_runtime,  # noqa: E402
-                                  wrap)
+from ovis_min.train.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
+                                 bucket_table, index_manifests, parse_mix)
+from ovis_min.train.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, setup_runtime,  # noqa: E402
+                                        wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
-from ovis_min.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
-from ovis_min.losses import TrainStep, backward_window, summary  # noqa: E402
+from ovis_min.train.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
+from ovis_min.train.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.perf import peak_memory_gb  # noqa: E402
-from ovis_min.samples import read_sample_prompts, write_samples  # noqa: E402
-from ovis_min.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES, STAGES, apply_memory_policy,  # noqa: E402
-                             enable_gradient_checkpointing, init_adapter_, init_decoder_, learning_rate,
-                             make_optimizer, set_trainable, uses_generator)
-from ovis_min.ema import EMA  # noqa: E402
-from ovis_min.throughput import Throughput, format_duration, peak_flops  # noqa: E402
-from ovis_min.train_checkpoint import (Saver, StopRequest, abandon_later, checked_source, export,  # noqa: E402
+from ovis_min.train.samples import read_sample_prompts, write_samples  # noqa: E402
+from ovis_min.train.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES, STAGES, apply_memory_policy,  # noqa: E402
+                                   enable_gradient_checkpointing, init_adapter_, init_decoder_, learning_rate,
+                                   make_optimizer, set_trainable, uses_generator)
+from ovis_min.train.ema import EMA  # noqa: E402
+from ovis_min.train.throughput import Throughput, format_duration, peak_flops  # noqa: E402
+from ovis_min.train.checkpoint import (Saver, StopRequest, abandon_later, checked_source, export,  # noqa: E402
                                        read_trainer_state, resolve_resume, restore, source_record, trim_log)
-from ovis_min.validation import format_validation, load_held_out, validate  # noqa: E402
+from ovis_min.train.validation import format_validation, load_held_out, validate  # noqa: E402
 
 ctrl_c_raises()
 
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--val-every", type=whole_number(1), metavar="N", help="steps between validations (default "
                        "1000; needs --val-data)")
     watch.add_argument("--sample-prompts", type=Path, metavar="FILE", help="JSONL of captions, edits and questions "
-                       "(format in ovis_min/samples.py) sampled with fixed seeds every --sample-every steps into "
+                       "(format in ovis_min/train/samples.py) sampled with fixed seeds every --sample-every steps into "
                        "OUT/samples/step-NNNNNNNN/")
     watch.add_argument("--sample-every", type=whole_number(1), metavar="N", help="steps between samples (default "
                        "1000; needs --sample-prompts)")

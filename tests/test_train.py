@@ -1,4 +1,4 @@
-"""train.py and ovis_min/data.py on the tiny model with a small synthetic dataset drawn with PIL.
+"""train.py and ovis_min/train/data.py on the tiny model with a small synthetic dataset drawn with PIL.
 
 Per stage: the loss falls on a repeated batch, exactly the stage's parameters change, and the checkpoint is a
 strict official-layout checkpoint. Resuming continues exactly; two CPU processes (DDP, and FSDP for stage 3) agree.
@@ -19,17 +19,18 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import train
-from ovis_min import losses
+from ovis_min.train import losses
 from ovis_min.checkpoint import load_model, open_checkpoint
-from ovis_min import data, frozen_cache, vae
+from ovis_min import vae
+from ovis_min.train import data, frozen_cache
 from ovis_min import model as model_module
-from ovis_min.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
-                           index_manifests, load_example, read_row, scan_manifest, t2i_example, understanding_example)
+from ovis_min.train.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
+                                 index_manifests, load_example, read_row, scan_manifest, t2i_example, understanding_example)
 from ovis_min.preprocess import blank_image, condition_images, resize_center_crop
 from ovis_min.prompt import UNCONDITIONAL_PROMPT, Tokenizer, preprocess_inputs, t2i_prompt
-from ovis_min.distributed import Runtime
-from ovis_min.stages import STAGES, set_trainable
-from ovis_min.throughput import Throughput
+from ovis_min.train.distributed import Runtime
+from ovis_min.train.stages import STAGES, set_trainable
+from ovis_min.train.throughput import Throughput
 from ovis_min.tiny import write_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
-from ovis_min import train_checkpoint
+from ovis_min.train import checkpoint as train_checkpoint
 from ovis_min.checkpoint import CheckpointError, load_model
 from ovis_min.hub import resolve_source
 from script_runner import run_script, start_script
@@ -160,7 +160,7 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 import train
 from ovis_min.checkpoint import CheckpointError, load_model
-from ovis_min import train_checkpoint
+from ovis_min.train import checkpoint as train_checkpoint
 
 write_atomic = train_checkpoint.write_atomic
 
@@ -271,7 +271,7 @@ def test_a_resume_whose_init_changed_is_one_line_naming_the_fix(ckpt, data, tmp_
 SIGNALLED_TWICE = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r})
-from ovis_min.train_checkpoint import StopRequest
+from ovis_min.train.checkpoint import StopRequest
 
 request = StopRequest()
 os.kill(os.getpid(), signal.SIGUSR1)

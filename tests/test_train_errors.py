@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import train
-from ovis_min import train_checkpoint
+from ovis_min.train import checkpoint as train_checkpoint
 from script_runner import one_line_error, run_script, start_script
 
 FAST = ["--resolution", "32", "--workers", "0"]

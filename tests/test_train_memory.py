@@ -13,13 +13,13 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 import train
-from ovis_min import memory
+from ovis_min.train import memory
 from ovis_min.checkpoint import load_model
-from ovis_min.data import DataConfig
-from ovis_min.distributed import Runtime, wrap
-from ovis_min.losses import TrainStep
+from ovis_min.train.data import DataConfig
+from ovis_min.train.distributed import Runtime, wrap
+from ovis_min.train.losses import TrainStep
 from ovis_min.prompt import Tokenizer
-from ovis_min.stages import STAGES, apply_memory_policy, set_trainable, uses_generator
+from ovis_min.train.stages import STAGES, apply_memory_policy, set_trainable, uses_generator
 from ovis_min.tiny import tiny_config
 from test_train import manifest, run  # noqa: F401  (manifest: the synthetic dataset fixture)
 from test_train_watch import write_prompts

@@ -8,11 +8,11 @@ from PIL import Image
 from torch import nn
 
 import train
-from ovis_min import losses, throughput, validation
+from ovis_min.train import losses, throughput, validation
 from ovis_min.checkpoint import load_model
 from ovis_min.prompt import Tokenizer
-from ovis_min.samples import read_sample_prompts, write_samples
-from ovis_min.throughput import FlopCounter, Throughput, peak_flops
+from ovis_min.train.samples import read_sample_prompts, write_samples
+from ovis_min.train.throughput import FlopCounter, Throughput, peak_flops
 from test_train import manifest, run  # noqa: F401  (manifest: the synthetic dataset fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")

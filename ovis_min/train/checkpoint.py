@@ -35,13 +35,13 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, TRAINER_FILE, CheckpointError,
-                         open_checkpoint, save_checkpoint)
-from .cli import TrainError
+from ..checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, TRAINER_FILE, CheckpointError,
+                          open_checkpoint, save_checkpoint)
+from ..cli import TrainError
 from .data import Mixture
 from .distributed import Runtime, all_gather, all_reduce_sum
 from .ema import EMA
-from .files import disk_full, temp_prefix, write_atomic
+from ..files import disk_full, temp_prefix, write_atomic
 
 # DCP warns at every save and load without a process group that it assumes a single process: it is one.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

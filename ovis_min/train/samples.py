@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import write_atomic
-from .model import OvisU1
-from .pipeline import Ovis
-from .preprocess import ImageError, load_image
-from .prompt import Tokenizer
+from ..files import write_atomic
+from ..model import OvisU1
+from ..pipeline import Ovis
+from ..preprocess import ImageError, load_image
+from ..prompt import Tokenizer
 
 DEFAULT_STEPS = 30
 DEFAULT_NEW_TOKENS = 64

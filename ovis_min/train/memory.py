@@ -1,4 +1,4 @@
-"""Estimated per-GPU memory of each training stage at full size: the README's table (`python -m ovis_min.memory`
+"""Estimated per-GPU memory of each training stage at full size: the README's table (`python -m ovis_min.train.memory`
 prints it).
 
 Weights, gradients, optimiser state and EMA come from the parameter counts of the full-size model (OvisConfig's
@@ -18,7 +18,7 @@ only its float32 input (4h bytes per token) and one block at a time is recompute
 logits (bf16, their float32 copy and its gradient) for SUPERVISED_TOKENS answer tokens a sample. A step's
 micro-batch holds one task, so a stage needs the most demanding of its tasks. The sample sizes are upper-end
 assumptions, written below; allocator fragmentation, CUDA context (~0.5-1 GB) and temporary buffers are not
-counted. These are estimates, not measurements: `python -m ovis_min.memory --measure STAGE... --tokenizer DIR`
+counted. These are estimates, not measurements: `python -m ovis_min.train.memory --measure STAGE... --tokenizer DIR`
 measures them on one GPU (random full-size weights, the same sample sizes, two optimizer steps with an EMA) next to
 the estimate for one process.
 """
@@ -33,12 +33,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import build_model
-from .config import OvisConfig
+from ..checkpoint import build_model
+from ..config import OvisConfig
 from .data import DataConfig, MicroBatch, SkipRow, collate, edit_example, t2i_example, understanding_example
 from .losses import LossScale, TrainStep
-from .model import OvisU1
-from .prompt import Tokenizer
+from ..model import OvisU1
+from ..prompt import Tokenizer
 from .stages import (DEFAULT_MICRO_BATCH, STAGES, apply_memory_policy, enable_gradient_checkpointing,
                      make_optimizer, set_trainable, uses_generator)
 

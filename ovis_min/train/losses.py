@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import flow
+from .. import flow
 from .data import TASKS, Batch, MicroBatch
 from .distributed import Runtime, all_reduce_sum, gradient_sync
-from .model import IGNORE_ID, OvisU1, encode_image_tokens, posterior_tokens
+from ..model import IGNORE_ID, OvisU1, encode_image_tokens, posterior_tokens
 from .throughput import Throughput
 
 

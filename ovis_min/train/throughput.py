@@ -20,7 +20,7 @@ import contextlib
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .perf import FLOP_FORMULAS
+from ..perf import FLOP_FORMULAS
 
 # Dense (no sparsity) peak TFLOP/s per GPU from the vendors' data sheets: bf16 on tensor cores, and plain fp32
 # (float32 matmuls do not use TF32 unless torch is told to). Matched in order against torch's device name, so a

@@ -25,9 +25,9 @@ from safetensors.torch import save
 from .data import (DataConfig, Example, Frozen, Manifests, SkipRow, blank_condition, collate, index_path,
                    load_example, prompt_ids)
 from .distributed import Runtime, fingerprint
-from .files import read_json, write_atomic
-from .model import OvisU1, encode_posterior
-from .prompt import UNCONDITIONAL_PROMPT
+from ..files import read_json, write_atomic
+from ..model import OvisU1, encode_posterior
+from ..prompt import UNCONDITIONAL_PROMPT
 
 CACHE_FORMAT = 1
 ROWS_PER_SHARD = 256

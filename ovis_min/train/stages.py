@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.distributed._composable import checkpoint
 
-from .model import OvisU1
+from ..model import OvisU1
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class Stage:
     batch: int  # samples per optimizer step, over all processes
     lr: float
     resolution: int  # generation images (our choice)
-    grad_checkpointing: bool  # by default: where its activations would not fit an 80 GB GPU (ovis_min/memory.py)
+    grad_checkpointing: bool  # by default: where its activations would not fit an 80 GB GPU (ovis_min/train/memory.py)
 
 
 DECODER = ("visual_generator.backbone.",)  # the refiner is the decoder's `txt_in`

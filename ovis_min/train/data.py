@@ -40,13 +40,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import PreprocessConfig
-from .files import write_atomic
-from .layers import pad_rows
-from .preprocess import (ImageError, blank_image, condition_images, load_image, preprocess_images,
-                         resize_center_crop)
-from .prompt import (IGNORE_ID, UNCONDITIONAL_PROMPT, Tokenizer, build_input_ids, check_image_count, check_length,
-                     edit_prompt, preprocess_inputs, t2i_prompt)
+from ..config import PreprocessConfig
+from ..files import write_atomic
+from ..layers import pad_rows
+from ..preprocess import (ImageError, blank_image, condition_images, load_image, preprocess_images,
+                          resize_center_crop)
+from ..prompt import (IGNORE_ID, UNCONDITIONAL_PROMPT, Tokenizer, build_input_ids, check_image_count, check_length,
+                      edit_prompt, preprocess_inputs, t2i_prompt)
 
 TASKS = ("understanding", "t2i", "edit")
 SKIP_REASONS = ("malformed", "missing image", "unreadable image", "too long", "no answer")
