@@ -38,12 +38,12 @@ import torch  # noqa: E402
 from ovis_min import flow  # noqa: E402
 from ovis_min.config import LLMConfig, OvisConfig  # noqa: E402
 from ovis_min.files import write_atomic  # noqa: E402
-from ovis_min.generate import (attended_length, cache_length, compile_decode_step, compile_decoder_blocks,  # noqa: E402
-                               matrix_vector_kernels)
+from ovis_min.decode import (attended_length, cache_length, compile_decode_step,  # noqa: E402
+                             matrix_vector_kernels)
 from ovis_min.model import OvisU1, decode_image_tokens, encode_image_tokens  # noqa: E402
 from ovis_min.perf import (Ceilings, bf16_slowdown_on_cpu, count_flops, describe_device, peak_memory_gb,  # noqa: E402
                            reset_peak_memory, seconds)
-from ovis_min.pipeline import MAX_SIZE, Condition, guided_velocity, sample_latents  # noqa: E402
+from ovis_min.pipeline import MAX_SIZE, Condition, compile_decoder_blocks, guided_velocity, sample_latents  # noqa: E402
 from ovis_min.tiny import random_model, tiny_config  # noqa: E402
 
 ctrl_c_raises()
@@ -182,7 +182,7 @@ def make_workloads(model: OvisU1, args, device: torch.device) -> list[Workload]:
 
 
 def decode_workload(llm, embeds: torch.Tensor, tokens: int, compiled: bool = False) -> Workload:
-    """Greedy decoding of `tokens` tokens after the prompt `embeds`, the loop of `generate.generate` without its
+    """Greedy decoding of `tokens` tokens after the prompt `embeds`, the loop of `decode.generate` without its
     stopping logic. The prompt is prefilled once outside the timed call; each call decodes from the same slots.
     `compiled`: the step is `compile_decode_step`'s, as `Ovis.compile` makes it (CUDA graphs on a GPU).
     Each step attends over whole KV blocks (`attended_length`); the plain form over the positions so far."""
@@ -201,7 +201,7 @@ def decode_workload(llm, embeds: torch.Tensor, tokens: int, compiled: bool = Fal
         for i in range(tokens):
             slot = prompt + i
             key_mask[:, slot] = True
-            with matrix_vector_kernels(device):  # as generate.generate calls the step
+            with matrix_vector_kernels(device):  # as decode.generate calls the step
                 logits = step(token[:, None], position, slots[slot:slot + 1], key_mask[:, :attended(slot)])
             token = logits.argmax(-1)
             position = position + 1

@@ -158,11 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", choices=("bf16", "fp32"),
                      help="weights and compute (default bf16 on a GPU, fp32 on the CPU)")
     run.add_argument("--offload", action="store_true",
-                     help="keep the model in CPU memory and move only the stage in use to the GPU (condition: "
-                          "LLM + visual encoder, then the decoder, then the VAE): slower, and the GPU holds the "
-                          "largest stage instead of the whole model")
+                     help="keep the model in CPU memory and move only the part in use to the GPU (condition: "
+                          "LLM + visual encoder, then the image decoder, then the VAE): slower, and the GPU holds "
+                          "the largest part instead of the whole model")
     run.add_argument("--compile", action="store_true",
-                     help="torch.compile the decoder blocks and the LLM decode step (the first run compiles)")
+                     help="torch.compile the image decoder blocks and the LLM decode step (the first run compiles)")
     return parser
 
 
@@ -412,7 +412,7 @@ def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> 
     start = time.perf_counter()
     directory = find_weights(args.weights, args.revision)
     log(f"loading {directory} ({str(dtype).removeprefix('torch.')} on {device}"
-        f"{', offloaded to CPU between stages' if args.offload else ''})")
+        f"{', offloaded to CPU between parts' if args.offload else ''})")
     ovis = Ovis.from_pretrained(directory, device=device, dtype=dtype, offload=args.offload, download=False)
     # The metadata names the model as the user did: a hub id stays a hub id, a directory becomes absolute.
     ovis.model_id = args.weights if not Path(args.weights).expanduser().is_dir() else str(directory.resolve())

@@ -75,7 +75,7 @@ class RefinerConfig:
 
 @dataclass
 class MMDiTConfig:
-    """The image decoder (official `visual_generator.backbone`, "Yak")."""
+    """The image decoder (mmdit.py, which lists its official names)."""
     in_channels: int = 16  # 4 VAE latent channels x 2x2 packing
     out_channels: int = 16
     vec_in_dim: int = 1536

@@ -1,7 +1,7 @@
 """Qwen3-1.7B, the language model of Ovis-U1 (official `llm`, a standard Hugging Face Qwen3ForCausalLM).
 
 It serves three paths of the report's Figure 2:
-  * understanding: `prefill` and `decode_step` on a static KV cache (the decoding loop is generate.py's);
+  * understanding: `prefill` and `decode_step` on a static KV cache (the decoding loop is decode.py's);
   * image generation: `condition_states` gives the text condition of the image decoder;
   * tests and scoring: `forward` (logits) and `hidden_states` (every layer, Hugging Face convention).
 

@@ -1,5 +1,9 @@
 """The image decoder: an MMDiT that predicts the flow-matching velocity of packed VAE latent tokens.
 
+Its names, stated once: ovis-min calls it "the image decoder" ("the decoder" for short) and its class `MMDiT`;
+the checkpoint keeps it under `visual_generator.backbone.` (config section `visual_generator_config`, model
+type "yak"); the official code calls it `YakTransformer`; the report's Table 1 calls it the "Vision Decoder".
+
 Facts from the report (Sec. 2, Table 1: "Vision Decoder" 1046M + "Refiner" 81M) and the official Ovis-U1 code
 (`YakTransformer` in `modeling_yak.py`, defaults in `configuration_yak.py`):
 * inputs: noise tokens (4 latent channels packed 2x2 -> 16), the LLM condition refined by `txt_in`
@@ -240,7 +244,7 @@ class MLPEmbedder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the decoder
+# the image decoder
 
 
 class MMDiT(nn.Module):

@@ -60,6 +60,9 @@ class MergedInputs(NamedTuple):
 
 
 class OvisU1(nn.Module):
+    """The model: every block of Figure 2 as one nn.Module whose state_dict keys are the official names. The
+    pipeline that runs it on prompts and images (tokenizer, guidance, sampling) is `pipeline.Ovis`."""
+
     def __init__(self, config: OvisConfig):
         super().__init__()
         self.config = config

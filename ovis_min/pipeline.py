@@ -1,11 +1,12 @@
-"""The three tasks end to end: understanding, text-to-image and editing, as the official test scripts run them.
+"""The inference pipeline: understanding, text-to-image and editing end to end, as the official test scripts run them.
 
-`Ovis` holds the model and the tokenizer. Prompts, blank images, guidance branches and sizes follow the official
+`Ovis` is the pipeline: the model (`model.OvisU1`, an nn.Module with the official checkpoint names) with its
+tokenizer, run on prompts and images. Prompts, blank images, guidance branches and sizes follow the official
 `test_img_to_txt.py`, `test_txt_to_img.py` and `test_img_edit.py`. Sampling does once what does not change with
 the step: the refiner output and CLS vector of every condition and the RoPE tables of the grid.
 
-A generation runs in three stages, condition (LLM + visual encoder), decoder, VAE; with `offload` only the stage
-in use sits on the accelerator, the others wait in CPU memory.
+A generation uses three groups of modules in turn, condition (LLM + visual encoder), image decoder, VAE; with
+`offload` only the group in use sits on the accelerator, the others wait in CPU memory.
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from PIL import Image
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
 from .hub import resolve_source
-from .generate import compile_decode_step, compile_decoder_blocks, generate
+from .decode import compile_decode_step, generate
 from .mmdit import MMDiT
 from .layers import pad_rows
 from .model import OvisU1, decode_image_tokens, encode_image_tokens
@@ -28,8 +29,8 @@ from .prompt import UNCONDITIONAL_PROMPT, Tokenizer, edit_prompt, preprocess_inp
 
 Progress = Callable[[int, int], None] | None  # called as progress(step_done, total_steps)
 
-# The submodules of OvisU1 each stage needs, in the order a generation uses them.
-STAGES = {
+# The submodules of OvisU1 that `offload` moves together, in the order a generation uses them.
+OFFLOAD_GROUPS = {
     "condition": ("llm", "visual_tokenizer", "vte"),
     "decoder": ("visual_generator.backbone",),
     "vae": ("visual_generator.vae",),
@@ -122,13 +123,25 @@ def sample_latents(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float], 
     return flow.denoise(velocity, flow.pack_latents(noise), timesteps, progress=progress)
 
 
+def compile_decoder_blocks(decoder: MMDiT) -> None:
+    """torch.compile each double- and single-stream block of the image decoder in place: they run once per step
+    and guidance branch, and compiling fuses the element-wise work (norms, modulation, RoPE, gates) around the
+    matmuls."""
+    # Every (batch, text padding or not, image size) a block sees is one compilation of its forward; past torch's
+    # default of 8 per function it would quietly run uncompiled. This raises a process-wide dynamo setting, which
+    # is why only a caller that asked for compilation (Ovis.compile, bench.py --compile) gets here.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in (*decoder.double_blocks, *decoder.single_blocks):
+        block.compile()
+
+
 class Ovis:
-    """Ovis-U1 with its tokenizer: `answer`, `text_to_image` and `edit`."""
+    """The pipeline: an OvisU1 model and its tokenizer, run as `answer`, `text_to_image` and `edit`."""
 
     def __init__(self, model: OvisU1, tokenizer: Tokenizer, model_id: str = "",
                  device: torch.device | str | None = None, offload: bool = False):
         """`device`: where the computation runs (default: where the model is). `offload`: the model stays in CPU
-        memory and each stage is moved to `device` only while it runs."""
+        memory and each of OFFLOAD_GROUPS is moved to `device` only while it runs."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -145,20 +158,21 @@ class Ovis:
         loaded = load_model(directory, dtype=dtype, device="cpu" if offload else device)
         return cls(loaded.model, loaded.tokenizer, str(source), device=device, offload=offload)
 
-    def use(self, stage: str) -> None:
-        """With offload, bring `stage`'s modules to the device and send the other stages back to the CPU."""
+    def use(self, group: str) -> None:
+        """With offload, bring `group`'s modules (OFFLOAD_GROUPS) to the device and send the others to the CPU."""
         if not self.offload:
             return
-        for name, modules in STAGES.items():  # free the device first, so two stages never sit on it together
-            if name != stage:
+        for name, modules in OFFLOAD_GROUPS.items():  # free the device first, so two groups never sit on it together
+            if name != group:
                 for module in modules:
                     self.model.get_submodule(module).to("cpu")
-        for module in STAGES[stage]:
+        for module in OFFLOAD_GROUPS[group]:
             self.model.get_submodule(module).to(self.device)
 
     def compile(self) -> None:
-        """torch.compile what runs many times: each decoder block (once per step and guidance branch) and the
-        LLM's one-token decode step (`compile_decode_step`). The first call of each shape pays the compilation."""
+        """torch.compile what runs many times: each image decoder block (`compile_decoder_blocks`, once per step
+        and guidance branch) and the LLM's one-token decode step (`decode.compile_decode_step`). The first call
+        of each shape pays the compilation."""
         compile_decoder_blocks(self.model.visual_generator.backbone)
         self.decode_step = compile_decode_step(self.model.llm, self.device)
 
@@ -379,7 +393,7 @@ class Ovis:
     def sample_images(self, branches: list, combine: Callable[[list[torch.Tensor]], torch.Tensor],
                       noise: torch.Tensor, height: int, width: int, steps: int,
                       progress: Progress) -> list[Image.Image]:
-        """The part T2I and editing share: the guided Euler loop from `noise` (decoder stage), VAE decode."""
+        """The part T2I and editing share: the guided Euler loop from `noise` (image decoder), VAE decode."""
         tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width),
                                 branches, combine, progress)
         self.use("vae")

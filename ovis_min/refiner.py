@@ -1,4 +1,4 @@
-"""The text refiner: LLM hidden states -> context tokens and one pooled vector for the MMDiT.
+"""The text refiner: LLM hidden states -> context tokens and one pooled vector for the image decoder.
 
 The report (Sec. 2, Table 1: "Refiner", 81M) places a small bidirectional transformer between the LLM and the
 image decoder. In the official Ovis-U1 code (`SingleTokenRefiner` in `modeling_yak.py`, the decoder's `txt_in`)

@@ -3,7 +3,7 @@
 The official Ovis-U1 code builds it with diffusers' `AutoencoderKL.from_config` (`modeling_yak.py`); this file
 is the same network in plain torch, with module names chosen so that `state_dict()` keys equal the official
 ones below `visual_generator.vae.`. Pixels in [-1, 1] go down 8x to a 4-channel Gaussian posterior; the
-decoder maps latents back. The decoder (MMDiT) works in a scaled latent space, see `to_latent_space`.
+decoder maps latents back. The image decoder (mmdit.py) works in a scaled latent space, see `to_latent_space`.
 
 Structure (SDXL: block_out (128, 256, 512, 512), 2 resnets per encoder block, 3 per decoder block):
   encoder: conv_in -> down_blocks[i] (resnets, then a stride-2 conv except in the last) -> mid_block
@@ -202,7 +202,7 @@ class AutoencoderKL(nn.Module):
         return mean + torch.exp(0.5 * logvar) * noise
 
     def to_latent_space(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE latents -> the normalised latents the MMDiT is trained on ((z - shift) * scale)."""
+        """VAE latents -> the normalised latents the image decoder is trained on ((z - shift) * scale)."""
         if self.config.shift_factor is not None:
             latents = latents - self.config.shift_factor
         return latents * self.config.scaling_factor

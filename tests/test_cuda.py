@@ -1,7 +1,7 @@
 """The GPU paths on the golden tiny model, in bf16 on a CUDA device: skipped where there is none (CI is CPU-only).
 
 What the CPU tests cannot show: the device kernels' own memory layouts, CUDA graphs on the static KV cache,
-stage offloading to a real device, and run-to-run determinism of the GPU kernels.
+offloading to a real device, and run-to-run determinism of the GPU kernels.
 """
 import numpy as np
 import pytest
@@ -60,14 +60,14 @@ def test_the_same_seed_gives_the_same_bytes_on_the_gpu(source):
     assert np.array_equal(edit(ovis, source), edit(ovis, source))
 
 
-def test_offload_changes_nothing_and_leaves_only_the_running_stage_on_the_gpu(source):
+def test_offload_changes_nothing_and_leaves_only_the_running_group_on_the_gpu(source):
     resident, offloaded = tiny_ovis("cuda", torch.bfloat16), tiny_ovis("cuda", torch.bfloat16, offload=True)
     assert np.array_equal(t2i(resident), t2i(offloaded))
     assert np.array_equal(edit(resident, source), edit(offloaded, source))
     assert resident.answer("What is it?", [source], max_new_tokens=6) == offloaded.answer("What is it?", [source],
                                                                                         max_new_tokens=6)
     on_gpu = {name.split(".")[0] for name, p in offloaded.model.named_parameters() if p.device.type == "cuda"}
-    assert on_gpu == {"llm", "visual_tokenizer", "vte"}  # the last stage to run: the answer's
+    assert on_gpu == {"llm", "visual_tokenizer", "vte"}  # the last group to run: the answer's
 
 
 def test_compiled_decoding_with_cuda_graphs_answers_like_eager(source):

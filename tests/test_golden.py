@@ -54,7 +54,7 @@ def test_merge(name):  # ovis_min/model.py, the multimodal merge
 
 
 @pytest.mark.parametrize("name", cases_of("understanding"))
-def test_understanding(name):  # ovis_min/model.py + ovis_min/generate.py, greedy answers
+def test_understanding(name):  # ovis_min/model.py + ovis_min/decode.py, greedy answers
     run(name, understanding.check_understanding)
 
 

@@ -1,4 +1,4 @@
-"""Properties of the Qwen3 decoder (ovis_min/llm.py) and its decoding loop (ovis_min/generate.py) that the golden
+"""Properties of the Qwen3 decoder (ovis_min/llm.py) and its decoding loop (ovis_min/decode.py) that the golden
 forward alone does not pin down: KV-cache decoding, left padding, the image-generation condition, sampling, weight
 tying and the full-size layout."""
 import json
@@ -10,8 +10,8 @@ from torch import nn
 
 from golden_case import GOLDEN_DIR, GoldenCase
 from ovis_min.config import LLMConfig
-from ovis_min import generate as decoding, llm
-from ovis_min.generate import attended_length, cache_length, generate, next_token
+from ovis_min import decode as decoding, llm
+from ovis_min.decode import attended_length, cache_length, generate, next_token
 from ovis_min.llm import Qwen3
 
 TINY = LLMConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -98,7 +98,7 @@ def test_the_attended_prefix_is_never_the_whole_cache():
 
 def test_the_decode_step_traces_as_one_graph():
     """torch.compile takes `decode_step` whole: no graph break (the CPU kernel switch is entered around the call,
-    in generate.py, and not inside the step, where dynamo cannot trace it and would run the step eagerly)."""
+    in decode.py, and not inside the step, where dynamo cannot trace it and would run the step eagerly)."""
     model = tiny_model()
     model.setup_cache(2, cache_length(8))
     key_mask = torch.zeros(2, attended_length(6), dtype=torch.bool)

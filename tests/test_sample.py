@@ -17,7 +17,7 @@ from PIL import Image
 import sample as sample_cli
 from script_runner import Run, run_script
 from ovis_min.tiny import write_tiny_checkpoint
-from ovis_min.pipeline import STAGES, Ovis
+from ovis_min.pipeline import OFFLOAD_GROUPS, Ovis
 
 FAST = ["--width", "64", "--height", "64", "--steps", "2"]
 
@@ -309,7 +309,7 @@ def test_unknown_flag(sample_here, capsys):
 
 # -- the library side of --offload --------------------------------------------------------------------------------
 
-def test_offload_moves_one_stage_at_a_time_and_changes_no_pixel(weights, one_thread):
+def test_offload_moves_one_group_at_a_time_and_changes_no_pixel(weights, one_thread):
     plain = Ovis.from_pretrained(weights, device="cpu", dtype=torch.float32)
     offloaded = Ovis.from_pretrained(weights, device="cpu", dtype=torch.float32, offload=True)
     kwargs = dict(width=48, height=32, steps=2, seed=5)
@@ -319,10 +319,10 @@ def test_offload_moves_one_stage_at_a_time_and_changes_no_pixel(weights, one_thr
     # next answer.
     assert plain.answer("hi", max_new_tokens=2) == offloaded.answer("hi", max_new_tokens=2)
     assert offloaded.model.llm.cache_len() == 0 and plain.model.llm.cache_len() > 0
-    # Where each stage lands, with the meta device standing in for a GPU (a one-way trip: meta holds no data).
+    # Where each group lands, with the meta device standing in for a GPU (a one-way trip: meta holds no data).
     offloaded.device = torch.device("meta")
     offloaded.use("decoder")
-    for stage, modules in STAGES.items():
+    for group, modules in OFFLOAD_GROUPS.items():
         for name in modules:
             devices = {p.device.type for p in offloaded.model.get_submodule(name).parameters()}
-            assert devices == ({"meta"} if stage == "decoder" else {"cpu"}), (stage, name, devices)
+            assert devices == ({"meta"} if group == "decoder" else {"cpu"}), (group, name, devices)

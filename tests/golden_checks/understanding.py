@@ -2,7 +2,7 @@
 import torch
 
 from golden_checks.common import load_model
-from ovis_min.generate import generate
+from ovis_min.decode import generate
 from ovis_min.prompt import Tokenizer
 
 

@@ -1,19 +1,18 @@
-"""Running the model fast: the text decoding loop around llm.py, and `torch.compile` of what runs many times.
+"""Text decoding: the loop that turns the LLM's next-token logits into an answer, around llm.py.
 
-llm.py is the Qwen3 decoder and its static KV cache (`prefill`, `decode_step`); this file is the policy around it,
+llm.py is the Qwen3 LLM and its static KV cache (`prefill`, `decode_step`); this file is the policy around it,
 as gpt-fast's generate.py is around its model.py:
   * `generate`: Hugging Face's `generate(inputs_embeds=..., attention_mask=...)` as the official understanding path
     calls it (positions under left padding, eos and pad, stopping), one `decode_step` per token;
   * `next_token`: greedy decoding and temperature / top-k / top-p sampling;
   * `cache_length`, `attended_length`: how many cache slots to allocate and to attend over (whole KV_BLOCKs);
   * `matrix_vector_kernels`: the CPU kernel for products with one row, switched on around each decode step;
-  * `compile_decode_step`, `compile_decoder_blocks`: what `Ovis.compile` (sample.py --compile) and bench.py compile.
+  * `compile_decode_step`: the step that `Ovis.compile` (sample.py --compile) and bench.py compile.
 """
 from contextlib import nullcontext
 from typing import Callable
 
 import torch
-from torch import nn
 
 from .llm import Qwen3
 
@@ -58,18 +57,6 @@ def compile_decode_step(llm: Qwen3, device: torch.device) -> Callable[..., torch
     ("reduce-overhead"): one token runs a few hundred small kernels, whose launches would otherwise take longer
     than reading the weights."""
     return torch.compile(llm.decode_step, mode="reduce-overhead" if device.type == "cuda" else None)
-
-
-def compile_decoder_blocks(decoder: nn.Module) -> None:
-    """torch.compile each double- and single-stream block of the image decoder (mmdit.MMDiT) in place: they run
-    once per step and guidance branch, and compiling fuses the element-wise work (norms, modulation, RoPE,
-    gates) around the matmuls."""
-    # Every (batch, text padding or not, image size) a block sees is one compilation of its forward; past torch's
-    # default of 8 per function it would quietly run uncompiled. This raises a process-wide dynamo setting, which
-    # is why only a caller that asked for compilation (Ovis.compile, bench.py --compile) gets here.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for block in (*decoder.double_blocks, *decoder.single_blocks):
-        block.compile()
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
