@@ -39,7 +39,7 @@ class VisualTokenizer(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> torch.Tensor:
         # (N_patches, C*p*p) -> (N_patches / 4, V)
-        features = self.backbone(pixel_values, grid_thws).hidden_states[-1]
+        features = self.backbone(pixel_values, grid_thws).last_block
         return self.head.tokenize(features).probs
 
 

@@ -1,19 +1,28 @@
 """The visual encoder: AIMv2-large run at native resolution (the report's "visual encoder").
 
+The published Ovis-U1-3B config has `fullatt_block_indexes` null: every block attends over the whole image (each
+frame of it), as a plain ViT does. Read the blocks (first section) with that in mind. The window attention that
+the official encoder also supports, for configurations that list some blocks in `fullatt_block_indexes` and let
+the others attend within windows, is kept apart in the last section; with the published config it only decides
+the order in which the blocks see the patches of an image, which attention over the whole image does not depend
+on (up to float rounding).
+
 Facts from the official Ovis-U1 code (`modeling_aimv2.py`, `configuration_aimv2.py`):
-* input rows are 14x14 patches already grouped so that the hidden_stride x hidden_stride (2x2) patches that the
-  adapter merges into one visual token are adjacent ("unit order"); several images are packed in one sequence
-  and described by `grid_thws` rows (t, h, w) in patches;
+* input rows are 14x14 patches in "unit order": a unit is the hidden_stride x hidden_stride (2x2) group of
+  patches that the adapter merges into one visual token, its patches are adjacent rows (row by row), and the
+  units of an image follow each other in raster order; several images are packed in one sequence and described
+  by `grid_thws` rows (t, h, w) in patches;
 * patch embed = a p x p conv on each patch + RMSNorm, plus the learned 32x32 position table interpolated to
   each image's (h, w) (`one_dim`: linear over the flattened table, `two_dim`: bicubic on the grid);
 * 2-D rotary embedding in the rotate-half layout: head_dim/4 frequencies for the row, head_dim/4 for the column;
 * blocks listed in `fullatt_block_indexes` attend within each image (each frame), the others within windows of
-  window_size pixels; `fullatt_block_indexes = None` (the config default) makes every block attend per image;
+  window_size pixels; `fullatt_block_indexes = None` (the config default, and the published value) makes every
+  block attend per image;
 * pre-norm blocks with a SwiGLU MLP; no biases except the patch conv's.
 
-The modules come first. Everything that depends only on the image sizes (window order, rotary tables, attention
-runs, position-table resampling weights) follows them, apart: `vision_layout` computes it as a pure function of
-`grid_thws`, so callers can cache it per image size, and with it the forward pass has no host synchronisation.
+Everything that depends only on the image sizes (rotary tables, position-table resampling weights, the attention
+order and runs) is computed apart from the blocks: `vision_layout` is a pure function of `grid_thws`, so callers
+can cache it per image size, and with it the forward pass has no host synchronisation.
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ from ovis_min.layers import RMSNorm, apply_rope_half
 ROPE_THETA = 10000.0
 
 
-# -- modules ---------------------------------------------------------------------------------------------------------
+# -- blocks ----------------------------------------------------------------------------------------------------------
 
 class PatchEmbed(nn.Module):
     def __init__(self, cfg: VitConfig):
@@ -130,15 +139,11 @@ class Trunk(nn.Module):
         self.post_trunk_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
-def _reorder_units(x: torch.Tensor, index: torch.Tensor, units: int) -> torch.Tensor:
-    """Permute whole units (groups of `units` adjacent rows) of a (N, D) tensor."""
-    n, d = x.shape
-    return x.reshape(n // units, units * d).index_select(0, index).reshape(n, d)
-
-
 class VisionOutput(NamedTuple):
     last_hidden_state: torch.Tensor  # (N, D) post_trunk_norm of the last block, input order
-    hidden_states: list[torch.Tensor]  # num_layers x (N, D): each block's output, input order, no final norm
+    last_block: torch.Tensor  # (N, D) the last block's output, input order, no final norm: what the adapter reads
+    hidden_states: list[torch.Tensor]  # num_layers x (N, D) each block's output, input order, no final norm;
+    #                                    empty unless the forward was asked for all of them
 
 
 class VisionEncoder(nn.Module):
@@ -160,22 +165,26 @@ class VisionEncoder(nn.Module):
     def layout(self, grid_thws: torch.Tensor, device: torch.device | None = None) -> VisionLayout:
         return vision_layout(grid_thws, self.cfg, device)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor,
-                layout: VisionLayout | None = None) -> VisionOutput:
-        """pixel_values (N, C*p*p) rows in unit order, grid_thws (n_images, 3); `layout` may be precomputed."""
+    def forward(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor, layout: VisionLayout | None = None,
+                all_hidden_states: bool = False) -> VisionOutput:
+        """pixel_values (N, C*p*p) rows in unit order (see the module doc), grid_thws (n_images, 3); `layout` may
+        be precomputed. `all_hidden_states`: also return every block's output (to compare with the official ones);
+        the model reads only the last block's."""
         if layout is None:
             layout = self.layout(grid_thws, pixel_values.device)
         units = self.cfg.hidden_stride ** 2
-        tokens = self.preprocessor(pixel_values, layout)  # (N, D), input order
-        tokens = _reorder_units(tokens, layout.unit_order, units)  # attention order for all blocks
+        tokens = self.preprocessor(pixel_values, layout)  # (N, D), input (unit) order
+        tokens = reorder_units(tokens, layout.unit_order, units)  # attention order for all blocks
         rope_cos, rope_sin = layout.rope_cos.to(tokens.dtype), layout.rope_sin.to(tokens.dtype)  # once, not per block
         hidden_states = []
         for block, full in zip(self.trunk.blocks, self.full_attention):
             runs = layout.image_runs if full else layout.window_runs
             tokens = block(tokens, rope_cos, rope_sin, runs)
-            hidden_states.append(_reorder_units(tokens, layout.unit_restore, units))
+            if all_hidden_states:
+                hidden_states.append(reorder_units(tokens, layout.unit_restore, units))
+        last_block = hidden_states[-1] if all_hidden_states else reorder_units(tokens, layout.unit_restore, units)
         # The norm is per token, so normalising the un-permuted last block output is the same thing.
-        return VisionOutput(self.trunk.post_trunk_norm(hidden_states[-1]), hidden_states)
+        return VisionOutput(self.trunk.post_trunk_norm(last_block), last_block, hidden_states)
 
 
 # -- layout: pure functions of grid_thws -----------------------------------------------------------------------------
@@ -183,9 +192,8 @@ class VisionEncoder(nn.Module):
 class VisionLayout(NamedTuple):
     """Everything in the encoder that depends only on the image sizes (cache it per grid_thws).
 
-    The blocks run in "attention order": the official window order, except that the windows of each frame are
-    sorted by size so that equal windows are adjacent. Attention is permutation-equivariant inside a window and
-    the outputs are put back in input order, so this changes nothing but the number of SDPA calls.
+    The blocks run in "attention order" (see `window_order`, in the windows section below): units are permuted
+    as wholes, and the blocks' outputs are put back in input (unit) order.
     """
     grids: tuple[tuple[int, int, int], ...]  # (t, h, w) of each image, in patches
     unit_order: torch.Tensor  # (N/s^2,) the unit at each attention-order position
@@ -200,18 +208,8 @@ class VisionLayout(NamedTuple):
 def vision_layout(grid_thws: torch.Tensor, cfg: VitConfig, device: torch.device | None = None) -> VisionLayout:
     stride = cfg.hidden_stride
     units = stride * stride
-    window_units = cfg.window_size // stride // cfg.patch_size
     grids = tuple(_grids(grid_thws, stride))
-    unit_order, window_lengths, offset = [], [], 0
-    for t, h, w in grids:
-        table = window_table(t, h // stride, w // stride, window_units)  # (t, n_windows, m*m)
-        sizes = (table >= 0).sum(-1)  # (t, n_windows) units per window
-        by_size = sizes.sort(dim=-1, descending=True, stable=True).indices  # per frame: frames stay contiguous
-        table = table.gather(1, by_size[..., None].expand_as(table))
-        unit_order.append(table[table >= 0] + offset)
-        window_lengths += (sizes.gather(1, by_size).flatten() * units).tolist()
-        offset += t * (h // stride) * (w // stride)
-    unit_order = torch.cat(unit_order)
+    unit_order, window_lengths = window_order(grids, stride, cfg.window_size // stride // cfg.patch_size)
     angles = rope_angles(grid_thws, cfg.hidden_size // cfg.num_heads, stride)  # (N, head_dim/2), input order
     angles = angles.reshape(-1, units, angles.shape[-1])[unit_order].reshape(-1, 1, 1, angles.shape[-1])
     angles = torch.cat([angles, angles], dim=-1)  # rotate-half: both halves use the same angles
@@ -260,36 +258,6 @@ def rope_angles(grid_thws: torch.Tensor, head_dim: int, hidden_stride: int) -> t
     return (positions[:, :, None].float() * inv_freq).flatten(1)  # (N, 2 * head_dim/4)
 
 
-def window_table(t: int, units_h: int, units_w: int, window_units: int) -> torch.Tensor:
-    """(t, n_windows, window_units^2) unit ids of one image, window by window, -1 where a window is padding.
-
-    As in the official code the grid is always padded by at least one window row and column (a whole empty
-    row/column of windows when it divides evenly), and windows are read in raster order.
-    """
-    n_wh, n_ww = units_h // window_units + 1, units_w // window_units + 1
-    table = torch.full((t, n_wh * window_units, n_ww * window_units), -1, dtype=torch.long)
-    table[:, :units_h, :units_w] = torch.arange(t * units_h * units_w).reshape(t, units_h, units_w)
-    table = table.reshape(t, n_wh, window_units, n_ww, window_units).transpose(2, 3)
-    return table.reshape(t, n_wh * n_ww, window_units * window_units)
-
-
-def attention_runs(seqlens: list[int]) -> tuple[tuple[int, int], ...]:
-    """Consecutive segments of a packed sequence grouped into runs of equal length: ((n_segments, length), ...).
-
-    Each run is one batched SDPA call over a contiguous slice: no mask, no padding, and window attention costs
-    O(N * window) instead of O(N^2). Empty segments are dropped.
-    """
-    runs = []
-    for length in seqlens:
-        if length == 0:
-            continue
-        if runs and runs[-1][1] == length:
-            runs[-1][0] += 1
-        else:
-            runs.append([1, length])
-    return tuple((n, length) for n, length in runs)
-
-
 def pos_embed_resamplers(grid_thws: torch.Tensor, cfg: VitConfig) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """Per image, the weights that resize the learned position table to that image (see `position_embeddings`).
 
@@ -328,3 +296,63 @@ def _raster_to_units(x: torch.Tensor, t: int, h: int, w: int, stride: int) -> to
     """Reorder per-patch rows of one image from raster order to unit order (each stride x stride group adjacent)."""
     x = x.reshape(t, h // stride, stride, w // stride, stride, *x.shape[1:])
     return x.transpose(2, 3).reshape(t * h * w, *x.shape[5:])
+
+# -- windows: the attention order, for configurations with window attention ------------------------------------------
+
+def window_order(grids: tuple[tuple[int, int, int], ...], stride: int, window_units: int
+                 ) -> tuple[torch.Tensor, list[int]]:
+    """The attention order of the packed units, and the length in patches of each window in it.
+
+    Attention order is the official window order (each frame's units window by window, see `window_table`),
+    except that the windows of each frame are sorted by size so that equal windows are adjacent: attention is
+    permutation-equivariant inside a window and the outputs are put back in input order, so this changes nothing
+    but the number of SDPA calls (`attention_runs`). A block that attends over whole images sees the same order,
+    which changes nothing for it either.
+    """
+    unit_order, window_lengths, offset = [], [], 0
+    for t, h, w in grids:
+        table = window_table(t, h // stride, w // stride, window_units)  # (t, n_windows, m*m)
+        sizes = (table >= 0).sum(-1)  # (t, n_windows) units per window
+        by_size = sizes.sort(dim=-1, descending=True, stable=True).indices  # per frame: frames stay contiguous
+        table = table.gather(1, by_size[..., None].expand_as(table))
+        unit_order.append(table[table >= 0] + offset)
+        window_lengths += (sizes.gather(1, by_size).flatten() * stride * stride).tolist()
+        offset += t * (h // stride) * (w // stride)
+    return torch.cat(unit_order), window_lengths
+
+
+def window_table(t: int, units_h: int, units_w: int, window_units: int) -> torch.Tensor:
+    """(t, n_windows, window_units^2) unit ids of one image, window by window, -1 where a window is padding.
+
+    As in the official code the grid is always padded by at least one window row and column (a whole empty
+    row/column of windows when it divides evenly), and windows are read in raster order.
+    """
+    n_wh, n_ww = units_h // window_units + 1, units_w // window_units + 1
+    table = torch.full((t, n_wh * window_units, n_ww * window_units), -1, dtype=torch.long)
+    table[:, :units_h, :units_w] = torch.arange(t * units_h * units_w).reshape(t, units_h, units_w)
+    table = table.reshape(t, n_wh, window_units, n_ww, window_units).transpose(2, 3)
+    return table.reshape(t, n_wh * n_ww, window_units * window_units)
+
+
+def attention_runs(seqlens: list[int]) -> tuple[tuple[int, int], ...]:
+    """Consecutive segments of a packed sequence grouped into runs of equal length: ((n_segments, length), ...).
+
+    Each run is one batched SDPA call over a contiguous slice: no mask, no padding, and window attention costs
+    O(N * window) instead of O(N^2). Empty segments are dropped.
+    """
+    runs = []
+    for length in seqlens:
+        if length == 0:
+            continue
+        if runs and runs[-1][1] == length:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, length])
+    return tuple((n, length) for n, length in runs)
+
+
+def reorder_units(x: torch.Tensor, index: torch.Tensor, units: int) -> torch.Tensor:
+    """Permute whole units (groups of `units` adjacent rows) of a (N, D) tensor: unit i of the result is unit
+    index[i] of x."""
+    n, d = x.shape
+    return x.reshape(n // units, units * d).index_select(0, index).reshape(n, d)

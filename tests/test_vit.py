@@ -39,10 +39,10 @@ def test_packing_equals_encoding_each_image_alone():
     encoder = _random_encoder(TINY)
     grids = [(6, 10), (4, 4), (10, 6)]  # partial windows at the edges, one image exactly one window
     pixels, grid_thws = _images(*grids)
-    packed = encoder(torch.cat(pixels), grid_thws)
+    packed = encoder(torch.cat(pixels), grid_thws, all_hidden_states=True)
     start = 0
     for pixel_values, grid in zip(pixels, grid_thws):
-        alone = encoder(pixel_values, grid[None])
+        alone = encoder(pixel_values, grid[None], all_hidden_states=True)
         end = start + pixel_values.shape[0]
         torch.testing.assert_close(packed.last_hidden_state[start:end], alone.last_hidden_state, atol=1e-5, rtol=1e-5)
         for packed_hidden, alone_hidden in zip(packed.hidden_states, alone.hidden_states):

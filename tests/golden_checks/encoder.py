@@ -45,7 +45,7 @@ def check_vit(case):
     for method in methods:
         encoder = _encoder(case, dataclasses.replace(cfg, interpolate_pe_method=method))
         case.expect(f"{method}.preprocessor_out", encoder.preprocessor(pixel_values, encoder.layout(grid_thws)))
-        out = encoder(pixel_values, grid_thws)
+        out = encoder(pixel_values, grid_thws, all_hidden_states=True)
         for i, hidden in enumerate(out.hidden_states):
             case.expect(f"{method}.hidden_states.{i}", hidden)
         case.expect(f"{method}.last_hidden_state", out.last_hidden_state)
@@ -67,7 +67,7 @@ def check_visual_tokenizer(case):
     vte.load_state_dict(case.state_dict("vte."), strict=True)
 
     # The head reads the last block output, before post_trunk_norm.
-    features = encoder(case.input("pixel_values"), case.input("grid_thws")).hidden_states[-1]
+    features = encoder(case.input("pixel_values"), case.input("grid_thws")).last_block
     tokens = head.tokenize(features)
     case.expect("features", tokens.features)
     case.expect("logits", tokens.logits)
