@@ -1,7 +1,9 @@
 """The inference pipeline: understanding, text-to-image and editing end to end, as the official test scripts run them.
 
 `Ovis` is the pipeline: the model (`model.OvisU1`, an nn.Module with the official checkpoint names) with its
-tokenizer, run on prompts and images. Prompts, blank images, guidance branches and sizes follow the official
+tokenizer, run on prompts and images. One image's guided denoising in its plainest form is `denoise_one_image`
+(one decoder call per guidance branch and step, then the guidance); what the pipeline runs is the same loop with
+the branches batched (`guided_velocity`, `sample_latents`), tested equal to it. Prompts, blank images, guidance branches and sizes follow the official
 `test_img_to_txt.py`, `test_txt_to_img.py` and `test_img_edit.py`. Sampling does once what does not change with
 the step: the refiner output and CLS vector of every condition and the RoPE tables of the grid.
 
@@ -53,6 +55,33 @@ def one_or_each(conditions: list[Condition]) -> "Condition | list[Condition]":
 def round_to_16(size: int) -> int:
     """The official sampler floors the image size to a multiple of 16 (8x VAE, then 2x2 packing)."""
     return 16 * (size // 16)
+
+
+@torch.no_grad()
+def denoise_one_image(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float], branches: list[Condition],
+                      txt_cfg: float, img_cfg: float | None = None) -> torch.Tensor:
+    """The guided Euler loop of one image in its plainest form: the spec that `sample_latents` computes faster.
+
+    noise (1, 4, h, w) -> (1, N, 16) latent tokens. `branches` are [cond, uncond] for text-to-image (text
+    guidance; `img_cfg` None) or [cond, no text, no both] for editing (image + text guidance). Each step runs the
+    decoder once per branch; nothing is batched, padded or shared between branches.
+    """
+    x = flow.pack_latents(noise)  # (1, N, 16)
+    rows, cols = noise.shape[-2] // 2, noise.shape[-1] // 2  # the grid of packed tokens
+    for t_cur, t_next in zip(timesteps[:-1], timesteps[1:]):
+        v = []
+        for branch in branches:
+            ids = flow.sequence_position_ids(branch.tokens.shape[1], rows, cols,
+                                             edit_image=branch.cond_img is not None, device=x.device)  # (1, S, 3)
+            t = torch.full((1,), t_cur, dtype=x.dtype, device=x.device)
+            v.append(decoder.predict_velocity(x, branch.tokens, decoder.text_vector(branch.cls),
+                                              decoder.rope(ids, x.dtype), t, cond_img=branch.cond_img))
+        if img_cfg is None:  # text-to-image
+            velocity = flow.text_guidance(v[0], v[1], txt_cfg)
+        else:  # editing
+            velocity = flow.edit_guidance(v[0], v[1], v[2], img_cfg, txt_cfg)
+        x = x + (t_next - t_cur) * velocity  # t goes down from 1 (noise) to 0 (image)
+    return x
 
 
 def guided_velocity(decoder: MMDiT, branches: list["Condition | list[Condition]"],
@@ -116,7 +145,8 @@ def sample_latents(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float], 
     """Euler-integrate the guided velocity from `noise` (B, 4, h, w) over `timesteps`; returns (B, N, 16) tokens.
 
     Each step evaluates every guidance branch (batched, see `guided_velocity`) and `combine`s their velocities
-    (text guidance for T2I, image + text guidance for editing).
+    (text guidance for T2I, image + text guidance for editing). `denoise_one_image` is the same loop for one
+    image, written plainly; the tests hold this one to it.
     """
     batch, _, h, w = noise.shape
     velocity = guided_velocity(decoder, branches, combine, batch, h // 2, w // 2)

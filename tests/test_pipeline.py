@@ -1,12 +1,12 @@
 """The pipeline beyond the golden cases: understanding on the golden tiny model (batching, several images, text
-only), and the batched guidance of the sampler against one decoder call per branch."""
+only), and the batched guidance of the sampler against one decoder call per branch (`denoise_one_image`)."""
 import pytest
 import torch
 from PIL import Image
 
 from golden_case import REPO_GOLDEN as GOLDEN, tiny_ovis
 from ovis_min import flow
-from ovis_min.pipeline import Condition, guided_velocity, sample_latents
+from ovis_min.pipeline import Condition, denoise_one_image, guided_velocity, sample_latents
 from ovis_min.tiny import random_model, tiny_config
 
 
@@ -82,22 +82,24 @@ def test_guided_velocity_batches_branches_like_separate_official_calls(model):
             torch.testing.assert_close(fast[i], plain, rtol=0, atol=1e-5)
 
 
-def test_sampler_t2i_with_unequal_texts_equals_per_branch_sampling(model):
+@pytest.mark.parametrize("task", ["t2i", "edit"])
+def test_sampler_with_unequal_texts_equals_the_plain_loop(model, task):
+    """sample_latents (branches batched, texts padded and masked) against denoise_one_image, its spec."""
     decoder = model.visual_generator.backbone
     torch.manual_seed(1)
-    branches = [Condition(*decoder.encode_text(torch.randn(1, n, model.config.mmdit.context_in_dim)))
-                for n in (6, 3)]
+    cond_img = torch.randn(1, 16, 16)  # the VAE tokens of a 64x64 edit image
+
+    def branch(length, sees_image):
+        txt = torch.randn(1, length, model.config.mmdit.context_in_dim)
+        return Condition(*decoder.encode_text(txt), cond_img if sees_image else None)
+    if task == "t2i":
+        branches, img_cfg = [branch(6, False), branch(3, False)], None
+        combine = lambda v: flow.text_guidance(v[0], v[1], 5.0)
+    else:
+        branches, img_cfg = [branch(7, True), branch(5, True), branch(4, False)], 1.5
+        combine = lambda v: flow.edit_guidance(v[0], v[1], v[2], 1.5, 5.0)
     noise, timesteps = torch.randn(1, 4, 8, 8), [1.0, 0.6, 0.2, 0.0]
-    combine = lambda v: flow.text_guidance(v[0], v[1], 5.0)
     with torch.no_grad():
         batched = sample_latents(decoder, noise, timesteps, branches, combine)
-
-        def one_by_one(x, t):  # the plain path: one decoder call per branch, vector_in and RoPE every step
-            v = []
-            for b in branches:
-                ids = torch.cat([torch.zeros(1, b.tokens.shape[1], 3), flow.latent_position_ids(4, 4)], dim=1)
-                v.append(decoder.predict_velocity(x, b.tokens, decoder.text_vector(b.cls), decoder.rope(ids, x.dtype),
-                                                  torch.tensor([t])))
-            return combine(v)
-        plain = flow.denoise(one_by_one, flow.pack_latents(noise), timesteps)
+    plain = denoise_one_image(decoder, noise, timesteps, branches, 5.0, img_cfg)
     torch.testing.assert_close(batched, plain, rtol=0, atol=1e-5)

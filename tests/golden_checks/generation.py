@@ -5,7 +5,7 @@ from ovis_min.flow import (edit_guidance, latent_position_ids, pack_latents, tex
                            unpack_latents)
 from ovis_min.mmdit import MMDiT
 from ovis_min.model import decode_image_tokens
-from ovis_min.pipeline import Condition, sample_latents
+from ovis_min.pipeline import Condition, denoise_one_image, sample_latents
 from ovis_min.vae import AutoencoderKL, to_uint8
 
 
@@ -67,11 +67,16 @@ def check_sampler(case):
             image_tokens = case.input("vae_cond_tokens")  # drawn by the official code from torch's global RNG
             branches = [branch("cond_txt", image_tokens), branch("no_txt_txt", image_tokens), branch("no_both_txt")]
             combine = lambda v: edit_guidance(v[0], v[1], v[2], meta["img_cfg"], meta["txt_cfg"])
+            img_cfg = meta["img_cfg"]
         else:
             branches = [branch("cond_txt"), branch("no_both_txt")]
             combine = lambda v: text_guidance(v[0], v[1], meta["txt_cfg"])
+            img_cfg = None
         final = sample_latents(decoder, noise, timesteps, branches, combine)
         case.expect("final_latent_tokens", final)
+        # the plain loop, the spec of the batched one, gives the official latents too
+        case.expect("final_latent_tokens", denoise_one_image(decoder, noise, timesteps, branches, meta["txt_cfg"],
+                                                             img_cfg))
         case.expect("vae_decode_in", vae.from_latent_space(unpack_latents(final, height, width)))
         decoded = decode_image_tokens(vae, final, height, width)
         case.expect("decoded", decoded)
