@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp32 on CPU); weights and optimizer state are float32 either way")
     parser.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, help="recompute block "
                         "activations in the backward pass (less memory, ~30%% more compute; default: on for "
-                        "stages 2, 3 and 5, whose activations would not fit an 80 GB GPU otherwise, see README)")
+                        "stages 2, 3 and 5, whose estimated memory per GPU exceeds 60 GB without it, see README)")
     parser.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
     parser.add_argument("--save-every", type=whole_number(1), default=1000, help="steps between checkpoints (and at the end; "

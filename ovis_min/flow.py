@@ -81,7 +81,8 @@ def sequence_position_ids(txt_len: int, rows: int, cols: int, edit_image: bool,
 
 # -- guidance and sampling -------------------------------------------------------------------------
 def text_guidance(v_cond: torch.Tensor, v_uncond: torch.Tensor, txt_cfg: float) -> torch.Tensor:
-    """Classifier-free guidance for text-to-image (uncond = the "no text, no image" condition)."""
+    """Classifier-free guidance for text-to-image. uncond is the generic prompt ("Generate an image.") with the
+    same blank image as cond: the two T2I branches differ only in their text."""
     return v_uncond + txt_cfg * (v_cond - v_uncond)
 
 

@@ -229,7 +229,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)  # shift first (DiT has it the other way)
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)  # shift first, as in DiT and FLUX
         return self.linear(modulate(layer_norm(x), shift, scale))
 
 

@@ -26,7 +26,7 @@ from .vit import VisionEncoder
 # Negative ids the prompt builder (prompt.py) writes and merge_inputs replaces; from the official modeling code.
 IGNORE_ID = -100  # label of positions that carry no loss
 IMAGE_ATOM_ID = -300  # replaced by the image's visual embeddings
-IMAGE_INDICATOR_IDS = (-301, -302, -303, -304)  # -301/-302 open/close an image; -303/-304 were meant for video
+IMAGE_INDICATOR_IDS = (-301, -302, -303, -304)  # -301/-302 open/close an image, -303 brackets a video; -304 unused
 
 
 class VisualTokenizer(nn.Module):

@@ -19,7 +19,7 @@ class Stage:
     batch: int  # samples per optimizer step, over all processes
     lr: float
     resolution: int  # generation images (our choice)
-    grad_checkpointing: bool  # by default: where its activations would not fit an 80 GB GPU (ovis_min/train/memory.py)
+    grad_checkpointing: bool  # by default: where memory.py's estimate without it exceeds 60 GB (0.75 of an 80 GB GPU)
 
 
 DECODER = ("visual_generator.backbone.",)  # the refiner is the decoder's `txt_in`
