@@ -1,11 +1,13 @@
 """The inference pipeline: understanding, text-to-image and editing end to end, as the official test scripts run them.
 
 `Ovis` is the pipeline: the model (`model.OvisU1`, an nn.Module with the official checkpoint names) with its
-tokenizer, run on prompts and images. One image's guided denoising in its plainest form is `denoise_one_image`
-(one decoder call per guidance branch and step, then the guidance); what the pipeline runs is the same loop with
-the branches batched (`guided_velocity`, `sample_latents`), tested equal to it. Prompts, blank images, guidance branches and sizes follow the official
-`test_img_to_txt.py`, `test_txt_to_img.py` and `test_img_edit.py`. Sampling does once what does not change with
-the step: the refiner output and CLS vector of every condition and the RoPE tables of the grid.
+tokenizer, run on prompts and images. Prompts, blank images, guidance branches and sizes follow the official
+`test_img_to_txt.py`, `test_txt_to_img.py` and `test_img_edit.py`.
+
+One image's guided denoising in its plainest form is `denoise_one_image`: one decoder call per guidance branch
+and step, then the guidance. What the pipeline runs is the same loop with the branches batched (`guided_velocity`,
+`sample_latents`), tested equal to it; it also does once what does not change with the step: the refiner output
+and CLS vector of every condition and the RoPE tables of the grid.
 
 A generation uses three groups of modules in turn, condition (LLM + visual encoder), image decoder, VAE; with
 `offload` only the group in use sits on the accelerator, the others wait in CPU memory.
