@@ -1,4 +1,4 @@
-"""Flow matching: the sampling schedule, latent packing, guidance, the Euler sampler and the training target.
+"""Flow matching: the sampling schedule, latent packing, guidance, the Euler sampler and the training loss.
 
 Facts from the official Ovis-U1 code (`modeling_yak.py`: `get_schedule`, `time_shift`, `get_noise`, `denoise`,
 `edit_denoise`, `compute_vae_encodings`, `unpack`). Convention: t = 1 is pure noise and t = 0 is the image;
@@ -8,7 +8,6 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 
 # -- schedule --------------------------------------------------------------------------------------
@@ -166,5 +165,7 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def flow_matching_loss(pred_velocity: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Mean squared error to the velocity target, in float32 whatever the model dtype."""
-    return F.mse_loss(pred_velocity.float(), velocity_target(x0, noise).float())
+    """The training loss of each sample: the mean squared error of its predicted velocity (B, N, C) to the target,
+    (B,) in float32 whatever the model dtype. Training averages it over the samples of a step (train/losses.py)."""
+    error = pred_velocity.float() - velocity_target(x0, noise).float()  # (B, N, C)
+    return error.square().mean(dim=tuple(range(1, error.ndim)))

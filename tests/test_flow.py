@@ -135,11 +135,14 @@ def test_target_velocity_takes_the_sampler_from_noise_to_data():
     assert torch.allclose(end, x0, atol=1e-12)
 
 
-def test_loss():
-    x0, noise = torch.randn(2, 2, 3, 4)
+def test_loss_is_per_sample():
+    x0, noise = torch.randn(2, 3, 5, 16)  # (pair, B, N, C)
     target = flow.velocity_target(x0, noise)
-    assert flow.flow_matching_loss(target, x0, noise).item() == 0.0
-    assert flow.flow_matching_loss(-target, x0, noise).item() == pytest.approx(4 * target.pow(2).mean().item())
+    assert torch.equal(flow.flow_matching_loss(target, x0, noise), torch.zeros(3))
+    wrong = flow.flow_matching_loss(-target, x0, noise)  # (B,): each sample's own mean
+    torch.testing.assert_close(wrong, 4 * target.pow(2).mean(dim=(1, 2)))
+    # a sample's loss does not depend on the others in its batch
+    torch.testing.assert_close(flow.flow_matching_loss(-target[:1], x0[:1], noise[:1]), wrong[:1], rtol=0, atol=0)
     loss = flow.flow_matching_loss(target.bfloat16(), x0, noise)
     assert loss.dtype == torch.float32
 

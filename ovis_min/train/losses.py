@@ -109,8 +109,7 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
                                         key_mask=torch.cat(key_mask, dim=1))
     tokens = int(txt_mask.sum()) + batch_size * num_img + (int(batch.has_source.sum()) * num_img
                                                            if cond_img is not None else 0)
-    per_sample = (velocity.float() - flow.velocity_target(x0, noise).float()).square().mean(dim=(1, 2))
-    return per_sample, tokens
+    return flow.flow_matching_loss(velocity, x0, noise), tokens
 
 
 @dataclass
