@@ -131,7 +131,7 @@ from ovis_min.train.distributed import (Runtime, all_gather, all_reduce_sum, fin
                                         wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
-from ovis_min.train.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
+from ovis_min.train.frozen_cache import CacheError, FrozenCache, build_cache, settings, weights_fingerprint  # noqa: E402
 from ovis_min.train.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.perf import peak_memory_gb  # noqa: E402
@@ -286,7 +286,8 @@ def cache_main(argv: list[str]) -> dict[str, int]:
         model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device).eval()
         precision = args.precision or ("bf16" if runtime.device.type == "cuda" else "fp32")
         autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        written = build_cache(model, manifests, tasks, cfg, args.out, runtime, args.micro_batch, precision, autocast)
+        wanted = settings(weights_fingerprint(model, runtime), manifests, cfg, precision)
+        written = build_cache(model, manifests, tasks, cfg, args.out, runtime, args.micro_batch, wanted, autocast)
         if runtime.world > 1:
             dist.barrier()
         print(f"cache {args.out}: {', '.join(f'{t} {len(manifests.rows[t])} rows' for t in tasks)} "
@@ -493,6 +494,8 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
 
     # The model: float32 master weights, the stage's parts trainable.
     model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device)
+    # what the cache's values depend on, as loaded (before sharding and the bf16 storage of frozen weights)
+    weights_print = weights_fingerprint(model, runtime) if args.cache is not None else None
     trained = set(set_trainable(model, args.stage))
     trained |= {alias for group in tied_groups(model) if trained & set(group) for alias in group}  # lm_head
     if args.scratch and trainer_state is None:
@@ -520,13 +523,13 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     cache = None
     if args.cache is not None:
         try:
-            cache = FrozenCache(args.cache, settings(model, manifests, data_cfg, precision), manifests,
+            cache = FrozenCache(args.cache, settings(weights_print, manifests, data_cfg, precision), manifests,
                                 [task for task in mixture.ratios if task != "understanding"])
         except CacheError as error:
             raise TrainError(str(error)) from None
     # after restore: the loader starts at the restored data position
-    loader = Loader(mixture, MicroBatchData(mixture, data_cfg, cache), args.batch,
-                    args.micro_batch, runtime.rank, runtime.world, args.workers,
+    data = MicroBatchData(mixture, data_cfg, cache)
+    loader = Loader(mixture, data, args.batch, args.micro_batch, runtime.rank, runtime.world, args.workers,
                     pin_memory=runtime.device.type == "cuda")
     if runtime.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -557,10 +560,11 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         for group in optimizer.param_groups:
             group["lr"] = lr
         began = time.perf_counter()
-        micro_batches = [next(loader).to(runtime.device, non_blocking=True) for _ in range(accumulation)]
+        micro_batches = [next(loader) for _ in range(accumulation)]  # in host memory until their pass
         mixture.advance(args.batch)  # to the position the loader has now delivered
         data_wait = time.perf_counter() - began
-        window = backward_window(wrapped, micro_batches, runtime, autocast, throughput)
+        window = backward_window(wrapped, micro_batches, runtime, autocast, throughput,
+                                 placeholder=data.placeholder if parallel == "fsdp" and runtime.world > 1 else None)
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
