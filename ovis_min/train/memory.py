@@ -211,7 +211,7 @@ def measure(stage: int, tokenizer_dir: Path, device: torch.device, folder: Path,
         model = OvisU1(config)
     trained = set(set_trainable(model, stage))
     spec = STAGES[stage]
-    apply_memory_policy(model, spec.mix, "bf16")
+    apply_memory_policy(model, spec.mix, "bf16", device)
     if spec.grad_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
