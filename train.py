@@ -70,7 +70,8 @@ Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, t
   the train.py processes: torchrun passes SIGTERM on to them but kills them 30 s later, and dies of SIGUSR1.
 
 Distributed: torchrun --nproc_per_node N train.py ... runs DDP, or FSDP2 (fully_shard per block) for stage 3,
-  which trains the LLM. Gradient accumulation = batch / (micro-batch x processes). bf16 autocast on GPU
+  which trains the LLM, and for any stage with --parallel fsdp. Gradient accumulation = batch / (micro-batch x
+  processes); the default micro-batch is the largest up to 4 that divides it (stage 3's 2240 on 32 processes: 2). bf16 autocast on GPU
   (fp32 master weights), fp32 on CPU.
 
 Memory: under bf16, frozen weights are stored in bf16 and FSDP gathers weights in bf16 and reduces gradients in

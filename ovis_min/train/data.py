@@ -422,6 +422,10 @@ def load_example(manifests: Manifests, task: str, ref: tuple[int, int], seed: in
 # ---------------------------------------------------------------------------------------------------------------
 # Collation
 # ---------------------------------------------------------------------------------------------------------------
+# The small tensors that lay a Batch out stay on the host (Batch.to); `seeds` seed CPU generators.
+HOST_FIELDS = ("input_ids", "attention_mask", "grid_thws", "seeds", "has_source", "condition_mask")
+
+
 @dataclass
 class Batch:
     task: str
@@ -443,14 +447,17 @@ class Batch:
     source_logvar: torch.Tensor | None = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """The batch's data on `device`; its layout (HOST_FIELDS) stays on the host, where the forward pass reads
+        sizes and positions from it without waiting for the device, and moves what it computes with itself."""
         moved = {name: value.to(device, non_blocking=non_blocking)
-                 if isinstance(value, torch.Tensor) and name != "seeds" else value
+                 if isinstance(value, torch.Tensor) and name not in HOST_FIELDS else value
                  for name, value in self.__dict__.items()}
         return Batch(**moved)
 
     def pin_memory(self) -> "Batch":
         return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) and name != "seeds" else value
                         for name, value in self.__dict__.items()})
+
 
     @property
     def supervised_tokens(self) -> int:

@@ -32,9 +32,18 @@ def idle_image_term(model: OvisU1) -> torch.Tensor:
     vit, stride = model.config.vit, model.config.adapter.hidden_stride
     width = vit.num_channels * vit.temporal_patch_size * vit.patch_size ** 2
     pixels = torch.zeros(stride * stride, width, device=model.device)
-    grid = torch.tensor([[1, stride, stride]], device=model.device)
+    grid = torch.tensor([[1, stride, stride]])  # on the host, as a batch's grids are (Batch.to)
     embeds = model.visual_embeddings(pixels, grid)[0]
     return 0.0 * (embeds.sum() + model.vte.indicator_embeds().sum())
+
+
+def llm_tokens(model: OvisU1, batch: Batch) -> int:
+    """Real positions the LLM runs on: the text tokens, each image placeholder replaced by its image's tokens.
+    From the batch's layout tensors, which stay on the host (Batch.to): counting costs no wait for the device."""
+    images = 0
+    if batch.grid_thws is not None:  # each image: its tokens in place of its one placeholder
+        images = int(batch.grid_thws.prod(-1).sum()) // model.config.adapter.hidden_stride ** 2 - len(batch.grid_thws)
+    return int(batch.attention_mask.sum()) + images
 
 
 def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) -> tuple[torch.Tensor, int, int]:
@@ -54,7 +63,7 @@ def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) ->
     # The (B, L, 152K) logits of every position would dwarf the rest of the step: project only what is learned.
     logits = model.llm.lm_head(hidden[:, :-1][supervised])  # (T, V)
     loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
-    return loss_sum, int(merged.attention_mask.sum()), merged.attention_mask.numel()
+    return loss_sum, llm_tokens(model, batch), merged.attention_mask.numel()
 
 
 def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
@@ -86,7 +95,7 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
             x0 = encode_image_tokens(vae, batch.target, noise=target_eps).float()  # (B, N, 16)
             cond_img = None if batch.source is None else encode_image_tokens(vae, batch.source, noise=source_eps)
     if cached:
-        txt, txt_mask = batch.condition, batch.condition_mask
+        txt, txt_mask = batch.condition, batch.condition_mask.to(device, non_blocking=True)
     else:  # only stages that train the adapter/encoder/LLM need gradients through the condition
         with torch.set_grad_enabled(condition_grad and torch.is_grad_enabled()):
             txt, txt_mask = model.generation_condition(batch.input_ids, batch.attention_mask, batch.pixel_values,
@@ -103,13 +112,15 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     batch_size, num_txt, num_img = len(batch), txt.shape[1], x0.shape[1]
     key_mask = [txt_mask, torch.ones(batch_size, num_img, dtype=torch.bool, device=device)]
     if cond_img is not None:  # rows without a source image carry zeros there, hidden by the key mask
-        key_mask.append(batch.has_source[:, None].expand(batch_size, num_img))
+        key_mask.append(batch.has_source.to(device, non_blocking=True)[:, None].expand(batch_size, num_img))
     rope = decoder.rope(flow.sequence_position_ids(num_txt, rows, cols, edit_image=cond_img is not None,
                                                    device=device), x_t.dtype)
     velocity = decoder.predict_velocity(x_t, txt_tokens, decoder.text_vector(cls), rope, t, cond_img=cond_img,
                                         key_mask=torch.cat(key_mask, dim=1))
-    tokens = int(txt_mask.sum()) + batch_size * num_img + (int(batch.has_source.sum()) * num_img
-                                                           if cond_img is not None else 0)
+    # counted on the host (the condition mask and has_source stay there): no wait for the device
+    condition_tokens = int(batch.condition_mask.sum()) if cached else llm_tokens(model, batch)
+    tokens = condition_tokens + batch_size * num_img + (int(batch.has_source.sum()) * num_img
+                                                        if cond_img is not None else 0)
     per_sample = (velocity.float() - flow.velocity_target(x0, noise).float()).square().mean(dim=(1, 2))
     return per_sample, tokens
 
