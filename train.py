@@ -71,8 +71,8 @@ Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, t
 
 Distributed: torchrun --nproc_per_node N train.py ... runs DDP, or FSDP2 (fully_shard per block) for stage 3,
   which trains the LLM, and for any stage with --parallel fsdp. Gradient accumulation = batch / (micro-batch x
-  processes); the default micro-batch is the largest up to 4 that divides it (stage 3's 2240 on 32 processes: 2). bf16 autocast on GPU
-  (fp32 master weights), fp32 on CPU.
+  processes); the default micro-batch is the largest up to 4 that divides it (stage 3's 2240 on 32 processes: 2).
+  bf16 autocast on GPU (fp32 master weights), fp32 on CPU.
 
 Memory: under bf16, frozen weights are stored in bf16 and FSDP gathers weights in bf16 and reduces gradients in
   float32; --parallel fsdp shards the decoder's blocks too; a run without generation tasks (stage 3) keeps the
@@ -132,7 +132,8 @@ from ovis_min.train.distributed import (Runtime, all_gather, all_reduce_sum, fin
                                         wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
-from ovis_min.train.frozen_cache import CacheError, FrozenCache, build_cache, settings, weights_fingerprint  # noqa: E402
+from ovis_min.train.frozen_cache import (CacheError, FrozenCache, build_cache, settings,  # noqa: E402
+                                         weights_fingerprint)
 from ovis_min.train.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.perf import peak_memory_gb  # noqa: E402

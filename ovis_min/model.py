@@ -55,8 +55,8 @@ class VisualGenerator(nn.Module):
 class MergedInputs(NamedTuple):
     embeds: torch.Tensor  # (B, L, D) text embeddings with visual embeddings spliced in
     attention_mask: torch.Tensor  # (B, L) bool, False on padding
-    labels: torch.Tensor  # (B, L) long, IGNORE_ID except supervised answer tokens
-    image_mask: torch.Tensor  # (B, L) long, 1 where a position holds a visual embedding
+    labels: torch.Tensor  # (B, L) long, IGNORE_ID except supervised answer tokens; on the host
+    image_mask: torch.Tensor  # (B, L) long, 1 where a position holds a visual embedding; on the host
 
 
 class OvisU1(nn.Module):
@@ -92,14 +92,15 @@ class OvisU1(nn.Module):
 
         `input_ids` (B, L) may hold the negative placeholder ids; images are consumed in order across the batch.
         Unlike the official code, a row without an image does not consume one (the official eval path does,
-        which misaligns the images of the rows after it). Where the images go is read from `input_ids` on the host:
-        ids given there (as training gives them) cost no wait for the device.
+        which misaligns the images of the rows after it). Where the images go is read from `input_ids` on the host,
+        and the labels are laid out there: ids and labels given there (as training gives them) cost no wait for
+        the device.
         """
         device = self.device
         host_ids = input_ids.cpu()
         input_ids = input_ids.to(device, non_blocking=True)
         attention_mask = attention_mask.to(device, non_blocking=True).bool()
-        labels = torch.full_like(input_ids, IGNORE_ID) if labels is None else labels.to(device, non_blocking=True)
+        labels = torch.full_like(host_ids, IGNORE_ID) if labels is None else labels.cpu()
         num_atoms = int((host_ids == IMAGE_ATOM_ID).sum())
         num_images = 0 if grid_thws is None else len(grid_thws)
         if num_atoms != num_images:
@@ -113,7 +114,7 @@ class OvisU1(nn.Module):
             text_embeds = torch.where((input_ids == indicator_id)[..., None], indicators[i], text_embeds)
 
         rows, next_image = [], 0
-        for ids, embeds, mask, row_labels in zip(host_ids, text_embeds, attention_mask, labels):
+        for ids, embeds, mask, row_labels in zip(host_ids, text_embeds, attention_mask, labels):  # labels: host
             parts = {"embeds": [], "mask": [], "labels": [], "image": []}
             start = 0
             for atom in (ids == IMAGE_ATOM_ID).nonzero().flatten().tolist() + [len(ids)]:
@@ -127,8 +128,8 @@ class OvisU1(nn.Module):
                     n = len(image)
                     parts["embeds"].append(image)
                     parts["mask"].append(torch.ones(n, dtype=torch.bool, device=device))
-                    parts["labels"].append(torch.full((n,), IGNORE_ID, dtype=torch.long, device=device))
-                    parts["image"].append(torch.ones(n, dtype=torch.long, device=device))
+                    parts["labels"].append(torch.full((n,), IGNORE_ID, dtype=torch.long))
+                    parts["image"].append(torch.ones(n, dtype=torch.long))
                 start = atom + 1
             rows.append({k: torch.cat(v) for k, v in parts.items()})
 

@@ -19,7 +19,8 @@ from PIL import Image
 import train
 from ovis_min.train import losses
 from ovis_min.prompt import Tokenizer
-from ovis_min.train.data import Batch, DataConfig, Frozen, MicroBatch, bucket_table, collate, edit_example
+from ovis_min.train.data import (Batch, DataConfig, Frozen, MicroBatch, bucket_table, collate, edit_example,
+                                 understanding_example)
 from ovis_min.train.distributed import Runtime
 from ovis_min.checkpoint import build_model, load_checkpoint, read_config
 from ovis_min.train.stages import STAGES, apply_memory_policy, micro_batch_for, set_trainable
@@ -47,8 +48,9 @@ def mixed(tmp_path_factory) -> dict[str, Path]:
         for tag in ("a", "b"):
             Image.new("RGB", (width, height), tuple(colour.randrange(256) for _ in range(3))).save(
                 root / "img" / f"{i}{tag}.png")
+        answer = f"colour {i} " * (i % 3 + 1)  # answers of different lengths
         rows["U"].append({"image": f"img/{i}a.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": f"colour {i}" * (i % 3 + 1)}]})
+            {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": answer.strip()}]})
         rows["T"].append({"image": f"img/{i}a.png", "caption": f"a plain colour field number {i}"})
         rows["E"].append({"source": f"img/{i}a.png", "target": f"img/{i}b.png", "instruction": f"change colour {i}"})
     rows["HELD"] = [rows[task][i] for task in ("U", "T", "E") for i in (0, 1)]
@@ -259,22 +261,26 @@ def test_the_model_reaches_the_accelerator_in_the_runs_dtypes_and_under_fsdp_as_
                 assert param.device.type == ("meta" if moved else "cpu"), name
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_a_generation_pass_never_waits_for_the_device(cached, ckpt, mixed):
-    """Nothing in a T2I or edit pass reads a value back from the device (an int() or .tolist() of a device tensor
-    would stall the GPU's queue every pass): it runs with the model and the batch's data on the meta device, which
-    has no values to read. The batch's layout stays on the host (Batch.to), where sizes and positions are read."""
+@pytest.mark.parametrize("task", ["understanding", "edit", "cached edit"])
+def test_a_training_pass_never_waits_for_the_device(task, ckpt, mixed):
+    """Nothing in a pass reads a value back from the device (an int(), .tolist() or boolean index of a device
+    tensor would stall the GPU's queue every pass): it runs with the model and the batch's data on the meta
+    device, which has no values to read. The batch's layout stays on the host (Batch.to), where sizes and
+    positions are read."""
     config = read_config(ckpt)
     cfg = DataConfig(Tokenizer(ckpt), config.preprocess, config.multimodal_max_length, RESOLUTION, 0.0, 0.0,
                      buckets=bucket_table(RESOLUTION))
-    rows = [json.loads(line) for line in mixed["E"].read_text().splitlines()[:2]]
-    examples = [edit_example(row, mixed["E"].parent, seed, cfg) for seed, row in enumerate(rows[:1])]
-    if cached:  # what a cache holds instead of the images and the prompt
+    manifest = mixed["U" if task == "understanding" else "E"]
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()[:2]]
+    build = understanding_example if task == "understanding" else edit_example
+    examples = [build(row, manifest.parent, seed, cfg) for seed, row in enumerate(rows)]
+    examples = [e for e in examples if e.image_shape == examples[0].image_shape]  # one bucket, as a pass has
+    if task == "cached edit":  # what a cache holds instead of the images and the prompt
         for example in examples:
             latent = (config.vae.latent_channels, *(side // 8 for side in example.image_shape))
             example.frozen = Frozen(torch.zeros(7, 2 * config.llm.hidden_size), *(torch.zeros(latent) for _ in "mlMl"))
     model = build_model(config)  # on the meta device
-    set_trainable(model, 5)
+    set_trainable(model, 2 if task == "understanding" else 5)
     batch = collate(examples, cfg.tokenizer.pad_token_id).to(torch.device("meta"))
     loss, tally = losses.TrainStep(model)(batch, losses.LossScale(per_token=1.0, per_sample=1.0))
     assert loss.device.type == "meta" and tally.tokens > 0

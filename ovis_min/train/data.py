@@ -423,7 +423,7 @@ def load_example(manifests: Manifests, task: str, ref: tuple[int, int], seed: in
 # Collation
 # ---------------------------------------------------------------------------------------------------------------
 # The small tensors that lay a Batch out stay on the host (Batch.to); `seeds` seed CPU generators.
-HOST_FIELDS = ("input_ids", "attention_mask", "grid_thws", "seeds", "has_source", "condition_mask")
+HOST_FIELDS = ("input_ids", "attention_mask", "labels", "grid_thws", "seeds", "has_source", "condition_mask")
 
 
 @dataclass
@@ -455,9 +455,8 @@ class Batch:
         return Batch(**moved)
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) and name != "seeds" else value
-                        for name, value in self.__dict__.items()})
-
+        return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) and name not in HOST_FIELDS
+                        else value for name, value in self.__dict__.items()})
 
     @property
     def supervised_tokens(self) -> int:
@@ -700,7 +699,6 @@ class MicroBatchData(torch.utils.data.Dataset):
         pad_id = self.cfg.tokenizer.pad_token_id
         return MicroBatch([collate(groups[key], pad_id) for key in sorted(groups, key=lambda k: (k[0], k[1] or ()))],
                           skipped)
-
 
     def placeholder(self, kind: str) -> Batch:
         """A one-sample Batch of `kind` ("understanding" or "generation": what its pass runs) for the zero-weight

@@ -58,11 +58,14 @@ def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) ->
     merged = model.merge_inputs(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.grid_thws,
                                 batch.labels, left_padding=False)
     hidden = model.llm.hidden_states(inputs_embeds=merged.embeds + zero, attention_mask=merged.attention_mask)[-1]
-    targets = merged.labels[:, 1:]  # position i predicts token i+1
+    targets = merged.labels[:, 1:]  # position i predicts token i+1; on the host
     supervised = targets != IGNORE_ID
-    # The (B, L, 152K) logits of every position would dwarf the rest of the step: project only what is learned.
-    logits = model.llm.lm_head(hidden[:, :-1][supervised])  # (T, V)
-    loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
+    # The (B, L, 152K) logits of every position would dwarf the rest of the step: project only what is learned,
+    # at positions found on the host (a boolean index on the device would wait for it to count them).
+    rows, cols = (index.to(hidden.device, non_blocking=True) for index in supervised.nonzero(as_tuple=True))
+    logits = model.llm.lm_head(hidden[rows, cols])  # (T, V)
+    loss_sum = F.cross_entropy(logits.float(), targets[supervised].to(hidden.device, non_blocking=True),
+                               reduction="sum")
     return loss_sum, llm_tokens(model, batch), merged.attention_mask.numel()
 
 

@@ -4,7 +4,8 @@ The held-out rows are fixed, and so is everything random about them: row i of a 
 prompt or image is dropped, so the loss measures the conditional model and two validations of the same weights
 agree exactly. Rows are grouped in fixed batches of one task and one aspect-ratio bucket (in file order within a
 bucket), each one forward pass; batch k goes to process k mod world, so the value does not depend on the number
-of processes, and every process makes the same number of passes of each task (FSDP gathers weights per pass). A task's loss is weighted as in training: cross-entropy per supervised token, flow matching per row.
+of processes, and every process makes the same number of passes of each task (FSDP gathers weights per pass).
+A task's loss is weighted as in training: cross-entropy per supervised token, flow matching per row.
 
 Validation must not change training: it runs in eval mode under no_grad, and inside torch.random.fork_rng, so
 whatever it draws from the global generators is given back; a run's training losses are the same with and without
