@@ -3,8 +3,11 @@ data as users have it: images of mixed aspect ratios (so micro-batches of differ
 and several tasks (so they hold different tasks).
 
 FSDP on the decoder stages gives the losses of one process; every example command of `train.py --help` runs, in
-order (each stage starts from the previous one's output); and the properties behind FSDP at scale that a CPU can
-check: the zero-weight passes that keep ranks in step, micro-batches left in host memory until their pass.
+order (each stage starts from the previous one's output; the suite runs the stage-4 cache rows, `python -m pytest
+-m "" tests/test_train_fsdp.py` all of them); and the properties behind FSDP at scale that a CPU can check: the
+zero-weight passes that keep ranks in step, micro-batches left in host memory until their pass, the model reaching
+the accelerator only in its run's dtypes (as shards under FSDP), passes that never read back from the device, and
+stage 3's batch on 8 to 64 processes.
 """
 import json
 import random
