@@ -70,8 +70,9 @@ Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, t
   the train.py processes: torchrun passes SIGTERM on to them but kills them 30 s later, and dies of SIGUSR1.
 
 Distributed: torchrun --nproc_per_node N train.py ... runs DDP, or FSDP2 (fully_shard per block) for stage 3,
-  which trains the LLM. Gradient accumulation = batch / (micro-batch x processes). bf16 autocast on GPU
-  (fp32 master weights), fp32 on CPU.
+  which trains the LLM, and for any stage with --parallel fsdp. Gradient accumulation = batch / (micro-batch x
+  processes); the default micro-batch is the largest up to 4 that divides it (stage 3's 2240 on 32 processes: 2).
+  bf16 autocast on GPU (fp32 master weights), fp32 on CPU.
 
 Memory: under bf16, frozen weights are stored in bf16 and FSDP gathers weights in bf16 and reduces gradients in
   float32; --parallel fsdp shards the decoder's blocks too; a run without generation tasks (stage 3) keeps the
@@ -102,7 +103,7 @@ rows of the stage's tasks, P = sample prompts):
   RUN --stage 5 --init runs/s4 --data T --data E --out runs/s5 --ema-decay 0.9999 --sample-prompts P \\
       --sample-every 5000 --no-grad-checkpointing    # faster, where the memory allows
   python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 1000 --batch 8 --micro-batch 2 --lr 1e-5 \\
-      --out runs/ft                                  # a small fine-tune on one GPU
+      --ema-decay 0.999 --out runs/ft                # a small fine-tune on one GPU, with an EMA
   python train.py --resume runs/ft                   # continue an interrupted run with its arguments
   python train.py export runs/ft --ema --out ft-ema  # the EMA of the newest checkpoint, for sample.py --weights
 """
@@ -131,14 +132,15 @@ from ovis_min.train.distributed import (Runtime, all_gather, all_reduce_sum, fin
                                         wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
-from ovis_min.train.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
+from ovis_min.train.frozen_cache import (CacheError, FrozenCache, build_cache, settings,  # noqa: E402
+                                         weights_fingerprint)
 from ovis_min.train.losses import TrainStep, backward_window, summary  # noqa: E402
 from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.perf import peak_memory_gb  # noqa: E402
 from ovis_min.train.samples import read_sample_prompts, write_samples  # noqa: E402
 from ovis_min.train.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES, STAGES, apply_memory_policy,  # noqa: E402
                                    enable_gradient_checkpointing, init_adapter_, init_decoder_, learning_rate,
-                                   make_optimizer, set_trainable, uses_generator)
+                                   make_optimizer, micro_batch_for, set_trainable, uses_generator)
 from ovis_min.train.ema import EMA  # noqa: E402
 from ovis_min.train.throughput import Throughput, format_duration, peak_flops  # noqa: E402
 from ovis_min.train.checkpoint import (Saver, StopRequest, abandon_later, checked_source, export,  # noqa: E402
@@ -172,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=whole_number(1), help="optimizer steps (default: the stage's)")
     parser.add_argument("--batch", type=whole_number(1), help="samples per optimizer step over all processes (default: the "
                         "stage's)")
-    parser.add_argument("--micro-batch", type=whole_number(1), default=DEFAULT_MICRO_BATCH, help="samples per "
-                        "forward pass per process (default %(default)s)")
+    parser.add_argument("--micro-batch", type=whole_number(1), help="samples per forward pass per process "
+                        f"(default {DEFAULT_MICRO_BATCH}, or the largest below it that splits --batch evenly over "
+                        "the processes)")
     parser.add_argument("--lr", type=real(0, open_low=True), help="peak learning rate (default: the stage's)")
     parser.add_argument("--min-lr", type=real(0), help="final learning rate of the cosine (default lr/10)")
     parser.add_argument("--warmup", type=whole_number(1), help="linear warmup steps (default 2%% of steps, at least 1, at most "
@@ -286,7 +289,8 @@ def cache_main(argv: list[str]) -> dict[str, int]:
         model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device).eval()
         precision = args.precision or ("bf16" if runtime.device.type == "cuda" else "fp32")
         autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-        written = build_cache(model, manifests, tasks, cfg, args.out, runtime, args.micro_batch, precision, autocast)
+        wanted = settings(weights_fingerprint(model, runtime), manifests, cfg, precision)
+        written = build_cache(model, manifests, tasks, cfg, args.out, runtime, args.micro_batch, wanted, autocast)
         if runtime.world > 1:
             dist.barrier()
         print(f"cache {args.out}: {', '.join(f'{t} {len(manifests.rows[t])} rows' for t in tasks)} "
@@ -456,11 +460,11 @@ def run_cli() -> None:
 def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict | None) -> list[dict]:
     stage = STAGES[args.stage]
     source = checked_source(trainer_state) if trainer_state is not None else resolve_source(args.init)
-    per_process = args.micro_batch * runtime.world
-    if args.batch % per_process:
-        raise TrainError(f"--batch {args.batch} is not a multiple of micro-batch x processes = {args.micro_batch} x "
-                         f"{runtime.world}: adjust --batch or --micro-batch")
-    accumulation = args.batch // per_process
+    try:
+        args.micro_batch = micro_batch_for(args.batch, runtime.world, args.micro_batch)
+    except ValueError as error:
+        raise TrainError(str(error)) from None
+    accumulation = args.batch // (args.micro_batch * runtime.world)
     precision = args.precision or ("bf16" if runtime.device.type == "cuda" else "fp32")
     out = Path(args.out)
 
@@ -491,10 +495,16 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         except ValueError as error:
             raise TrainError(str(error)) from None
 
-    # The model: float32 master weights, the stage's parts trainable.
-    model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device)
+    # The model, in host memory in the checkpoint's dtypes (frozen bf16 weights stay the mapped files) until the
+    # memory policy gives the stage's trained parts float32 master weights and moves it to the device.
+    model = load_checkpoint(build_model(config), source, dtype=None, device="cpu")
+    # what the cache's values depend on, as loaded (before sharding and the bf16 storage of frozen weights)
+    weights_print = weights_fingerprint(model, runtime) if args.cache is not None else None
     trained = set(set_trainable(model, args.stage))
     trained |= {alias for group in tied_groups(model) if trained & set(group) for alias in group}  # lm_head
+    parallel = args.parallel if args.parallel != "auto" else "fsdp" if "llm." in stage.trains else "ddp"
+    sharded = parallel == "fsdp" and runtime.world > 1
+    apply_memory_policy(model, mixture.ratios, precision, runtime.device, sharded)
     if args.scratch and trainer_state is None:
         torch.manual_seed(args.seed)  # every rank draws the same random weights
         if args.stage == 0:
@@ -502,12 +512,10 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         else:
             init_adapter_(model)
     torch.manual_seed(args.seed + runtime.rank)
-    apply_memory_policy(model, mixture.ratios, precision)
     if args.grad_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
     step_module = TrainStep(model)
-    parallel = args.parallel if args.parallel != "auto" else "fsdp" if "llm." in stage.trains else "ddp"
     wrapped = wrap(step_module, runtime, parallel, precision, uses_generator(mixture.ratios))
     optimizer = make_optimizer(step_module, args)
     ema = EMA(model, args.ema_decay) if args.ema_decay else None
@@ -520,13 +528,13 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     cache = None
     if args.cache is not None:
         try:
-            cache = FrozenCache(args.cache, settings(model, manifests, data_cfg, precision), manifests,
+            cache = FrozenCache(args.cache, settings(weights_print, manifests, data_cfg, precision), manifests,
                                 [task for task in mixture.ratios if task != "understanding"])
         except CacheError as error:
             raise TrainError(str(error)) from None
     # after restore: the loader starts at the restored data position
-    loader = Loader(mixture, MicroBatchData(mixture, data_cfg, cache), args.batch,
-                    args.micro_batch, runtime.rank, runtime.world, args.workers,
+    data = MicroBatchData(mixture, data_cfg, cache)
+    loader = Loader(mixture, data, args.batch, args.micro_batch, runtime.rank, runtime.world, args.workers,
                     pin_memory=runtime.device.type == "cuda")
     if runtime.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -557,10 +565,11 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         for group in optimizer.param_groups:
             group["lr"] = lr
         began = time.perf_counter()
-        micro_batches = [next(loader).to(runtime.device, non_blocking=True) for _ in range(accumulation)]
+        micro_batches = [next(loader) for _ in range(accumulation)]  # in host memory until their pass
         mixture.advance(args.batch)  # to the position the loader has now delivered
         data_wait = time.perf_counter() - began
-        window = backward_window(wrapped, micro_batches, runtime, autocast, throughput)
+        window = backward_window(wrapped, micro_batches, runtime, autocast, throughput,
+                                 placeholder=data.placeholder if sharded else None)
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
@@ -597,8 +606,8 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         if sample_prompts is not None and (step + 1) % args.sample_every == 0:
             write_samples(model, data_cfg.tokenizer, sample_prompts,
                           out / "samples" / f"step-{step + 1:08d}" if runtime.main else None, args.resolution,
-                          runtime.device, autocast, fsdp_root=wrapped if parallel == "fsdp" and runtime.world > 1
-                          else None, weights=None if ema is None else ema.weights)
+                          runtime.device, autocast, fsdp_root=wrapped if sharded else None,
+                          weights=None if ema is None else ema.weights)
 
         preempted = stop_request.agreed(runtime)
         last = step + 1 == stop or preempted

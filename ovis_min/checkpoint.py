@@ -333,13 +333,14 @@ def match(model: nn.Module, shapes: dict[str, tuple[int, ...]], dtypes: dict[str
     return mismatch, aliases
 
 
-def load_checkpoint(model: nn.Module, source: "Path | str | Checkpoint", dtype: torch.dtype = torch.bfloat16,
+def load_checkpoint(model: nn.Module, source: "Path | str | Checkpoint", dtype: torch.dtype | None = torch.bfloat16,
                     device: torch.device | str = "cpu") -> nn.Module:
     """Fill `model` (built on the meta device) from a checkpoint directory (or its `open_checkpoint` listing),
     strictly, one shard at a time.
 
     Every tensor is read from its shard straight into `dtype` on `device` and becomes the parameter itself
-    (`assign=True`), so the weights exist once, never twice. Floating tensors are cast; others keep their dtype.
+    (`assign=True`), so the weights exist once, never twice. Floating tensors are cast (dtype None: none is);
+    others keep their dtype.
     """
     checkpoint = source if isinstance(source, Checkpoint) else open_checkpoint(source)
     mismatch, aliases = match(model, *checkpoint.columns())
@@ -348,7 +349,7 @@ def load_checkpoint(model: nn.Module, source: "Path | str | Checkpoint", dtype: 
 
     def wanted(info: TensorInfo) -> torch.dtype:
         stored = SAFETENSORS_DTYPES[info.dtype]
-        return dtype if stored.is_floating_point else stored
+        return dtype if stored.is_floating_point and dtype is not None else stored
 
     # safe_open maps each shard: a tensor kept in its stored dtype on the CPU is the mapped file itself (pages are
     # read when first used, and stay reclaimable page cache until written); one that is cast or moved is read

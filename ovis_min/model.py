@@ -55,8 +55,8 @@ class VisualGenerator(nn.Module):
 class MergedInputs(NamedTuple):
     embeds: torch.Tensor  # (B, L, D) text embeddings with visual embeddings spliced in
     attention_mask: torch.Tensor  # (B, L) bool, False on padding
-    labels: torch.Tensor  # (B, L) long, IGNORE_ID except supervised answer tokens
-    image_mask: torch.Tensor  # (B, L) long, 1 where a position holds a visual embedding
+    labels: torch.Tensor  # (B, L) long, IGNORE_ID except supervised answer tokens; on the host
+    image_mask: torch.Tensor  # (B, L) long, 1 where a position holds a visual embedding; on the host
 
 
 class OvisU1(nn.Module):
@@ -82,9 +82,10 @@ class OvisU1(nn.Module):
     def visual_embeddings(self, pixel_values: torch.Tensor, grid_thws: torch.Tensor) -> list[torch.Tensor]:
         """One (N_i, D) tensor of visual embeddings per image in the packed batch."""
         pixel_values = pixel_values.to(self.device, self.dtype)
-        probs = self.visual_tokenizer(pixel_values, grid_thws.to(self.device))  # (sum N_i, V)
+        # the encoder lays the images out from grid_thws on the host: a grid there costs no wait for the device
+        probs = self.visual_tokenizer(pixel_values, grid_thws)  # (sum N_i, V)
         embeds = self.vte(probs.to(self.dtype))  # (sum N_i, D)
-        tokens_per_image = (grid_thws.prod(-1) // self.config.adapter.hidden_stride ** 2).tolist()
+        tokens_per_image = (grid_thws.cpu().prod(-1) // self.config.adapter.hidden_stride ** 2).tolist()
         return list(embeds.split(tokens_per_image, dim=0))
 
     def merge_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -94,13 +95,16 @@ class OvisU1(nn.Module):
 
         `input_ids` (B, L) may hold the negative placeholder ids; images are consumed in order across the batch.
         Unlike the official code, a row without an image does not consume one (the official eval path does,
-        which misaligns the images of the rows after it).
+        which misaligns the images of the rows after it). Where the images go is read from `input_ids` on the host,
+        and the labels are laid out there: ids and labels given there (as training gives them) cost no wait for
+        the device.
         """
         device = self.device
-        input_ids = input_ids.to(device)
-        attention_mask = attention_mask.to(device).bool()
-        labels = torch.full_like(input_ids, IGNORE_ID) if labels is None else labels.to(device)
-        num_atoms = int((input_ids == IMAGE_ATOM_ID).sum())
+        host_ids = input_ids.cpu()
+        input_ids = input_ids.to(device, non_blocking=True)
+        attention_mask = attention_mask.to(device, non_blocking=True).bool()
+        labels = torch.full_like(host_ids, IGNORE_ID) if labels is None else labels.cpu()
+        num_atoms = int((host_ids == IMAGE_ATOM_ID).sum())
         num_images = 0 if grid_thws is None else len(grid_thws)
         if num_atoms != num_images:
             raise ValueError(f"the prompts hold {num_atoms} image placeholders but {num_images} images were given")
@@ -109,11 +113,11 @@ class OvisU1(nn.Module):
         text_embeds = self.llm.model.embed_tokens(input_ids.clamp(min=0))  # (B, L, D)
         # a training run may keep the frozen text table in bf16 and the trained visual table in float32
         indicators = self.vte.indicator_embeds().to(text_embeds.dtype)  # (5, D)
-        for i, indicator_id in enumerate(IMAGE_INDICATOR_IDS):
-            text_embeds[input_ids == indicator_id] = indicators[i]
+        for i, indicator_id in enumerate(IMAGE_INDICATOR_IDS):  # where, not a boolean index: no count to wait for
+            text_embeds = torch.where((input_ids == indicator_id)[..., None], indicators[i], text_embeds)
 
         rows, next_image = [], 0
-        for ids, embeds, mask, row_labels in zip(input_ids, text_embeds, attention_mask, labels):
+        for ids, embeds, mask, row_labels in zip(host_ids, text_embeds, attention_mask, labels):  # labels: host
             parts = {"embeds": [], "mask": [], "labels": [], "image": []}
             start = 0
             for atom in (ids == IMAGE_ATOM_ID).nonzero().flatten().tolist() + [len(ids)]:
@@ -127,8 +131,8 @@ class OvisU1(nn.Module):
                     n = len(image)
                     parts["embeds"].append(image)
                     parts["mask"].append(torch.ones(n, dtype=torch.bool, device=device))
-                    parts["labels"].append(torch.full((n,), IGNORE_ID, dtype=torch.long, device=device))
-                    parts["image"].append(torch.ones(n, dtype=torch.long, device=device))
+                    parts["labels"].append(torch.full((n,), IGNORE_ID, dtype=torch.long))
+                    parts["image"].append(torch.ones(n, dtype=torch.long))
                 start = atom + 1
             rows.append({k: torch.cat(v) for k, v in parts.items()})
 

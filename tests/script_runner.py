@@ -51,6 +51,9 @@ def _child(script: str, argv: list[str], cwd: str, env: dict[str, str], out: str
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = [script, *argv]
     sys.path[0] = str(Path(script).parent)
+    # A forkserver child inherits the forkserver start method; `python script` has the platform's default (fork
+    # on Linux up to Python 3.13), under which DataLoader workers start without importing the script again.
+    multiprocessing.set_start_method(None, force=True)
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")

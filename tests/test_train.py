@@ -24,7 +24,7 @@ from ovis_min.checkpoint import load_model, open_checkpoint
 from ovis_min import vae
 from ovis_min.train import data, frozen_cache
 from ovis_min import model as model_module
-from ovis_min.train.data import (DataConfig, Loader, MicroBatch, MicroBatchData, Mixture, SkipRow, collate, edit_example,
+from ovis_min.train.data import (DataConfig, Loader, MicroBatchData, Mixture, SkipRow, collate, edit_example,
                                  index_manifests, load_example, read_row, scan_manifest, t2i_example, understanding_example)
 from ovis_min.preprocess import blank_image, condition_images, resize_center_crop
 from ovis_min.prompt import UNCONDITIONAL_PROMPT, Tokenizer, preprocess_inputs, t2i_prompt
@@ -333,8 +333,8 @@ def test_text_only_batches_still_give_every_trained_weight_a_gradient(ckpt, tiny
     cfg = tiny[1]
     example = understanding_example({"conversations": [{"from": "human", "value": "hi"},
                                                        {"from": "gpt", "value": "hello"}]}, Path("."), 0, cfg)
-    micro = MicroBatch([collate([example], cfg.tokenizer.pad_token_id)], {})
-    loss, _ = losses.TrainStep(model)(micro, losses.LossScale(per_token=1.0, per_sample=1.0))
+    batch = collate([example], cfg.tokenizer.pad_token_id)
+    loss, _ = losses.TrainStep(model)(batch, losses.LossScale(per_token=1.0, per_sample=1.0))
     loss.backward()
     params = dict(model.named_parameters())
     assert all(params[name].grad is not None for name in trained)
@@ -556,11 +556,12 @@ def test_the_cache_is_split_over_ranks_and_used_only_when_complete(ckpt, tiny, s
     model = load_model(ckpt, dtype=torch.float32).model
     cfg = replace(tiny[1], resolution=64, buckets=data.bucket_table(64), made={})
     manifests = index_manifests([shapes])
-    wanted = frozen_cache.settings(model, manifests, cfg, "fp32")
+    weights = frozen_cache.weights_fingerprint(model, Runtime(0, 1, torch.device("cpu")))
+    wanted = frozen_cache.settings(weights, manifests, cfg, "fp32")
 
     def build(rank: int) -> dict[str, int]:
         runtime = Runtime(rank, 2, torch.device("cpu"))
-        return frozen_cache.build_cache(model, manifests, ["t2i"], cfg, tmp_path, runtime, 4, "fp32",
+        return frozen_cache.build_cache(model, manifests, ["t2i"], cfg, tmp_path, runtime, 4, wanted,
                                         contextlib.nullcontext())
 
     assert build(0) == {"t2i": 8}

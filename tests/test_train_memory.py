@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_frozen_parts_are_stored_in_bf16_only_when_the_run_computes_in_bf16(ckpt, precision):
     model = load_model(ckpt, dtype=torch.float32).model
     trained = set(set_trainable(model, 1))
-    apply_memory_policy(model, STAGES[1].mix, precision)
+    apply_memory_policy(model, STAGES[1].mix, precision, torch.device("cpu"))
     frozen = torch.bfloat16 if precision == "bf16" else torch.float32
     for name, param in model.named_parameters():
         assert param.dtype == (torch.float32 if name in trained else frozen), name
@@ -50,7 +50,7 @@ def shard_worker(rank: int, ckpt: str, init_file: str, out: str) -> None:
     for stage in (1, 3):
         model = load_model(ckpt, dtype=torch.float32).model
         set_trainable(model, stage)
-        apply_memory_policy(model, STAGES[stage].mix, "bf16")
+        apply_memory_policy(model, STAGES[stage].mix, "bf16", torch.device("cpu"), sharded=True)
         step_module = wrap(TrainStep(model), Runtime(rank, 2, torch.device("cpu")), "fsdp", "bf16",
                            uses_generator(STAGES[stage].mix))
         decoder, vae = model.visual_generator.backbone, model.visual_generator.vae

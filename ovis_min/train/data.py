@@ -422,6 +422,10 @@ def load_example(manifests: Manifests, task: str, ref: tuple[int, int], seed: in
 # ---------------------------------------------------------------------------------------------------------------
 # Collation
 # ---------------------------------------------------------------------------------------------------------------
+# The small tensors that lay a Batch out stay on the host (Batch.to); `seeds` seed CPU generators.
+HOST_FIELDS = ("input_ids", "attention_mask", "labels", "grid_thws", "seeds", "has_source", "condition_mask")
+
+
 @dataclass
 class Batch:
     task: str
@@ -443,14 +447,16 @@ class Batch:
     source_logvar: torch.Tensor | None = None
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        """The batch's data on `device`; its layout (HOST_FIELDS) stays on the host, where the forward pass reads
+        sizes and positions from it without waiting for the device, and moves what it computes with itself."""
         moved = {name: value.to(device, non_blocking=non_blocking)
-                 if isinstance(value, torch.Tensor) and name != "seeds" else value
+                 if isinstance(value, torch.Tensor) and name not in HOST_FIELDS else value
                  for name, value in self.__dict__.items()}
         return Batch(**moved)
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) and name != "seeds" else value
-                        for name, value in self.__dict__.items()})
+        return Batch(**{name: value.pin_memory() if isinstance(value, torch.Tensor) and name not in HOST_FIELDS
+                        else value for name, value in self.__dict__.items()})
 
     @property
     def supervised_tokens(self) -> int:
@@ -693,6 +699,15 @@ class MicroBatchData(torch.utils.data.Dataset):
         pad_id = self.cfg.tokenizer.pad_token_id
         return MicroBatch([collate(groups[key], pad_id) for key in sorted(groups, key=lambda k: (k[0], k[1] or ()))],
                           skipped)
+
+    def placeholder(self, kind: str) -> Batch:
+        """A one-sample Batch of `kind` ("understanding" or "generation": what its pass runs) for the zero-weight
+        passes that keep FSDP ranks in step (losses.backward_window): the first sample of the mix's first task of
+        that kind, loaded once per process."""
+        task = next(task for task in self.streams if (task == "understanding") == (kind == "understanding"))
+        make = lambda: collate([self.example(Draw(task, 0), dict.fromkeys(SKIP_REASONS, 0))],  # noqa: E731
+                               self.cfg.tokenizer.pad_token_id)
+        return made_once(self.cfg, ("placeholder", task), make)
 
 
 class RankSampler(torch.utils.data.Sampler):

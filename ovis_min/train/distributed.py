@@ -71,11 +71,11 @@ def precision_policy(module: nn.Module, precision: str):
 
 
 def gradient_sync(module: nn.Module, sync: bool):
-    """Gradients are reduced on the last micro-batch of a step only."""
+    """DDP reduces gradients on the last pass of a step only (its gradients are whole on every rank anyway).
+    FSDP reduce-scatters after every pass, as torchtitan does: skipping it would keep an unsharded float32
+    gradient of every trained weight from pass to pass, the memory FSDP is there to save."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
         return contextlib.nullcontext() if sync else module.no_sync()
-    if hasattr(module, "set_requires_gradient_sync"):  # an FSDP2 module
-        module.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 
@@ -88,12 +88,29 @@ def all_reduce_sum(values: list[float | torch.Tensor], runtime: Runtime) -> list
     return tensor.tolist()
 
 
+def all_reduce_max(values: list[int], runtime: Runtime) -> list[int]:
+    """The elementwise maxima over the processes of a list of whole numbers."""
+    tensor = torch.tensor(values, dtype=torch.int64, device=runtime.device)
+    if runtime.world > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def all_gather(obj, runtime: Runtime) -> list:
     if runtime.world == 1:
         return [obj]
     gathered = [None] * runtime.world
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast(obj, runtime: Runtime):
+    """The first process's `obj` (picklable), on every process."""
+    if runtime.world == 1:
+        return obj
+    objects = [obj]
+    dist.broadcast_object_list(objects, src=0)
+    return objects[0]
 
 
 def fingerprint(model: nn.Module, leave_out: str | None = None) -> str:

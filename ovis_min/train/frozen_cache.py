@@ -24,7 +24,7 @@ from safetensors.torch import save
 
 from .data import (DataConfig, Example, Frozen, Manifests, SkipRow, blank_condition, collate, index_path,
                    load_example, prompt_ids)
-from .distributed import Runtime, fingerprint
+from .distributed import Runtime, broadcast, fingerprint
 from ..files import read_json, write_atomic
 from ..model import OvisU1, encode_posterior
 from ..prompt import UNCONDITIONAL_PROMPT
@@ -39,11 +39,20 @@ class CacheError(ValueError):
     """A cache that cannot be used for this run: the message says why and what to do."""
 
 
-def settings(model: OvisU1, manifests: Manifests, cfg: DataConfig, precision: str) -> dict:
-    """Everything that changes the cached values, as cache.json holds it; a cache is used only with the same. The
-    values depend on every weight but the decoder's (and its refiner's), which train."""
+def weights_fingerprint(model: OvisU1, runtime: Runtime) -> str:
+    """The hash of every weight the cached values depend on: all but the decoder's (and its refiner's), which
+    train. Taken once, by the first process, and sent to the others (hashing billions of parameters on every
+    process would only repeat it), from the weights as loaded: before sharding, which splits them over the
+    processes, and before a bf16 run stores the frozen ones in bf16."""
+    digest = fingerprint(model, leave_out="visual_generator.backbone.")[:16] if runtime.main else None
+    return broadcast(digest, runtime)
+
+
+def settings(weights: str, manifests: Manifests, cfg: DataConfig, precision: str) -> dict:
+    """Everything that changes the cached values, as cache.json holds it; a cache is used only with the same.
+    `weights`: weights_fingerprint."""
     return json.loads(json.dumps({
-        "format": CACHE_FORMAT, "weights": fingerprint(model, leave_out="visual_generator.backbone.")[:16],
+        "format": CACHE_FORMAT, "weights": weights,
         "manifests": [index_path(path).name for path in manifests.files], "resolution": cfg.resolution,
         "buckets": cfg.buckets, "max_length": cfg.max_length, "precision": precision}))
 
@@ -95,10 +104,9 @@ def _write_shard(path: Path, tensors: dict[str, torch.Tensor], skipped: dict[int
 
 
 def build_cache(model: OvisU1, manifests: Manifests, tasks: list[str], cfg: DataConfig, out: Path, runtime: Runtime,
-                micro_batch: int, precision: str, autocast) -> dict[str, int]:
+                micro_batch: int, wanted: dict, autocast) -> dict[str, int]:
     """Write this rank's missing shards of CACHE (rank r: shards r, r+W, ...); returns the rows written per task.
-    Refuses a folder holding a cache of other settings."""
-    wanted = settings(model, manifests, cfg, precision)
+    `wanted`: the run's `settings`. Refuses a folder holding a cache of other settings."""
     check_settings(out, wanted, fix="choose another --out, or delete it to make it again")
     if runtime.main:
         out.mkdir(parents=True, exist_ok=True)

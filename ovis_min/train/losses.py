@@ -13,6 +13,7 @@ sample. Each task counts by its share of the window's samples:
 
 so the same global batch gives the same gradient however it is split into micro-batches and processes.
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from torch import nn
 
 from .. import flow
 from .data import TASKS, Batch, MicroBatch
-from .distributed import Runtime, all_reduce_sum, gradient_sync
+from .distributed import Runtime, all_reduce_max, all_reduce_sum, gradient_sync
 from ..model import IGNORE_ID, OvisU1, encode_image_tokens, posterior_tokens
 from .throughput import Throughput
 
@@ -31,9 +32,18 @@ def idle_image_term(model: OvisU1) -> torch.Tensor:
     vit, stride = model.config.vit, model.config.adapter.hidden_stride
     width = vit.num_channels * vit.temporal_patch_size * vit.patch_size ** 2
     pixels = torch.zeros(stride * stride, width, device=model.device)
-    grid = torch.tensor([[1, stride, stride]], device=model.device)
+    grid = torch.tensor([[1, stride, stride]])  # on the host, as a batch's grids are (Batch.to)
     embeds = model.visual_embeddings(pixels, grid)[0]
     return 0.0 * (embeds.sum() + model.vte.indicator_embeds().sum())
+
+
+def llm_tokens(model: OvisU1, batch: Batch) -> int:
+    """Real positions the LLM runs on: the text tokens, each image placeholder replaced by its image's tokens.
+    From the batch's layout tensors, which stay on the host (Batch.to): counting costs no wait for the device."""
+    images = 0
+    if batch.grid_thws is not None:  # each image: its tokens in place of its one placeholder
+        images = int(batch.grid_thws.prod(-1).sum()) // model.config.adapter.hidden_stride ** 2 - len(batch.grid_thws)
+    return int(batch.attention_mask.sum()) + images
 
 
 def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) -> tuple[torch.Tensor, int, int]:
@@ -48,12 +58,15 @@ def understanding_loss(model: OvisU1, batch: Batch, idle_image: bool = False) ->
     merged = model.merge_inputs(batch.input_ids, batch.attention_mask, batch.pixel_values, batch.grid_thws,
                                 batch.labels, left_padding=False)
     hidden = model.llm.hidden_states(inputs_embeds=merged.embeds + zero, attention_mask=merged.attention_mask)[-1]
-    targets = merged.labels[:, 1:]  # position i predicts token i+1
+    targets = merged.labels[:, 1:]  # position i predicts token i+1; on the host
     supervised = targets != IGNORE_ID
-    # The (B, L, 152K) logits of every position would dwarf the rest of the step: project only what is learned.
-    logits = model.llm.lm_head(hidden[:, :-1][supervised])  # (T, V)
-    loss_sum = F.cross_entropy(logits.float(), targets[supervised], reduction="sum")
-    return loss_sum, int(merged.attention_mask.sum()), merged.attention_mask.numel()
+    # The (B, L, 152K) logits of every position would dwarf the rest of the step: project only what is learned,
+    # at positions found on the host (a boolean index on the device would wait for it to count them).
+    rows, cols = (index.to(hidden.device, non_blocking=True) for index in supervised.nonzero(as_tuple=True))
+    logits = model.llm.lm_head(hidden[rows, cols])  # (T, V)
+    loss_sum = F.cross_entropy(logits.float(), targets[supervised].to(hidden.device, non_blocking=True),
+                               reduction="sum")
+    return loss_sum, llm_tokens(model, batch), merged.attention_mask.numel()
 
 
 def per_sample_noise(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
@@ -85,7 +98,7 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
             x0 = encode_image_tokens(vae, batch.target, noise=target_eps).float()  # (B, N, 16)
             cond_img = None if batch.source is None else encode_image_tokens(vae, batch.source, noise=source_eps)
     if cached:
-        txt, txt_mask = batch.condition, batch.condition_mask
+        txt, txt_mask = batch.condition, batch.condition_mask.to(device, non_blocking=True)
     else:  # only stages that train the adapter/encoder/LLM need gradients through the condition
         with torch.set_grad_enabled(condition_grad and torch.is_grad_enabled()):
             txt, txt_mask = model.generation_condition(batch.input_ids, batch.attention_mask, batch.pixel_values,
@@ -102,13 +115,15 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     batch_size, num_txt, num_img = len(batch), txt.shape[1], x0.shape[1]
     key_mask = [txt_mask, torch.ones(batch_size, num_img, dtype=torch.bool, device=device)]
     if cond_img is not None:  # rows without a source image carry zeros there, hidden by the key mask
-        key_mask.append(batch.has_source[:, None].expand(batch_size, num_img))
+        key_mask.append(batch.has_source.to(device, non_blocking=True)[:, None].expand(batch_size, num_img))
     rope = decoder.rope(flow.sequence_position_ids(num_txt, rows, cols, edit_image=cond_img is not None,
                                                    device=device), x_t.dtype)
     velocity = decoder.predict_velocity(x_t, txt_tokens, decoder.text_vector(cls), rope, t, cond_img=cond_img,
                                         key_mask=torch.cat(key_mask, dim=1))
-    tokens = int(txt_mask.sum()) + batch_size * num_img + (int(batch.has_source.sum()) * num_img
-                                                           if cond_img is not None else 0)
+    # counted on the host (the condition mask and has_source stay there): no wait for the device
+    condition_tokens = int(batch.condition_mask.sum()) if cached else llm_tokens(model, batch)
+    tokens = condition_tokens + batch_size * num_img + (int(batch.has_source.sum()) * num_img
+                                                        if cond_img is not None else 0)
     return flow.flow_matching_loss(velocity, x0, noise), tokens
 
 
@@ -136,8 +151,8 @@ class Tally:
 
 
 class TrainStep(nn.Module):
-    """One micro-batch -> (weighted loss, Tally). A module around the model so that DDP/FSDP see the whole step,
-    whichever tasks and buckets the micro-batch holds."""
+    """One forward pass: a Batch (one task, one image shape) -> (weighted loss, Tally). A module around the model
+    so that DDP/FSDP see the whole pass, whichever task and bucket it holds."""
 
     def __init__(self, model: OvisU1):
         super().__init__()
@@ -146,19 +161,14 @@ class TrainStep(nn.Module):
         self.upstream_trains = any(p.requires_grad for name, p in model.named_parameters()
                                    if not name.startswith("visual_generator."))
 
-    def forward(self, micro: MicroBatch, scale: LossScale) -> tuple[torch.Tensor, Tally]:
-        loss, tally = 0.0, Tally({})
-        for batch in micro.parts:
-            if batch.task == "understanding":
-                task_sum, tokens, positions = understanding_loss(self.model, batch, idle_image=self.upstream_trains)
-                loss = loss + scale.per_token * task_sum
-                tally.add(Tally({}, understanding_tokens=tokens, understanding_positions=positions))
-            else:
-                per_sample, tokens = generation_loss(self.model, batch, condition_grad=self.upstream_trains)
-                task_sum = per_sample.sum()
-                loss = loss + scale.per_sample * task_sum
-            tally.add(Tally({batch.task: task_sum.detach()}, tokens))
-        return loss, tally
+    def forward(self, batch: Batch, scale: LossScale) -> tuple[torch.Tensor, Tally]:
+        if batch.task == "understanding":
+            task_sum, tokens, positions = understanding_loss(self.model, batch, idle_image=self.upstream_trains)
+            tally = Tally({batch.task: task_sum.detach()}, tokens, tokens, positions)
+            return scale.per_token * task_sum, tally
+        per_sample, tokens = generation_loss(self.model, batch, condition_grad=self.upstream_trains)
+        task_sum = per_sample.sum()
+        return scale.per_sample * task_sum, Tally({batch.task: task_sum.detach()}, tokens)
 
 
 @dataclass
@@ -191,11 +201,41 @@ def summary(totals: list[float]) -> tuple[float, dict[str, float], float, float 
     return loss, task_loss, tokens, (1 - understanding_tokens / positions) if positions else None
 
 
+def pass_kind(task: str) -> str:
+    """What a forward pass of `task` runs: understanding runs the encoder and the LLM; both generation tasks run
+    the same modules (encoder and LLM for the condition, unless cached, then refiner and decoder), in the same
+    order, whatever their bucket."""
+    return "understanding" if task == "understanding" else "generation"
+
+
+PASS_KINDS = ("understanding", "generation")
+
+
+def pass_schedule(micro_batches: list[MicroBatch], runtime: Runtime) -> list[dict[str, int]]:
+    """Per micro-batch, the passes of each kind that every rank makes: the most any rank has (a micro-batch holds
+    a pass per task and bucket, so ranks differ). Collective."""
+    counts = [[sum(pass_kind(part.task) == kind for part in micro.parts) for kind in PASS_KINDS]
+              for micro in micro_batches]
+    most = all_reduce_max([n for row in counts for n in row], runtime)
+    return [dict(zip(PASS_KINDS, most[i * len(PASS_KINDS):(i + 1) * len(PASS_KINDS)])) for i in range(len(counts))]
+
+
 def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime: Runtime, autocast,
-                    throughput: Throughput) -> WindowTotals:
-    """Forward and backward every micro-batch of one optimizer step on this rank, weighted as the module's
-    docstring says; gradients are reduced across ranks on the last micro-batch; `throughput` counts their FLOPs.
-    Collective."""
+                    throughput: Throughput, placeholder=None) -> WindowTotals:
+    """Forward and backward every micro-batch of one optimizer step on this rank, one pass per task and bucket,
+    weighted as the module's docstring says; `throughput` counts their FLOPs. The micro-batches stay where the
+    loader left them (host memory, pinned on GPU): each part goes to the device just before its pass, so only one
+    is there at a time. Collective.
+
+    Under FSDP every rank must make the same sequence of passes, since each pass gathers the weights of the blocks
+    it runs (and reduce-scatters their gradients) together with the other ranks; but a rank's micro-batch holds one
+    pass per task and bucket its samples happen to fall in. So every rank makes, per micro-batch and kind of pass
+    (`pass_kind`), as many passes as the rank with the most, filling its own with zero-weight passes on
+    `placeholder(kind)`, a one-sample Batch. Zero-weight passes were chosen over drawing micro-batches within one
+    task and bucket because the global batch, and so the gradient, then stays the same for any number of processes
+    and any --micro-batch; they cost one small pass each, only where ranks differ. `placeholder` None: no padding
+    (one process, or DDP, which reduces once per step and needs only that every pass uses every trained weight).
+    """
     counts = dict.fromkeys(TASKS, 0)
     for micro in micro_batches:
         for batch in micro.parts:
@@ -207,13 +247,22 @@ def backward_window(module: nn.Module, micro_batches: list[MicroBatch], runtime:
     # DDP and FSDP average gradients over ranks: each rank's share is scaled up by the world size to undo it.
     scale = LossScale(per_token=runtime.world * understanding_all / samples_all / max(tokens_all, 1),
                       per_sample=runtime.world / samples_all)
-    tally = Tally({})
+    schedule = pass_schedule(micro_batches, runtime) if placeholder is not None else None
+    passes = []  # (batch, weighted or not)
     for i, micro in enumerate(micro_batches):
-        kind = "+".join(part.task for part in micro.parts)  # what a micro-batch costs per token depends on its tasks
-        with gradient_sync(module, i == len(micro_batches) - 1):
-            with autocast, throughput.counting(kind):
-                loss, micro_tally = module(micro, scale)
+        for kind in PASS_KINDS:
+            own = [(part, True) for part in micro.parts if pass_kind(part.task) == kind]
+            passes += own
+            if schedule is not None and schedule[i][kind] > len(own):
+                passes += [(placeholder(kind), False)] * (schedule[i][kind] - len(own))
+    tally = Tally({})
+    for n, (batch, weighted) in enumerate(passes):
+        batch = batch.to(runtime.device, non_blocking=True)
+        with gradient_sync(module, n == len(passes) - 1):
+            with autocast, throughput.counting(batch.task) if weighted else contextlib.nullcontext():
+                loss, pass_tally = module(batch, scale if weighted else LossScale(per_token=0.0, per_sample=0.0))
             loss.backward()
-        throughput.micro_batch(kind, micro_tally.tokens)
-        tally.add(micro_tally)
+        if weighted:
+            throughput.micro_batch(batch.task, pass_tally.tokens)
+            tally.add(pass_tally)
     return WindowTotals(tally, counts, understanding_samples, samples)

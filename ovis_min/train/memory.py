@@ -35,7 +35,7 @@ from PIL import Image
 
 from ..checkpoint import build_model
 from ..config import OvisConfig
-from .data import DataConfig, MicroBatch, SkipRow, collate, edit_example, t2i_example, understanding_example
+from .data import DataConfig, SkipRow, collate, edit_example, t2i_example, understanding_example
 from .losses import LossScale, TrainStep
 from ..model import OvisU1
 from ..prompt import Tokenizer
@@ -211,7 +211,7 @@ def measure(stage: int, tokenizer_dir: Path, device: torch.device, folder: Path,
         model = OvisU1(config)
     trained = set(set_trainable(model, stage))
     spec = STAGES[stage]
-    apply_memory_policy(model, spec.mix, "bf16")
+    apply_memory_policy(model, spec.mix, "bf16", device)
     if spec.grad_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()
@@ -227,13 +227,13 @@ def measure(stage: int, tokenizer_dir: Path, device: torch.device, folder: Path,
         if not ratio:
             continue
         batch = collate(assumed_examples(task, stage, micro_batch, cfg, folder), cfg.tokenizer.pad_token_id)
-        micro = MicroBatch([batch.to(device)], {})
+        batch = batch.to(device)
         scale = LossScale(per_token=1 / max(1, batch.supervised_tokens), per_sample=1 / len(batch))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for _ in range(steps):
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                loss, _ = step_module(micro, scale)
+                loss, _ = step_module(batch, scale)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -44,6 +44,23 @@ SCRATCH_STAGES = (0, 1)  # the parts these stages train start from random weight
 NEVER_USED = ("visual_tokenizer.backbone.trunk.post_trunk_norm.",)
 
 
+def micro_batch_for(batch: int, processes: int, micro_batch: int | None) -> int:
+    """Samples per forward pass and process: `micro_batch` (--micro-batch) if given, else the largest up to
+    DEFAULT_MICRO_BATCH that splits `batch` evenly over the processes (stage 3's 2240 on 8, 16, 32 and 64
+    processes: 4, 4, 2 and 1). ValueError, naming what works, if none does."""
+    fits = [m for m in range(1, batch // processes + 1) if batch % (m * processes) == 0]
+    if not fits:
+        raise ValueError(f"--batch {batch} cannot be split over {processes} processes: give a multiple of "
+                         f"{processes}")
+    if micro_batch is None:
+        return max(m for m in fits if m <= DEFAULT_MICRO_BATCH)
+    if micro_batch not in fits:
+        works = max(m for m in fits if m < micro_batch)
+        raise ValueError(f"--batch {batch} is not a multiple of micro-batch x processes = {micro_batch} x "
+                         f"{processes}: --micro-batch {works} works, or adjust --batch")
+    return micro_batch
+
+
 def uses_generator(mix: dict[str, float]) -> bool:
     """Whether a run on these task ratios ever runs the decoder or the VAE."""
     return any(mix.get(task, 0) > 0 for task in GENERATION_TASKS)
@@ -87,15 +104,24 @@ def init_adapter_(model: OvisU1) -> None:
     nn.init.normal_(model.vte.weight, std=float(model.llm.model.embed_tokens.weight.std()))
 
 
-def apply_memory_policy(model: OvisU1, mix: dict[str, float], precision: str) -> None:
-    """Frozen parameters in bf16 when the run computes in bf16 (a float32 run keeps them float32, so CPU runs
-    stay exact), and the decoder and VAE in CPU memory when the run's tasks never use them (stage 3)."""
-    if precision == "bf16":
-        for param in model.parameters():
-            if not param.requires_grad:
-                param.data = param.data.to(torch.bfloat16)
-    if not uses_generator(mix):
-        model.visual_generator.to("cpu")
+def apply_memory_policy(model: OvisU1, mix: dict[str, float], precision: str, device: torch.device,
+                        sharded: bool = False) -> None:
+    """Trained weights in float32, frozen ones in bf16 when the run computes in bf16 (float32 otherwise, so CPU
+    runs stay exact); then onto `device`, but the decoder and VAE only when the run's tasks use them (stage 3
+    keeps them in CPU memory). Under FSDP (`sharded`) only the VAE, which is not sharded, goes now: fully_shard
+    takes each block's shard to the device itself, so no rank ever holds the whole model there.
+
+    Called on the model as loaded in host memory in the checkpoint's dtypes: a frozen weight stored in bf16 stays
+    the mapped file, and nothing is float32 that need not be."""
+    for param in model.parameters():
+        param.data = param.data.to(torch.float32 if param.requires_grad or precision != "bf16" else torch.bfloat16)
+    generator = model.visual_generator
+    if sharded:
+        if uses_generator(mix):
+            generator.vae.to(device)
+        return
+    for part in [model.llm, model.visual_tokenizer, model.vte, *([generator] if uses_generator(mix) else [])]:
+        part.to(device)
 
 
 def enable_gradient_checkpointing(model: OvisU1) -> None:

@@ -2,9 +2,10 @@
 
 The held-out rows are fixed, and so is everything random about them: row i of a task always has seed i, and no
 prompt or image is dropped, so the loss measures the conditional model and two validations of the same weights
-agree exactly. Rows are grouped in fixed micro-batches (the order of the file; a micro-batch of generation rows is
-split by aspect-ratio bucket); batch k goes to process k mod world, so the value does not depend on the number of
-processes. A task's loss is weighted as in training: cross-entropy per supervised token, flow matching per row.
+agree exactly. Rows are grouped in fixed batches of one task and one aspect-ratio bucket (in file order within a
+bucket), each one forward pass; batch k goes to process k mod world, so the value does not depend on the number
+of processes, and every process makes the same number of passes of each task (FSDP gathers weights per pass).
+A task's loss is weighted as in training: cross-entropy per supervised token, flow matching per row.
 
 Validation must not change training: it runs in eval mode under no_grad, and inside torch.random.fork_rng, so
 whatever it draws from the global generators is given back; a run's training losses are the same with and without
@@ -14,12 +15,10 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from .data import (SKIP_REASONS, TASKS, DataConfig, Manifests, MicroBatch, SkipRow, collate, index_manifests,
-                   load_example)
+from .data import SKIP_REASONS, TASKS, Batch, DataConfig, Manifests, SkipRow, collate, index_manifests, load_example
 from .distributed import Runtime, all_reduce_sum
 from .losses import LossScale
 
@@ -27,43 +26,36 @@ from .losses import LossScale
 @dataclass
 class HeldOut:
     manifests: Manifests
-    rows: dict[str, list[np.ndarray]]  # task -> the usable rows, in file order
+    batches: dict[str, list[list[tuple]]]  # task -> its batches of (row, seed), one bucket each
     cfg: DataConfig  # no drops
-    micro_batch: int
     skipped: dict[str, int]
-
-    def batches(self, task: str) -> int:
-        return math.ceil(len(self.rows[task]) / self.micro_batch)
 
 
 def load_held_out(path: Path, tasks: list[str], cfg: DataConfig, micro_batch: int) -> HeldOut:
     """The usable rows of `tasks` in the manifest at `path` (each row is read once here to know it is usable)."""
     manifests = index_manifests([path])
     cfg = replace(cfg, drop_prompt=0.0, drop_image=0.0)
-    rows, skipped = {}, dict.fromkeys(SKIP_REASONS, 0)
+    batches, skipped = {}, dict.fromkeys(SKIP_REASONS, 0)
     for task in tasks:
-        rows[task] = []
+        buckets = {}  # image shape -> [(row, seed)] (understanding: one group)
         for seed, ref in enumerate(manifests.rows[task]):
             try:
-                load_example(manifests, task, ref, seed, cfg)
-                rows[task].append(ref)
+                example = load_example(manifests, task, ref, seed, cfg)
+                buckets.setdefault(example.image_shape, []).append((ref, seed))
             except SkipRow as skip:
                 skipped[skip.reason] += 1
-    if not any(rows.values()):
+        batches[task] = [rows[i:i + micro_batch] for rows in buckets.values()
+                         for i in range(0, len(rows), micro_batch)]
+    if not any(batches.values()):
         raise ValueError(f"--val-data {path}: no usable {' or '.join(tasks)} rows (the tasks this stage trains); "
                          "give a manifest in the --data format with rows of these tasks")
-    return HeldOut(manifests, rows, cfg, micro_batch, skipped)
+    return HeldOut(manifests, batches, cfg, skipped)
 
 
-def held_out_batch(held_out: HeldOut, task: str, index: int) -> MicroBatch:
-    rows = held_out.rows[task][index * held_out.micro_batch:(index + 1) * held_out.micro_batch]
-    seeds = range(index * held_out.micro_batch, index * held_out.micro_batch + len(rows))
-    examples = [load_example(held_out.manifests, task, ref, seed, held_out.cfg) for ref, seed in zip(rows, seeds)]
-    shapes = {}  # one Batch per bucket: generation images of one bucket share their size
-    for example in examples:
-        shapes.setdefault(example.image_shape, []).append(example)
-    pad_id = held_out.cfg.tokenizer.pad_token_id
-    return MicroBatch([collate(group, pad_id) for group in shapes.values()], dict.fromkeys(SKIP_REASONS, 0))
+def held_out_batch(held_out: HeldOut, task: str, index: int) -> Batch:
+    examples = [load_example(held_out.manifests, task, ref, seed, held_out.cfg)
+                for ref, seed in held_out.batches[task][index]]
+    return collate(examples, held_out.cfg.tokenizer.pad_token_id)
 
 
 @torch.no_grad()
@@ -77,17 +69,16 @@ def validate(step_module: nn.Module, held_out: HeldOut, runtime: Runtime, autoca
     with torch.random.fork_rng(devices=devices):
         for task in TASKS:
             loss_sum, count = torch.zeros((), dtype=torch.float64, device=runtime.device), 0
-            batches = held_out.batches(task) if task in held_out.rows else 0
+            batches = len(held_out.batches.get(task, []))
             # Every process runs the same number of batches (under FSDP each forward gathers weights from all of
             # them); the ones past the end repeat batch 0 with weight 0.
             for k in range(runtime.rank, runtime.world * math.ceil(batches / runtime.world), runtime.world):
-                micro = held_out_batch(held_out, task, k if k < batches else 0).to(runtime.device)
+                batch = held_out_batch(held_out, task, k if k < batches else 0).to(runtime.device)
                 with autocast:
-                    _, tally = step_module(micro, LossScale(per_token=1.0, per_sample=1.0))
+                    _, tally = step_module(batch, LossScale(per_token=1.0, per_sample=1.0))
                 if k < batches:  # sums of token cross-entropies or of per-row losses, and what they are over
                     loss_sum = loss_sum + tally.sums[task].double()
-                    count += sum(part.supervised_tokens if task == "understanding" else len(part)
-                                 for part in micro.parts)
+                    count += batch.supervised_tokens if task == "understanding" else len(batch)
             sums += [loss_sum, count]
     step_module.train(was_training)
     totals = all_reduce_sum(sums, runtime)
