@@ -136,8 +136,8 @@ from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load
 from ovis_min.cli import TrainError  # noqa: E402
 from ovis_min.train.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
                                  bucket_table, index_manifests, parse_mix)
-from ovis_min.train.distributed import (Runtime, all_finite, all_gather, all_reduce_sum, fingerprint,  # noqa: E402
-                                        main_rank_first, setup_runtime, wait_for_every_rank, wrap)
+from ovis_min.train.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, main_rank_first,  # noqa: E402
+                                        setup_runtime, wait_for_every_rank, wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.train.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
@@ -150,8 +150,9 @@ from ovis_min.train.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES,
                                    make_optimizer, set_trainable, uses_generator)
 from ovis_min.train.ema import EMA  # noqa: E402
 from ovis_min.train.throughput import Throughput, format_duration, peak_flops  # noqa: E402
-from ovis_min.train.checkpoint import (Saver, StopRequest, abandon_later, checked_source, export,  # noqa: E402
-                                       read_trainer_state, resolve_resume, restore, source_record, trim_log)
+from ovis_min.train.checkpoint import (FINITE_CHECKPOINTS, Saver, StopRequest, abandon_later,  # noqa: E402
+                                       checked_source, export, read_trainer_state, resolve_resume, restore,
+                                       source_record, trim_log)
 from ovis_min.train.validation import format_validation, load_held_out, validate  # noqa: E402
 
 ctrl_c_raises()
@@ -595,7 +596,6 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
         if finite:
             optimizer.step()
-            check_weights(params, step, args, runtime, saver)
         optimizer.zero_grad(set_to_none=True)
         if finite and ema is not None:
             ema.update()
@@ -653,22 +653,6 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     if runtime.world > 1:
         dist.barrier()  # leave together: a rank tearing down gloo while its peer still talks aborts the peer
     return records
-
-
-FINITE_CHECKPOINTS = ("every checkpoint in {out} holds finite weights: continue from the newest with --resume {out} "
-                      "and a lower --lr, or start again with one")
-
-
-def check_weights(params: list[nn.Parameter], step: int, args, runtime: Runtime, saver: Saver) -> None:
-    """After an optimizer step from a finite gradient: AdamW can still make weights non-finite by itself (its
-    decoupled decay multiplies them by 1 - lr x weight decay every step, which grows them without bound once
-    above 1 in size). Such weights must reach neither the EMA nor a checkpoint, and the step cannot be undone
-    without a copy of the weights and optimizer state: the run stops, its checkpoints all hold finite weights.
-    Collective (a second host sync per step, after the optimizer's: negligible next to a step's passes)."""
-    if all_reduce_sum([all_finite(params).logical_not()], runtime)[0]:
-        saver.wait()
-        raise TrainError(f"step {step + 1}: the optimizer's update made trained weights non-finite (--lr "
-                         f"{args.lr:g} is far too high); {FINITE_CHECKPOINTS.format(out=args.out)}")
 
 
 def skip_nonfinite_step(record: dict, in_a_row: int, args, runtime: Runtime, saver: Saver) -> None:

@@ -39,7 +39,7 @@ from ..checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, TRAINER_F
                           open_checkpoint, save_checkpoint)
 from ..cli import TrainError
 from .data import Mixture
-from .distributed import WAIT_TIMEOUT, Runtime, all_gather, all_reduce_sum, wait_for_every_rank
+from .distributed import WAIT_TIMEOUT, Runtime, all_finite, all_gather, all_reduce_sum, wait_for_every_rank
 from .ema import EMA
 from ..files import disk_full, temp_prefix, write_atomic
 
@@ -49,6 +49,8 @@ SHARD_BYTES = 5 * 2 ** 30
 STEP_NAME = re.compile(r"step-(\d{8})")
 STATE_DIR, COMPLETE_FILE = "state", "complete"
 TRAINER_KEYS = ("step", "world_size", "data", "rng", "args", "source")
+FINITE_CHECKPOINTS = ("every checkpoint in {out} holds finite weights: continue from the newest with --resume {out} "
+                      "and a lower --lr, or start again with one")
 
 
 def step_name(step: int) -> str:
@@ -148,6 +150,15 @@ def training_state(step_module: nn.Module, optimizer, ema: EMA | None) -> dict:
     return state
 
 
+def tensors_in(state) -> list[torch.Tensor]:
+    """The tensors of a nested state (dicts and lists, as the optimizer's state dict nests them)."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        state = list(state.values())
+    return [t for item in state for t in tensors_in(item)] if isinstance(state, (list, tuple)) else []
+
+
 def saved_metadata(step_dir: Path) -> dict:
     """DCP's table of a checkpoint's tensors by flattened key ("weights.<official name>", "ema.<name>", ...)."""
     try:
@@ -227,6 +238,11 @@ class Saver:
                 step_dir.mkdir()
             wait_for_every_rank(self.runtime)  # rank 0 may have removed a large directory
             state = training_state(step_module, optimizer, ema)
+            # The training loop skips the steps whose loss or gradient is not finite; a finite step can still
+            # make weights overflow (a learning rate near float32's range), which no checkpoint may keep.
+            if all_reduce_sum([all_finite(tensors_in(state)).logical_not()], self.runtime)[0]:
+                raise TrainError(f"step {step}: the trained weights, their optimizer state or EMA are not finite, "
+                                 f"so they are not saved; {FINITE_CHECKPOINTS.format(out=self.out)}")
             trainer_state = {"step": step, "world_size": self.runtime.world, "source": self.source,
                              "data": all_gather(mixture.state_dict(), self.runtime),
                              "rng": all_gather(rng_state(self.runtime), self.runtime),
