@@ -54,6 +54,9 @@ def _child(script: str, argv: list[str], cwd: str, env: dict[str, str], out: str
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = [script, *argv]
     sys.path[0] = str(Path(script).parent)
+    # The server made this process its way (forkserver) and left that start method as the default: a script's own
+    # processes (DataLoader workers) start as under `python script`, by the platform's default method instead.
+    multiprocessing.set_start_method(None, force=True)
     code = 0
     try:
         runpy.run_path(script, run_name="__main__")
