@@ -78,7 +78,7 @@ Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, t
 Distributed: torchrun --nproc_per_node N train.py ... runs DDP, or FSDP2 (fully_shard per block) for stage 3,
   which trains the LLM. Gradient accumulation = batch / (micro-batch x processes). bf16 autocast on GPU
   (fp32 master weights), fp32 on CPU. A collective waits --dist-timeout minutes for the other processes; rank 0's
-  work alone (indexing new manifests, the final export) is waited for on a separate CPU group, up to 24 hours.
+  work alone (indexing new manifests, the final export) is waited for on a separate CPU group, for far longer.
 
 Memory: under bf16, frozen weights are stored in bf16 and FSDP gathers weights in bf16 and reduces gradients in
   float32; --parallel fsdp shards the decoder's blocks too; a run without generation tasks (stage 3) keeps the
@@ -136,8 +136,8 @@ from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load
 from ovis_min.cli import TrainError  # noqa: E402
 from ovis_min.train.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
                                  bucket_table, index_manifests, parse_mix)
-from ovis_min.train.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, main_rank_first,  # noqa: E402
-                                        setup_runtime, wait_for_every_rank, wrap)
+from ovis_min.train.distributed import (WAIT_TIMEOUT, Runtime, all_gather, all_reduce_sum, fingerprint,  # noqa: E402
+                                        main_rank_first, setup_runtime, wait_for_every_rank, wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.train.frozen_cache import CacheError, FrozenCache, build_cache, settings  # noqa: E402
@@ -163,7 +163,8 @@ ctrl_c_raises()
 # ---------------------------------------------------------------------------------------------------------------
 DIST_TIMEOUT_HELP = ("under torchrun: how long a process waits for the others in a collective before the run fails "
                      "(default 30; NCCL's own is 10). Work that rank 0 does alone (indexing new manifests, the "
-                     "export at the end) and the end of train.py cache are waited for up to 24 hours instead")
+                     "export at the end) and the end of train.py cache are waited for up to "
+                     f"{WAIT_TIMEOUT.total_seconds() / 3600:g} hours instead")
 RESUME_CHECKED = ("stage", "batch", "micro_batch", "lr", "min_lr", "warmup", "steps", "mix", "seed", "resolution",
                   "drop_prompt", "drop_image", "weight_decay", "overfit", "buckets")
 
@@ -596,9 +597,9 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
         if finite:
             optimizer.step()
+            if ema is not None:
+                ema.update()
         optimizer.zero_grad(set_to_none=True)
-        if finite and ema is not None:
-            ema.update()
         elapsed = time.perf_counter() - began
         record = {"step": step + 1, "loss": loss, "task_loss": task_loss, "lr": lr,
                   "grad_norm": float(grad_norm), "nonfinite": not finite, "samples_per_s": args.batch / elapsed,
@@ -660,14 +661,12 @@ def skip_nonfinite_step(record: dict, in_a_row: int, args, runtime: Runtime, sav
     diverged run does not recover by itself, its later steps are all non-finite too)."""
     if runtime.main:
         print(f"warning: step {record['step']}: loss {record['loss']:g}, gradient norm {record['grad_norm']:g}: "
-              "not finite, the step is "
-              f"skipped (weights, optimizer state and EMA unchanged); {in_a_row} in a row, the run stops at "
-              f"{args.max_nonfinite} (--max-nonfinite)", file=sys.stderr, flush=True)
+              f"not finite, the step is skipped (weights, optimizer state and EMA unchanged); {in_a_row} in a row, "
+              f"the run stops at {args.max_nonfinite} (--max-nonfinite)", file=sys.stderr, flush=True)
     if in_a_row >= args.max_nonfinite:
         saver.wait()
         raise TrainError(f"steps {record['step'] + 1 - in_a_row}-{record['step']}: {in_a_row} non-finite steps in "
-                         f"a row, the run diverged; {FINITE_CHECKPOINTS.format(out=args.out)} (or a higher "
-                         "--max-nonfinite)")
+                         f"a row (--max-nonfinite), the run diverged; {FINITE_CHECKPOINTS.format(out=args.out)}")
 
 
 def format_record(record: dict, steps: int) -> str:

@@ -438,8 +438,8 @@ class StopRequest:
     with them, passes its SIGTERM on to each training process a moment later. So a repeat is the same request: it
     is noted, and the stop goes on (stopping at once on a repeat would lose the very checkpoint the signal asks
     for; the scheduler kills the job in the end anyway). To stop at once, Ctrl-C (SIGINT): the newest complete
-    checkpoint is kept. The signal may reach one rank only; `agreed` tells every rank, so that all
-    stop after the same step. Install it before the DataLoader workers start (they ignore these signals, see
+    checkpoint is kept. The signal may reach one rank only; `agreed` tells every rank, so that all stop after the
+    same step. Install it before the DataLoader workers start (they ignore these signals, see
     data.ignore_stop_signals), so that none of them dies of a signal in the moment before it can ignore it."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
