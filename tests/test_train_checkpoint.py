@@ -316,22 +316,10 @@ def test_help_documents_export_and_the_ema(capsys):
 
 # -- divergence -------------------------------------------------------------------------------------------------
 
-def saved_tensors(step_dir: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint's state (weights, EMA, optimizer state) by its flattened key."""
+def saved_state(step_dir: Path, tmp_path: Path) -> dict:
+    """A checkpoint's whole state (weights, EMA, optimizer state), read back as one torch file."""
     dcp_to_torch_save(step_dir / "state", tmp_path / "state.pt")
-    flat = {}
-
-    def walk(value, key):
-        if isinstance(value, torch.Tensor):
-            flat[key] = value
-        elif isinstance(value, dict):
-            for name, item in value.items():
-                walk(item, f"{key}.{name}")
-        elif isinstance(value, (list, tuple)):
-            for i, item in enumerate(value):
-                walk(item, f"{key}.{i}")
-    walk(torch.load(tmp_path / "state.pt", weights_only=False), "state")
-    return flat
+    return torch.load(tmp_path / "state.pt", weights_only=False)
 
 
 def test_a_diverging_run_skips_non_finite_steps_keeps_finite_checkpoints_and_stops(ckpt, data, tmp_path, capsys):
@@ -351,8 +339,9 @@ def test_a_diverging_run_skips_non_finite_steps_keeps_finite_checkpoints_and_sto
         [not r["nonfinite"] for r in records]
     last = records[-1]["step"]  # the run stopped at the limit-th non-finite step in a row, before --steps
     assert last < steps and skipped[-limit:] == list(range(last - limit + 1, last + 1))
-    assert isinstance(error, str) and "\n" not in error and error.startswith(f"train.py: error: steps {last - limit + 1}-"
-                                                                           f"{last}: {limit} non-finite steps in a row")
+    first = last - limit + 1
+    assert isinstance(error, str) and "\n" not in error
+    assert error.startswith(f"train.py: error: steps {first}-{last}: {limit} non-finite steps in a row")
     assert "--lr" in error and "--max-nonfinite" in error and f"--resume {out}" in error
     warnings = [line for line in stderr.splitlines() if line.startswith("warning: step ")]
     assert [int(line.split()[2].rstrip(":")) for line in warnings] == skipped
@@ -360,9 +349,10 @@ def test_a_diverging_run_skips_non_finite_steps_keeps_finite_checkpoints_and_sto
     saved = complete_steps(out)
     assert any(int(name[len("step-"):]) in skipped for name in saved)  # saves after skipped steps too
     for name in saved:
-        tensors = saved_tensors(out / name, tmp_path)
-        assert any(key.startswith("state.ema.") for key in tensors)
-        assert all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()), name
+        state = saved_state(out / name, tmp_path)
+        assert state.keys() == {"weights", "optimizer", "ema"}
+        tensors = train_checkpoint.tensors_in(state)
+        assert all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), name
 
 
 def test_a_save_refuses_non_finite_weights_or_ema(tmp_path):
