@@ -65,14 +65,22 @@ Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, t
   its official name: trained ones in float32, frozen ones as --init stores them), so sample.py --weights OUT,
   ovis_min.checkpoint.load_model and --init OUT (the next stage) read it as they read the official release;
   `train.py export` writes one for any step, or for the EMA.
-  SIGTERM or SIGUSR1 (what schedulers send a while before they stop a job) to any process of the run: every process
-  finishes its step, the run saves a checkpoint and exits 0; a second signal stops at once. Under torchrun, signal
-  the train.py processes: torchrun passes SIGTERM on to them but kills them 30 s later, and dies of SIGUSR1.
+  SIGTERM or SIGUSR1 (what schedulers send a while before they stop a job) to any process of the run, or to all of
+  them (Slurm signals every process of the job, DataLoader workers included, which ignore it): every process
+  finishes its step, the run saves a checkpoint and exits 0. The signal arriving again (torchrun passes its own
+  SIGTERM on) is the same request; Ctrl-C (SIGINT) stops at once, keeping the newest complete checkpoint. Under
+  torchrun, which kills the processes 30 s after passing SIGTERM on and dies of SIGUSR1: send SIGTERM, or SIGUSR1
+  to the train.py processes only.
+  A step whose loss or gradient norm is not finite is skipped with a warning: the weights, optimizer state and
+  EMA keep their values, so no checkpoint holds a non-finite weight; --max-nonfinite such steps in a row stop the
+  run with an error.
 
 Distributed: torchrun --nproc_per_node N train.py ... runs DDP, or FSDP2 (fully_shard per block) for stage 3,
   which trains the LLM, and for any stage with --parallel fsdp. Gradient accumulation = batch / (micro-batch x
   processes); the default micro-batch is the largest up to 4 that divides it (stage 3's 2240 on 32 processes: 2).
-  bf16 autocast on GPU (fp32 master weights), fp32 on CPU.
+  bf16 autocast on GPU (fp32 master weights), fp32 on CPU. A collective waits --dist-timeout minutes for the other
+  processes; rank 0's work alone (indexing new manifests, the final export) is waited for on a separate CPU group,
+  for far longer.
 
 Memory: under bf16, frozen weights are stored in bf16 and FSDP gathers weights in bf16 and reduces gradients in
   float32; --parallel fsdp shards the decoder's blocks too; a run without generation tasks (stage 3) keeps the
@@ -116,7 +124,9 @@ ctrl_c_quits_quietly("train.py")  # covers the seconds the imports below take
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import time  # noqa: E402
+from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -128,8 +138,8 @@ from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load
 from ovis_min.cli import TrainError  # noqa: E402
 from ovis_min.train.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
                                  bucket_table, index_manifests, parse_mix)
-from ovis_min.train.distributed import (Runtime, all_gather, all_reduce_sum, fingerprint, setup_runtime,  # noqa: E402
-                                        wrap)
+from ovis_min.train.distributed import (WAIT_TIMEOUT, Runtime, all_gather, all_reduce_sum, fingerprint,  # noqa: E402
+                                        main_rank_first, setup_runtime, wait_for_every_rank, wrap)
 from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.train.frozen_cache import (CacheError, FrozenCache, build_cache, settings,  # noqa: E402
@@ -143,8 +153,9 @@ from ovis_min.train.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES,
                                    make_optimizer, micro_batch_for, set_trainable, uses_generator)
 from ovis_min.train.ema import EMA  # noqa: E402
 from ovis_min.train.throughput import Throughput, format_duration, peak_flops  # noqa: E402
-from ovis_min.train.checkpoint import (Saver, StopRequest, abandon_later, checked_source, export,  # noqa: E402
-                                       read_trainer_state, resolve_resume, restore, source_record, trim_log)
+from ovis_min.train.checkpoint import (FINITE_CHECKPOINTS, Saver, StopRequest, abandon_later,  # noqa: E402
+                                       checked_source, export, read_trainer_state, resolve_resume, restore,
+                                       source_record, trim_log)
 from ovis_min.train.validation import format_validation, load_held_out, validate  # noqa: E402
 
 ctrl_c_raises()
@@ -153,6 +164,10 @@ ctrl_c_raises()
 # ---------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------
+DIST_TIMEOUT_HELP = ("under torchrun: how long a process waits for the others in a collective before the run fails "
+                     "(default 30; NCCL's own is 10). Work that rank 0 does alone (indexing new manifests, the "
+                     "export at the end) and the end of train.py cache are waited for up to "
+                     f"{WAIT_TIMEOUT.total_seconds() / 3600:g} hours instead")
 RESUME_CHECKED = ("stage", "batch", "micro_batch", "lr", "min_lr", "warmup", "steps", "mix", "seed", "resolution",
                   "drop_prompt", "drop_image", "weight_decay", "overfit", "buckets")
 
@@ -199,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "stages 2, 3 and 5, whose estimated memory per GPU exceeds 60 GB without it, see README)")
     parser.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
                         help="multi-process engine (auto: FSDP for stage 3, DDP otherwise)")
+    parser.add_argument("--dist-timeout", type=real(0, open_low=True), default=30, metavar="MINUTES",
+                        help=DIST_TIMEOUT_HELP)
+    parser.add_argument("--max-nonfinite", type=whole_number(1), default=5, metavar="N", help="a step whose loss "
+                        "or gradient norm is not finite is skipped with a warning (no update, the EMA and "
+                        "checkpoints keep finite weights); N of them in a row stop the run with an error "
+                        "(default 5)")
     parser.add_argument("--save-every", type=whole_number(1), default=1000, help="steps between checkpoints (and at the end; "
                         "default 1000)")
     parser.add_argument("--keep", type=whole_number(0), default=3, help="complete checkpoints to keep, the newest "
@@ -266,6 +287,8 @@ def build_cache_parser() -> argparse.ArgumentParser:
     parser.add_argument("--micro-batch", type=whole_number(1), default=16, help="rows per forward pass (default 16)")
     parser.add_argument("--precision", choices=("bf16", "fp32"), help="as train.py's (default bf16 on GPU)")
     parser.add_argument("--device", help="default: cuda if available")
+    parser.add_argument("--dist-timeout", type=real(0, open_low=True), default=30, metavar="MINUTES",
+                        help=DIST_TIMEOUT_HELP)
     return parser
 
 
@@ -278,21 +301,21 @@ def cache_main(argv: list[str]) -> dict[str, int]:
     resolution = args.resolution or STAGES[args.stage].resolution
     if resolution % (16 if args.buckets == "none" else 32):
         raise TrainError(f"--resolution {resolution}: give a multiple of 32 (16 with --buckets none), as for training")
-    runtime = setup_runtime(args.device)
+    runtime = setup_runtime(args.device, timedelta(minutes=args.dist_timeout))
     try:
         source = resolve_source(args.init)
         config = read_config(source)
         cfg = DataConfig(Tokenizer(source), config.preprocess, config.multimodal_max_length, resolution,
                          buckets=None if args.buckets == "none" else bucket_table(resolution))
-        manifests = index_manifests(args.data)
+        with main_rank_first(runtime):
+            manifests = index_manifests(args.data)
         tasks = [task for task in STAGES[args.stage].mix if len(manifests.rows[task])]
         model = load_checkpoint(build_model(config), source, dtype=torch.float32, device=runtime.device).eval()
         precision = args.precision or ("bf16" if runtime.device.type == "cuda" else "fp32")
         autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         wanted = settings(weights_fingerprint(model, runtime), manifests, cfg, precision)
         written = build_cache(model, manifests, tasks, cfg, args.out, runtime, args.micro_batch, wanted, autocast)
-        if runtime.world > 1:
-            dist.barrier()
+        wait_for_every_rank(runtime)  # the ranks' shares may take them very different times
         print(f"cache {args.out}: {', '.join(f'{t} {len(manifests.rows[t])} rows' for t in tasks)} "
               f"(this process wrote {', '.join(f'{t} {n}' for t, n in written.items())})", flush=True)
         return written
@@ -431,7 +454,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"warning: resuming with different arguments ({'; '.join(changed)}): the run will not continue "
                   f"exactly as it would have", file=sys.stderr)
 
-    runtime = setup_runtime(args.device)
+    runtime = setup_runtime(args.device, timedelta(minutes=args.dist_timeout))
     try:
         return train(args, runtime, resume_dir, trainer_state)
     finally:
@@ -474,11 +497,8 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
                           args.drop_prompt, args.drop_image,
                           buckets=None if args.buckets == "none" else bucket_table(args.resolution))
     try:
-        if runtime.world > 1 and not runtime.main:
-            dist.barrier()  # rank 0 indexes new manifests first; the others then read its index files
-        manifests = index_manifests(args.data)
-        if runtime.world > 1 and runtime.main:
-            dist.barrier()
+        with main_rank_first(runtime):  # rank 0 indexes new manifests; the others then read its index files
+            manifests = index_manifests(args.data)
         mixture = Mixture(manifests, args.mix, args.seed, args.overfit)
     except (ValueError, FileNotFoundError) as error:
         raise TrainError(f"stage {args.stage} ({stage.name}) mixes {args.mix}: {error}") from None
@@ -532,6 +552,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
                                 [task for task in mixture.ratios if task != "understanding"])
         except CacheError as error:
             raise TrainError(str(error)) from None
+    stop_request = StopRequest()  # before the loader's workers start: see StopRequest
     # after restore: the loader starts at the restored data position
     data = MicroBatchData(mixture, data_cfg, cache)
     loader = Loader(mixture, data, args.batch, args.micro_batch, runtime.rank, runtime.world, args.workers,
@@ -559,7 +580,8 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     records = []
     throughput = Throughput(peak_flops(runtime.device, precision))
     log = open(out / "log.jsonl", "a") if runtime.main else None
-    saver, stop_request = Saver(out, frozen, args, runtime), StopRequest()
+    saver = Saver(out, frozen, args, runtime)
+    nonfinite_in_a_row = 0
     for step in range(start, stop):
         lr = learning_rate(step, args)
         for group in optimizer.param_groups:
@@ -573,19 +595,24 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
         grad_norm = nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-
         values = window.values()
         totals = all_reduce_sum([*values, throughput.step_flops,
-                                 *(sum(m.skipped[r] for m in micro_batches) for r in SKIP_REASONS)], runtime)
+                                 *(sum(m.skipped[r] for m in micro_batches) for r in SKIP_REASONS),
+                                 torch.isfinite(grad_norm).logical_not()], runtime)
         loss, task_loss, tokens, padding = summary(totals[:len(values)])
-        skipped = mixture.add_skipped(dict(zip(SKIP_REASONS, map(int, totals[len(values) + 1:]))))
+        skipped = mixture.add_skipped(dict(zip(SKIP_REASONS, map(int, totals[len(values) + 1:-1]))))
+        # A non-finite loss or gradient never reaches the weights, the optimizer state or the EMA: the step is
+        # skipped (its data is spent, the schedule goes on). The ranks decide on the same all-reduced numbers.
+        finite = math.isfinite(loss) and totals[-1] == 0
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+        if finite:
+            optimizer.step()
+            if ema is not None:
+                ema.update()
+        optimizer.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - began
         record = {"step": step + 1, "loss": loss, "task_loss": task_loss, "lr": lr,
-                  "grad_norm": float(grad_norm), "samples_per_s": args.batch / elapsed,
+                  "grad_norm": float(grad_norm), "nonfinite": not finite, "samples_per_s": args.batch / elapsed,
                   "tokens_per_s": tokens / elapsed, "memory_gb": peak_memory_gb(runtime.device),
                   "data_wait_s": data_wait, "compute_s": elapsed - data_wait, "padding": padding,
                   "skipped": {reason: n for reason, n in skipped.items() if n},
@@ -595,6 +622,8 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             log.write(json.dumps(record) + "\n")
             log.flush()
             print(format_record(record, args.steps), flush=True)
+        if not finite:
+            skip_nonfinite_step(record, nonfinite_in_a_row, args, runtime, saver)
 
         if held_out is not None and (step + 1) % args.val_every == 0:
             record = {"step": step + 1, "val_loss": validate(step_module, held_out, runtime, autocast)}
@@ -635,6 +664,19 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     if runtime.world > 1:
         dist.barrier()  # leave together: a rank tearing down gloo while its peer still talks aborts the peer
     return records
+
+
+def skip_nonfinite_step(record: dict, in_a_row: int, args, runtime: Runtime, saver: Saver) -> None:
+    """A warning for a skipped step; the error that stops the run after --max-nonfinite of them in a row (a
+    diverged run does not recover by itself, its later steps are all non-finite too)."""
+    if runtime.main:
+        print(f"warning: step {record['step']}: loss {record['loss']:g}, gradient norm {record['grad_norm']:g}: "
+              f"not finite, the step is skipped (weights, optimizer state and EMA unchanged); {in_a_row} in a row, "
+              f"the run stops at {args.max_nonfinite} (--max-nonfinite)", file=sys.stderr, flush=True)
+    if in_a_row >= args.max_nonfinite:
+        saver.wait()
+        raise TrainError(f"steps {record['step'] + 1 - in_a_row}-{record['step']}: {in_a_row} non-finite steps in "
+                         f"a row (--max-nonfinite), the run diverged; {FINITE_CHECKPOINTS.format(out=args.out)}")
 
 
 def format_record(record: dict, steps: int) -> str:

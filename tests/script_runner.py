@@ -33,7 +33,10 @@ class Run:
     stderr: str
 
 
-def _child(script: str, argv: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+def _child(script: str, argv: list[str], cwd: str, env: dict[str, str], out: str, err: str,
+           own_group: bool) -> None:
+    if own_group:
+        os.setpgid(0, 0)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -77,17 +80,23 @@ def _child(script: str, argv: list[str], cwd: str, env: dict[str, str], out: str
 
 
 class Started:
-    """A run in progress: `pid`, `send_signal`, and `wait` for its Run."""
+    """A run in progress: `pid`, `send_signal`, and `wait` for its Run. With `own_group`, the run and the processes
+    it starts are a process group of their own, which `signal_group` signals as a whole, as `kill -SIG -PGID`
+    does."""
 
-    def __init__(self, script: str, args: list[str], cwd: Path, env: dict[str, str]):
+    def __init__(self, script: str, args: list[str], cwd: Path, env: dict[str, str], own_group: bool = False):
         self._folder = tempfile.TemporaryDirectory(prefix="script-run-")
         self._out, self._err = (os.path.join(self._folder.name, name) for name in ("stdout", "stderr"))
-        self._process = _context.Process(target=_child, args=(script, args, str(cwd), env, self._out, self._err))
+        self._process = _context.Process(target=_child, args=(script, args, str(cwd), env, self._out, self._err,
+                                                              own_group))
         self._process.start()
         self.pid = self._process.pid
 
     def send_signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
+
+    def signal_group(self, sig: int) -> None:
+        os.killpg(self.pid, sig)
 
     def stdout_so_far(self) -> str:
         try:
@@ -95,12 +104,19 @@ class Started:
         except FileNotFoundError:
             return ""
 
-    def wait_for(self, text: str, timeout: float = 120) -> None:
-        """Block until `text` appears on the run's stdout (the run flushes its lines)."""
+    def stderr_so_far(self) -> str:
+        try:
+            return Path(self._err).read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for(self, text: str, timeout: float = 120, stderr: bool = False) -> None:
+        """Block until `text` appears on the run's stdout (or stderr; the run flushes its lines)."""
+        so_far = self.stderr_so_far if stderr else self.stdout_so_far
         deadline = time.monotonic() + timeout
-        while text not in self.stdout_so_far():
+        while text not in so_far():
             if self._process.exitcode is not None or time.monotonic() > deadline:
-                raise TimeoutError(f"{text!r} never appeared; stdout so far:\n{self.stdout_so_far()[-2000:]}")
+                raise TimeoutError(f"{text!r} never appeared; output so far:\n{so_far()[-2000:]}")
             time.sleep(0.02)
 
     def wait(self, timeout: float = 300) -> Run:
@@ -122,8 +138,9 @@ def script_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8", **(extra or {})}
 
 
-def start_script(name: str, *args: str, cwd: Path | str = ROOT, env: dict[str, str] | None = None) -> Started:
-    return Started(str(ROOT / name), [str(a) for a in args], Path(cwd), script_env(env))
+def start_script(name: str, *args: str, cwd: Path | str = ROOT, env: dict[str, str] | None = None,
+                 own_group: bool = False) -> Started:
+    return Started(str(ROOT / name), [str(a) for a in args], Path(cwd), script_env(env), own_group)
 
 
 def run_script(name: str, *args: str, cwd: Path | str = ROOT, env: dict[str, str] | None = None,

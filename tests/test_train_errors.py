@@ -5,17 +5,21 @@ the last complete checkpoint with exactly the losses of an uninterrupted run, an
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 import train
 from ovis_min.train import checkpoint as train_checkpoint
+from ovis_min.train.distributed import WAIT_TIMEOUT, setup_runtime
 from script_runner import one_line_error, run_script, start_script
 
 FAST = ["--resolution", "32", "--workers", "0"]
@@ -92,6 +96,8 @@ BAD_INPUTS = [
     (["--mix", "understanding=1"], ["--mix", "t2i"]),
     (["--mix", "t2i=0"], ["--mix"]),
     (["--stop-after", "5"], ["--stop-after", "--steps"]),
+    (["--dist-timeout", "0"], ["--dist-timeout"]),
+    (["--max-nonfinite", "0"], ["--max-nonfinite"]),
     (["--device", "cuda"], ["--device"]),
     (["--device", "toaster"], ["--device"]),
     (["--stage", "9"], ["--stage"]),
@@ -270,3 +276,25 @@ def test_kill_9_during_training_resumes_with_identical_losses(ckpt, data, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     assert losses(logged(out)) == losses(whole)
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_the_process_group_and_the_group_of_long_waits_get_their_timeouts(monkeypatch, capsys):
+    """--dist-timeout reaches init_process_group; the waits for one rank's long work (indexing, the export, the end
+    of `train.py cache`) have a gloo group of their own with a far longer timeout."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": port}.items():
+        monkeypatch.setenv(name, value)
+    runtime = setup_runtime("cpu", timedelta(minutes=7))
+    try:
+        timeout = lambda group: group._get_backend(torch.device("cpu")).options._timeout  # noqa: E731
+        assert timeout(dist.group.WORLD) == timedelta(minutes=7)
+        assert timeout(runtime.waits) == WAIT_TIMEOUT >= timedelta(hours=12)
+    finally:
+        dist.destroy_process_group()
+    assert train.build_parser().parse_args(["--dist-timeout", "7"]).dist_timeout == 7
+    with pytest.raises(SystemExit):  # the cache command takes the flag too
+        train.main(["cache", "--stage", "4", "--init", "x", "--data", "x", "--out", "x", "--dist-timeout", "-1"])
+    assert "--dist-timeout" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from ..checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, TRAINER_F
                           open_checkpoint, save_checkpoint)
 from ..cli import TrainError
 from .data import Mixture
-from .distributed import Runtime, all_gather, all_reduce_sum
+from .distributed import WAIT_TIMEOUT, Runtime, all_finite, all_gather, all_reduce_sum, wait_for_every_rank
 from .ema import EMA
 from ..files import disk_full, temp_prefix, write_atomic
 
@@ -49,6 +49,8 @@ SHARD_BYTES = 5 * 2 ** 30
 STEP_NAME = re.compile(r"step-(\d{8})")
 STATE_DIR, COMPLETE_FILE = "state", "complete"
 TRAINER_KEYS = ("step", "world_size", "data", "rng", "args", "source")
+FINITE_CHECKPOINTS = ("every checkpoint in {out} holds finite weights: continue from the newest with --resume {out} "
+                      "and a lower --lr, or start again with one")
 
 
 def step_name(step: int) -> str:
@@ -148,6 +150,15 @@ def training_state(step_module: nn.Module, optimizer, ema: EMA | None) -> dict:
     return state
 
 
+def tensors_in(state) -> list[torch.Tensor]:
+    """The tensors of a nested state (dicts and lists, as the optimizer's state dict nests them)."""
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        state = list(state.values())
+    return [t for item in state for t in tensors_in(item)] if isinstance(state, (list, tuple)) else []
+
+
 def saved_metadata(step_dir: Path) -> dict:
     """DCP's table of a checkpoint's tensors by flattened key ("weights.<official name>", "ema.<name>", ...)."""
     try:
@@ -210,8 +221,9 @@ class Saver:
     def __init__(self, out: Path, source: dict, args, runtime: Runtime):
         self.out, self.source, self.args, self.runtime = out, source, args, runtime
         # The background writer's collectives get a group of their own, so that they never interleave with the
-        # training step's; gloo, because DCP coordinates over the CPU.
-        self.group = dist.new_group(backend="gloo") if runtime.world > 1 else None
+        # training step's; gloo, because DCP coordinates over the CPU; the long timeout, because its last gather
+        # waits for the slowest rank's writing.
+        self.group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT) if runtime.world > 1 else None
         self.pending = None  # (step, future) of the save in flight
 
     def save(self, step: int, step_module: nn.Module, optimizer, ema: EMA | None, mixture: Mixture,
@@ -224,8 +236,13 @@ class Saver:
             if main:  # an abandoned checkpoint of the same step (see abandon_later), or an interrupted save
                 remove_step(step_dir)
                 step_dir.mkdir()
-            self.barrier()
+            wait_for_every_rank(self.runtime)  # rank 0 may have removed a large directory
             state = training_state(step_module, optimizer, ema)
+            # The training loop skips the steps whose loss or gradient is not finite; a finite step can still
+            # make weights overflow (a learning rate near float32's range), which no checkpoint may keep.
+            if all_reduce_sum([all_finite(tensors_in(state)).logical_not()], self.runtime)[0]:
+                raise TrainError(f"step {step}: the trained weights, their optimizer state or EMA are not finite, "
+                                 f"so they are not saved; {FINITE_CHECKPOINTS.format(out=self.out)}")
             trainer_state = {"step": step, "world_size": self.runtime.world, "source": self.source,
                              "data": all_gather(mixture.state_dict(), self.runtime),
                              "rng": all_gather(rng_state(self.runtime), self.runtime),
@@ -237,8 +254,8 @@ class Saver:
                 write_atomic(step_dir / TRAINER_FILE, buffer.getvalue())
             if last:
                 dcp.save(state, checkpoint_id=step_dir / STATE_DIR, process_group=self.group, no_dist=single)
-                self.finish(step, export=step == self.args.steps)
-                self.barrier()  # no rank leaves before the marker is there
+                self.finish(step, export=step == self.args.steps)  # rank 0's export: minutes at full size
+                wait_for_every_rank(self.runtime)  # no rank leaves before the marker is there
             else:
                 self.pending = step, dcp.async_save(state, checkpoint_id=step_dir / STATE_DIR,
                                                     process_group=self.group, no_dist=single)
@@ -267,10 +284,6 @@ class Saver:
         write_atomic(self.out / LATEST_FILE, step_dir.name + "\n")
         prune(self.out, step, self.args.keep)
         print(f"saved {step_dir}", flush=True)
-
-    def barrier(self) -> None:
-        if self.runtime.world > 1:
-            dist.barrier()
 
     @contextlib.contextmanager
     def removed_on_failure(self, step_dir: Path):
@@ -419,8 +432,15 @@ def export(run: Path, out: Path, ema: bool = False, step: int | None = None) -> 
 # ---------------------------------------------------------------------------------------------------------------
 class StopRequest:
     """SIGTERM or SIGUSR1, what schedulers send a while before they stop a job: the run finishes its step, saves
-    a checkpoint and exits 0. A second signal exits at once (status 128 + the signal), a save in progress or not.
-    The signal may reach one rank only; `agreed` tells every rank, so that all stop after the same step."""
+    a checkpoint and exits 0.
+
+    One request often arrives more than once: Slurm signals every process of the job step, and torchrun, signalled
+    with them, passes its SIGTERM on to each training process a moment later. So a repeat is the same request: it
+    is noted, and the stop goes on (stopping at once on a repeat would lose the very checkpoint the signal asks
+    for; the scheduler kills the job in the end anyway). To stop at once, Ctrl-C (SIGINT): the newest complete
+    checkpoint is kept. The signal may reach one rank only; `agreed` tells every rank, so that all stop after the
+    same step. Install it before the DataLoader workers start (they ignore these signals, see
+    data.ignore_stop_signals), so that none of them dies of a signal in the moment before it can ignore it."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
@@ -428,14 +448,14 @@ class StopRequest:
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
         if self.received is not None:
-            sys.stderr.write(f"\n{signal.Signals(signum).name} again: stopping at once\n")
-            sys.stderr.flush()
-            os._exit(128 + signum)
-        self.received = signum
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-                         "(send it again to stop at once)\n")
+            sys.stderr.write(f"\n{name} again: already stopping after this step (Ctrl-C stops at once)\n")
+        else:
+            sys.stderr.write(f"\n{name}: saving a checkpoint after this step, then stopping (Ctrl-C stops at "
+                             "once)\n")
         sys.stderr.flush()
+        self.received = self.received or signum
 
     def agreed(self, runtime: Runtime) -> bool:
         """Whether any rank received a signal. Collective: every rank calls it after every step."""

@@ -32,6 +32,7 @@ import io
 import json
 import math
 import random
+import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -726,6 +727,15 @@ def unchanged(item):
     return item
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's first act: it ignores SIGTERM, SIGUSR1 and SIGINT. Schedulers signal every process of
+    a job (Slurm the whole step, a terminal's Ctrl-C the whole process group), and a worker dying of it would fail
+    the step the training process is finishing; stopping is the training process's decision, which shuts its
+    workers down (and a worker whose training process is gone exits by itself)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Loader:
     """The micro-batches of one rank, loaded ahead by `workers` processes (0: in the training process)."""
 
@@ -735,7 +745,7 @@ class Loader:
             data, batch_size=None, sampler=RankSampler(mixture, batch, micro_batch, rank,
                                                                               world),
             num_workers=workers, collate_fn=unchanged, pin_memory=pin_memory,
-            prefetch_factor=prefetch if workers else None)
+            prefetch_factor=prefetch if workers else None, worker_init_fn=ignore_stop_signals if workers else None)
         self._iterator = iter(loader)
 
     def __next__(self) -> MicroBatch:

@@ -4,10 +4,20 @@ import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+# Work that one rank does while the others wait for it (indexing new manifests, the export at the end of a run,
+# the ranks of `train.py cache` finishing their shares far apart) takes minutes to hours at scale: the others wait
+# on a gloo group of their own with this timeout, never in a collective of the training step's group, whose
+# timeout (--dist-timeout; NCCL's own default is 10 minutes) is there to end a hung step. A rank that dies is
+# noticed by torchrun, which stops the others: this timeout only ends a wait on a rank stuck alive.
+WAIT_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass
@@ -15,14 +25,16 @@ class Runtime:
     rank: int
     world: int
     device: torch.device
+    waits: dist.ProcessGroup | None = None  # gloo, WAIT_TIMEOUT: see wait_for_every_rank
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup_runtime(device_name: str | None) -> Runtime:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then join the process group (NCCL on GPU, gloo on CPU)."""
+def setup_runtime(device_name: str | None, timeout: timedelta) -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK: then join the process group (NCCL on GPU, gloo on CPU), whose
+    collectives give up after `timeout`, and make the group of long waits."""
     use_cuda = torch.cuda.is_available() if device_name is None else device_name.startswith("cuda")
     if "RANK" not in os.environ:
         return Runtime(0, 1, torch.device(device_name or ("cuda" if use_cuda else "cpu")))
@@ -30,8 +42,25 @@ def setup_runtime(device_name: str | None) -> Runtime:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(dist.get_rank(), dist.get_world_size(), device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    waits = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return Runtime(dist.get_rank(), dist.get_world_size(), device, waits)
+
+
+def wait_for_every_rank(runtime: Runtime) -> None:
+    """A barrier for the end of one rank's long work (see WAIT_TIMEOUT)."""
+    if runtime.world > 1:
+        dist.barrier(group=runtime.waits)
+
+
+@contextlib.contextmanager
+def main_rank_first(runtime: Runtime):
+    """Rank 0 runs the block, then the others (e.g. rank 0 writes files that the others then read)."""
+    if not runtime.main:
+        wait_for_every_rank(runtime)
+    yield
+    if runtime.main:
+        wait_for_every_rank(runtime)
 
 
 def wrap(step_module: nn.Module, runtime: Runtime, parallel: str, precision: str, uses_generator: bool
@@ -94,6 +123,13 @@ def all_reduce_max(values: list[int], runtime: Runtime) -> list[int]:
     if runtime.world > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return tensor.tolist()
+
+
+def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Whether every element of `tensors` is finite (of a DTensor: this rank's shard), as a 0-dim bool tensor on
+    their device: no wait for the accelerator."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return torch.stack([torch.isfinite(t).all() for t in local]).all()
 
 
 def all_gather(obj, runtime: Runtime) -> list:
