@@ -55,6 +55,8 @@ BAD_INPUTS = [
     (["--prompt", "a cat", "--txt-cfg", "nan"], ["--txt-cfg", "finite"]),
     (["--prompt", "a cat", "--txt-cfg", "inf"], ["--txt-cfg", "finite"]),
     (["--prompt", "a cat", "--image", "{f}/photo.png", "--img-cfg", "nan"], ["--img-cfg", "finite"]),
+    (["--prompt", "a cat", "--txt-cfg=-1e30"], ["--txt-cfg", "[-1000, 1000]"]),
+    (["--prompt", "a cat", "--image", "{f}/photo.png", "--img-cfg", "1e30"], ["--img-cfg", "[-1000, 1000]"]),
     (["--prompt", "a cat", "--img-cfg", "2"], ["--img-cfg", "--image"]),
     (["--ask", "hi", "--temperature", "nan"], ["--temperature"]),
     (["--ask", "hi", "--temperature", "-1"], ["--temperature"]),

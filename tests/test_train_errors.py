@@ -57,12 +57,12 @@ def runs_dir(tmp_path: Path) -> Path:
         step = runs / name / "step-00000001"
         step.mkdir()
         (step / "trainer.pt").write_bytes(payload)
-        (step / "complete").write_text("")
+        (step / "complete").write_text('{"step": 1}\n')
         (runs / name / "latest").write_text("step-00000001\n")
     step = runs / "foreign" / "step-00000001"
     step.mkdir()
     torch.save({"weights": torch.zeros(2)}, step / "trainer.pt")  # a torch file, not train.py's state
-    (step / "complete").write_text("")
+    (step / "complete").write_text('{"step": 1}\n')
     return runs
 
 
