@@ -95,7 +95,7 @@ def resolve_resume(path: Path, flag: str = "--resume") -> tuple[Path, str]:
         else:  # a kill between a step's marker and `latest`, or a step removed by hand
             why = (f"the newest complete checkpoint; its {LATEST_FILE!r} file names {latest!r}, which is "
                    f"{'older' if is_complete(path / latest) else 'not a complete checkpoint'}")
-        verify_step(path / newest, flag, steps[:-1])
+        verify_step(path / newest, flag)
         return path / newest, why
     if latest is not None:
         raise TrainError(f"{flag} {path}: its 'latest' file names {latest[:40]!r}, but the run holds no complete "
@@ -137,7 +137,7 @@ def write_marker(step_dir: Path, step: int) -> None:
     write_atomic(step_dir / COMPLETE_FILE, json.dumps({"step": step, "files": step_files(step_dir)}) + "\n")
 
 
-def verify_step(step_dir: Path, flag: str, earlier: list[int] | None = None) -> None:
+def verify_step(step_dir: Path, flag: str) -> None:
     """Every file the marker lists, at its size and CRC-32 (a marker of an older train.py lists none)."""
     try:
         listed = json.loads((step_dir / COMPLETE_FILE).read_text()).get("files", {})
@@ -151,8 +151,8 @@ def verify_step(step_dir: Path, flag: str, earlier: list[int] | None = None) -> 
         if found is None or found != size or file_crc(path) != crc:
             what = "is missing" if found is None else f"has {found} bytes, not {size}" if found != size else \
                 "has other bytes than were saved (CRC-32 differs)"
-            fallback = f"; resume from {step_dir.parent / step_name(earlier[-1])}" if earlier else \
-                "; resume from an earlier step directory"
+            earlier = [n for n in complete_steps(step_dir.parent) if step_name(n) < step_dir.name]
+            fallback = f"; resume from {step_dir.parent / step_name(earlier[-1])}" if earlier else ""
             raise TrainError(f"{flag}: {path} {what}: the checkpoint is damaged{fallback}")
 
 
