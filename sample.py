@@ -644,7 +644,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 size = f"{width}x{height}" if width else "the official edit size"
                 log(f"{TASK_NAMES[task]}, {bench.kind} set, base seed {seed}, {size}, {settings.steps} steps, "
                     f"txt_cfg {settings.txt_cfg:g}" + (f", img_cfg {settings.img_cfg:g}" if task == "edit" else ""))
-            failed = benchmarks.generate_set(ovis, bench, out, settings, write_png, ranks, log)
+            try:
+                failed = benchmarks.generate_set(ovis, bench, out, settings, write_png, ranks, log)
+            except KeyboardInterrupt:
+                if ranks.rank == 0:
+                    log(benchmarks.finished_note(bench, out, settings.images_per_prompt))
+                raise
     except NonFiniteError as error:
         raise RunError(damaged_weights(error, ovis)) from None
     except OSError as error:  # the answers file: images go through write_png

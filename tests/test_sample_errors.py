@@ -226,6 +226,7 @@ def damaged(tmp_path_factory, weights) -> Path:
     return folder
 
 
+@pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
 def test_nan_weights_end_the_run_naming_the_checkpoint(tmp_path, monkeypatch, capsys, damaged):
     """Silently black images (NaN pixels become 0) or token 0 repeated (NaN logits) would pass for results. In this
     process: the checkpoint loads in a fraction of a second, a new process would import everything again."""
