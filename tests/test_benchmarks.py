@@ -423,8 +423,17 @@ def test_geneval_run_as_evaluate_images_reads_it(tmp_path, weights, monkeypatch,
                 read.append((subfolder, name, metadata["tag"], metadata["prompt"], metadata["include"]))
     assert read == [("00000", f"{j:04d}.png", rows[0]["tag"], rows[0]["prompt"], rows[0]["include"])
                     for j in range(4)]
-    # the unfinished item, once the run is finished (its prompt shortened here): both folders read
+    # the unfinished item, its prompt shortened: a run stopped by Ctrl-C says it is still unfinished, the next
+    # one finishes it, and both folders are read
     write_lines(tmp_path / "geneval" / "prompts" / "evaluation_metadata.jsonl", [rows[0], {**rows[1], "prompt": "birds"}])
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+        yield
+    with monkeypatch.context() as patch:
+        patch.setattr(benchmarks, "run_batch", ctrl_c)
+        status, err = run_readme(commands, weights, ["--width", str(TILE), "--height", str(TILE), *TINY], capsys)
+    assert status == 130 and "1 of 2 items unfinished" in err and "interrupted" in err, err
     status, err = run_readme(commands, weights, ["--width", str(TILE), "--height", str(TILE), *TINY], capsys)
     assert status == 0 and "all 2 items finished" in err, err
     assert sorted(os.listdir(imagedir)) == ["00000", "00001"]

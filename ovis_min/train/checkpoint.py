@@ -5,7 +5,8 @@
                   rank writing the shards it holds; any number of processes reads them back (DCP reshards)
     trainer.pt    the step, the arguments, the data position, each rank's RNG state, and where the frozen weights
                   come from (the run's --init, by path and fingerprint: they are never rewritten)
-    complete      written last: a step directory without it is an interrupted save and is never resumed from
+    complete      written last: a step directory without it is an interrupted save and is never resumed from; it
+                  lists the size and CRC-32 of each file above, checked before a resume or an export reads them
     config.json, model*.safetensors, tokenizer and preprocessor files: at the end of a run, the export below
   OUT/latest      the newest complete step directory (what sample.py --weights OUT and --init OUT read)
 
@@ -93,7 +94,7 @@ def resolve_resume(path: Path, flag: str = "--resume") -> tuple[Path, str]:
         elif not latest:
             why = f"the newest complete checkpoint; its {LATEST_FILE!r} file is empty"
         else:  # a kill between a step's marker and `latest`, or a step removed by hand
-            why = (f"the newest complete checkpoint; its {LATEST_FILE!r} file names {latest!r}, which is "
+            why = (f"the newest complete checkpoint; its {LATEST_FILE!r} file names {latest[:40]!r}, which is "
                    f"{'older' if is_complete(path / latest) else 'not a complete checkpoint'}")
         verify_step(path / newest, flag)
         return path / newest, why
