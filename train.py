@@ -61,9 +61,9 @@ Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, t
   state, arguments). Frozen weights are not rewritten: they come from --init, which must stay where it is. A
   step directory counts once its `complete` marker is written, last, with the size and CRC-32 of each of its
   files (checked by --resume and export); OUT/latest names the newest. --resume OUT continues exactly where the
-  run stopped, on any number of processes. The last step of a run is also exported
-  in the official layout (config.json, tokenizer and preprocessor files copied from --init, every weight under
-  its official name: trained ones in float32, frozen ones as --init stores them), so sample.py --weights OUT,
+  run stopped, on any number of processes. The last step of a run is also exported in the official layout
+  (config.json, tokenizer and preprocessor files copied from --init, every weight under its official name:
+  trained ones in float32, frozen ones as --init stores them), so sample.py --weights OUT,
   ovis_min.checkpoint.load_model and --init OUT (the next stage) read it as they read the official release;
   `train.py export` writes one for any step, or for the EMA.
   SIGTERM or SIGUSR1 (what schedulers send a while before they stop a job) to any process of the run: every process
