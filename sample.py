@@ -40,6 +40,7 @@ from ovis_min.checkpoint import DEFAULT_REPO, CheckpointError  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.config import LLMConfig  # noqa: E402
 from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomic  # noqa: E402
+from ovis_min.decode import NonFiniteError  # noqa: E402
 from ovis_min.pipeline import MAX_SIZE, MIN_SIZE, Ovis, round_to_16  # noqa: E402
 from ovis_min.preprocess import SMART_RESIZE_MAX_PIXELS, ImageError, edit_target_size, load_image  # noqa: E402
 
@@ -55,6 +56,9 @@ MAX_STEPS = 1000  # the official scripts use 50; beyond this a typo is likelier 
 MAX_NEW_TOKENS = LLMConfig().max_position_embeddings  # the LLM's context: nothing longer can be answered
 MAX_BATCH_SIZE = 256  # images per decoder call or questions per LLM pass: far past what one GPU holds at 1024x1024
 MAX_IMAGES_PER_PROMPT = 64  # GenEval and DPG-Bench use 4
+# Guidance multiplies the difference of two velocity predictions in float32: past this the product overflows or
+# leaves the unguided prediction below its rounding. The official scales are 5, 6 and 1.5.
+MAX_GUIDANCE = 1000.0
 TASK_NAMES = {"t2i": "text-to-image", "edit": "editing", "understanding": "understanding", "chat": "text chat"}
 
 # Flags that belong to one kind of task: giving them to the other kind is a mistake worth reporting.
@@ -268,6 +272,12 @@ def check_range(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not math.isfinite(value):
             raise UsageError(f"{flag(name)} {value}: must be a finite number")
+    for name in ("txt_cfg", "img_cfg"):
+        value = getattr(args, name)
+        if value is not None and not -MAX_GUIDANCE <= value <= MAX_GUIDANCE:
+            raise UsageError(f"{flag(name)} {value:g}: guidance must be in [{-MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}], "
+                             "which float32 can combine (the official scales are 5 and 6 for text, 1.5 for the "
+                             "image)")
     if args.temperature is not None and args.temperature < 0:
         raise UsageError(f"--temperature {args.temperature:g}: must be 0 (greedy) or more")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -537,7 +547,14 @@ def run(argv: list[str] | None = None) -> int:
             answer(ovis, args, images, device)
     except ValueError as error:  # the model's own checks: a prompt too long, <image> markers that do not add up
         raise RunError(str(error)) from None
+    except NonFiniteError as error:
+        raise RunError(damaged_weights(error, ovis)) from None
     return 0
+
+
+def damaged_weights(error: NonFiniteError, ovis: Ovis) -> str:
+    return (f"{error}: the weights of {ovis.model_id} hold NaN or infinite values (a damaged checkpoint, or a "
+            "training run that diverged); use another checkpoint or download it again")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -627,7 +644,14 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 size = f"{width}x{height}" if width else "the official edit size"
                 log(f"{TASK_NAMES[task]}, {bench.kind} set, base seed {seed}, {size}, {settings.steps} steps, "
                     f"txt_cfg {settings.txt_cfg:g}" + (f", img_cfg {settings.img_cfg:g}" if task == "edit" else ""))
-            failed = benchmarks.generate_set(ovis, bench, out, settings, write_png, ranks, log)
+            try:
+                failed = benchmarks.generate_set(ovis, bench, out, settings, write_png, ranks, log)
+            except KeyboardInterrupt:
+                if ranks.rank == 0:
+                    log(benchmarks.finished_note(bench, out, settings.images_per_prompt))
+                raise
+    except NonFiniteError as error:
+        raise RunError(damaged_weights(error, ovis)) from None
     except OSError as error:  # the answers file: images go through write_png
         if disk_full(error):
             raise RunError(f"the disk is full: cannot write {out}; free some space and run the same command again "

@@ -59,10 +59,11 @@ Cached frozen work (decoder stages 0, 4, 5, whose VAE and LLM are frozen):
 Checkpoints: OUT/step-NNNNNNNN/ holds the training state: the trained weights, their optimizer state and EMA,
   written by every process in parallel (torch.distributed.checkpoint), and trainer.pt (step, data position, RNG
   state, arguments). Frozen weights are not rewritten: they come from --init, which must stay where it is. A
-  step directory counts once its `complete` marker is written, last; OUT/latest names the newest. --resume OUT
-  continues exactly where the run stopped, on any number of processes. The last step of a run is also exported
-  in the official layout (config.json, tokenizer and preprocessor files copied from --init, every weight under
-  its official name: trained ones in float32, frozen ones as --init stores them), so sample.py --weights OUT,
+  step directory counts once its `complete` marker is written, last, with the size and CRC-32 of each of its
+  files (checked by --resume and export); OUT/latest names the newest. --resume OUT continues exactly where the
+  run stopped, on any number of processes. The last step of a run is also exported in the official layout
+  (config.json, tokenizer and preprocessor files copied from --init, every weight under its official name:
+  trained ones in float32, frozen ones as --init stores them), so sample.py --weights OUT,
   ovis_min.checkpoint.load_model and --init OUT (the next stage) read it as they read the official release;
   `train.py export` writes one for any step, or for the EMA.
   SIGTERM or SIGUSR1 (what schedulers send a while before they stop a job) to any process of the run, or to all of
@@ -125,6 +126,8 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import os  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -134,18 +137,18 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ovis_min.checkpoint import (LATEST_FILE, CheckpointError, build_model, load_checkpoint, read_config,  # noqa: E402
-                                 tied_groups)
+                                 read_tokenizer, tied_groups)
 from ovis_min.cli import TrainError  # noqa: E402
 from ovis_min.train.data import (SKIP_REASONS, DataConfig, DataError, Loader, MicroBatchData, Mixture,  # noqa: E402
                                  bucket_table, index_manifests, parse_mix)
 from ovis_min.train.distributed import (WAIT_TIMEOUT, Runtime, all_gather, all_reduce_sum, fingerprint,  # noqa: E402
                                         main_rank_first, setup_runtime, wait_for_every_rank, wrap)
-from ovis_min.files import disk_full, remove_leftovers  # noqa: E402
+from ovis_min.files import disk_full, remove_leftovers, temp_prefix  # noqa: E402
+from ovis_min.decode import NonFiniteError  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.train.frozen_cache import (CacheError, FrozenCache, build_cache, settings,  # noqa: E402
                                          weights_fingerprint)
 from ovis_min.train.losses import TrainStep, backward_window, summary  # noqa: E402
-from ovis_min.prompt import Tokenizer  # noqa: E402
 from ovis_min.perf import peak_memory_gb  # noqa: E402
 from ovis_min.train.samples import read_sample_prompts, write_samples  # noqa: E402
 from ovis_min.train.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES, STAGES, apply_memory_policy,  # noqa: E402
@@ -305,7 +308,7 @@ def cache_main(argv: list[str]) -> dict[str, int]:
     try:
         source = resolve_source(args.init)
         config = read_config(source)
-        cfg = DataConfig(Tokenizer(source), config.preprocess, config.multimodal_max_length, resolution,
+        cfg = DataConfig(read_tokenizer(source), config.preprocess, config.multimodal_max_length, resolution,
                          buckets=None if args.buckets == "none" else bucket_table(resolution))
         with main_rank_first(runtime):
             manifests = index_manifests(args.data)
@@ -341,7 +344,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path 
     args = parser.parse_args(argv)
     resume_dir = trainer_state = None
     if args.resume is not None:
-        resume_dir = resolve_resume(args.resume)
+        resume_dir, why = resolve_resume(args.resume)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"resuming from {resume_dir}: {why}", file=sys.stderr)
         trainer_state = read_trainer_state(resume_dir)
         given = given_flags(argv)
         for key, value in trainer_state["args"].items():
@@ -364,6 +369,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path 
     if resume_dir is None and args.out.is_dir() and (args.out / LATEST_FILE).exists():
         parser.error(f"--out {args.out} already holds a run; continue it with --resume {args.out}, or choose "
                      "another --out")
+    reason = unwritable(args.out)
+    if reason:
+        parser.error(f"--out {args.out}: cannot write there ({reason}); choose another --out")
     if isinstance(args.mix, str):
         try:
             args.mix = parse_mix(args.mix)
@@ -373,6 +381,23 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Path 
         check_device(parser, args.device)
     check_watch_flags(parser, args)
     return args, resume_dir, trainer_state
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be made in `folder` or in the folder it would be created in (a read-only file system, no
+    permission, a file where a folder should be), or None. Creates nothing: a run that stops early leaves no trace."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        descriptor, probe = tempfile.mkstemp(prefix=temp_prefix(), dir=existing)
+    except OSError as error:
+        return f"{existing}: {error.strerror or error}"
+    os.close(descriptor)
+    os.unlink(probe)
+    return None
 
 
 def check_watch_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -471,13 +496,17 @@ def run_cli() -> None:
         main()
     except (CheckpointError, DataError) as error:
         sys.exit(f"train.py: error: {error}")
+    except NonFiniteError as error:  # from --sample-prompts: NaN weights, which every later step keeps
+        sys.exit(f"train.py: error: sampling: {error}: the trained weights hold NaN or infinite values (the run "
+                 "diverged); resume from an earlier step directory with a lower --lr")
     except KeyboardInterrupt:
         sys.exit("\ntrain.py: interrupted; the newest complete checkpoint is kept: continue with --resume OUT")
     except OSError as error:
         if disk_full(error):
             sys.exit(f"train.py: error: the disk is full ({error.filename or 'writing the log'}); free some space "
                      "and continue with --resume OUT")
-        raise
+        # --out and the inputs were checked first: this is a file system failing or changing under the run
+        sys.exit(f"train.py: error: {error.filename or 'a file'}: {error.strerror or error}")
 
 
 def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict | None) -> list[dict]:
@@ -493,7 +522,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
 
     config = read_config(source)
     # The data first: a missing manifest or task should fail before minutes of loading.
-    data_cfg = DataConfig(Tokenizer(source), config.preprocess, config.multimodal_max_length, args.resolution,
+    data_cfg = DataConfig(read_tokenizer(source), config.preprocess, config.multimodal_max_length, args.resolution,
                           args.drop_prompt, args.drop_image,
                           buckets=None if args.buckets == "none" else bucket_table(args.resolution))
     try:

@@ -337,6 +337,15 @@ class Ranks:
             dist.destroy_process_group()
 
 
+def cpu_threads(ranks: Ranks) -> str:
+    """On the CPU, the threads of each process: their number sets the order of the kernels' sums, so runs are the
+    same byte for byte only at the same number (torchrun gives each process OMP_NUM_THREADS=1 unless it is set)."""
+    if ranks.device.type != "cpu":
+        return ""
+    threads = torch.get_num_threads()
+    return f" ({threads} CPU thread{'s' if threads > 1 else ''}{' each' if ranks.world > 1 else ''})"
+
+
 def join_ranks(device: torch.device) -> Ranks:
     """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the group, each rank on its own GPU (NCCL), or
     on the CPU (gloo). Alone: rank 0 of 1 on `device`."""
@@ -443,7 +452,7 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
     skipped = ranks.sum(sum(item_complete(bench.kind, item, out, n) for item in mine))
     if ranks.rank == 0:
         log(f"{len(bench.items)} items, {skipped} already done, {total} images to make on {ranks.world} "
-            f"process{'es' if ranks.world > 1 else ''}, {settings.batch_size} per decoder call")
+            f"process{'es' if ranks.world > 1 else ''}{cpu_threads(ranks)}, {settings.batch_size} per decoder call")
     progress = ProgressBar("images", total, with_rate=True, log_every=30, show=ranks.rank == 0)
     tiles: dict[str, dict[int, Image.Image]] = {}  # DPG-Bench: the images of an item until its grid is written
     failed: set[str] = set()
@@ -481,7 +490,20 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
                 made += len(jobs_done)
             made += sum(job.item.id in failed for job in batches[round_])
         progress.add(ranks.sum(made))
-    return ranks.sum(len(failed))
+    failed_items = ranks.sum(len(failed))  # every rank is done writing once it returns
+    if ranks.rank == 0:
+        log(finished_note(bench, out, n))
+    return failed_items
+
+
+def finished_note(bench: BenchmarkSet, out: Path, images_per_prompt: int) -> str:
+    """How many of the set's items have all their outputs in `out`: a scorer reads an unfinished item as missing,
+    or stops at it (GenEval's evaluate_images.py at a folder without its metadata.jsonl)."""
+    unfinished = sum(not item_complete(bench.kind, item, out, images_per_prompt) for item in bench.items)
+    if not unfinished:
+        return f"all {len(bench.items)} items finished in {out}"
+    return (f"{unfinished} of {len(bench.items)} items unfinished in {out}: run the same command again to finish "
+            "them before scoring (a scorer reads them as missing, or stops at them)")
 
 
 def samples_complete(item: Item, out: Path, n: int) -> bool:
@@ -551,7 +573,7 @@ def answer_set(ovis: Ovis, bench: BenchmarkSet, out: Path, batch_size: int, max_
     total = ranks.sum(len(mine))
     if ranks.rank == 0:
         log(f"{len(bench.items)} questions, {len(bench.items) - total} already answered, {total} to answer on "
-            f"{ranks.world} process{'es' if ranks.world > 1 else ''}, {batch_size} per batch")
+            f"{ranks.world} process{'es' if ranks.world > 1 else ''}{cpu_threads(ranks)}, {batch_size} per batch")
     progress = ProgressBar("answers", total, with_rate=True, log_every=30, show=ranks.rank == 0)
     failed = 0
     rounds = ranks.most(len(batches))

@@ -260,6 +260,14 @@ def read_config(directory: Path | str) -> OvisConfig:
         result = from_official(config)
     except ConfigError as error:
         raise CheckpointError(f"{path}: {error}; fix it or download the checkpoint again") from None
+    # The encoder's patch embedding is shaped by config.json (and checked against the weights); images cut up
+    # by other numbers would reach it as rows of the wrong length.
+    for name, block in (("patch_size", result.vit), ("temporal_patch_size", result.vit),
+                        ("hidden_stride", result.adapter)):
+        if getattr(preprocess, name) != getattr(block, name):
+            raise CheckpointError(f"{pre_path}: {name} {getattr(preprocess, name)} disagrees with {CONFIG_FILE}'s "
+                                  f"{getattr(block, name)} (the visual encoder's weights are shaped by it); fix it "
+                                  "or download the checkpoint again")
     result.preprocess = preprocess
     return result
 

@@ -24,6 +24,11 @@ KV_BLOCK = 512
 STOP_CHECK_EVERY = 8
 
 
+class NonFiniteError(ArithmeticError):
+    """The model computed NaN or infinity where a number was due: its weights hold such values (a damaged
+    checkpoint, or a diverged training run), and what it would make is noise or black."""
+
+
 def cache_length(tokens: int) -> int:
     """KV cache slots for a prompt and answer of `tokens` tokens: whole KV_BLOCKs plus a spare one, so the prefix
     a step attends over (`attended_length`) never spans the whole cache and always has the same memory layout
@@ -122,6 +127,9 @@ def generate(llm: Qwen3, inputs_embeds: torch.Tensor, attention_mask: torch.Tens
 
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, L); values at padding do not matter
     logits = llm.prefill(inputs_embeds, valid, positions)
+    # NaN logits would decode as token 0 over and over; weights that make them make them here already
+    if not torch.isfinite(logits).all():
+        raise NonFiniteError("the LLM's logits are NaN or infinite")
     position = positions[:, -1:] + 1  # (B, 1)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     tokens = []

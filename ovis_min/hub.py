@@ -183,7 +183,13 @@ def _first_line(error: BaseException) -> str:
 def newest_step(run_directory: Path) -> Path | None:
     """The step directory a train.py run directory's `latest` file names, or None where there is none."""
     latest = run_directory / LATEST_FILE
-    return run_directory / latest.read_text().strip() if latest.is_file() else None
+    if not latest.is_file():
+        return None
+    name = latest.read_text(errors="replace").strip()
+    if (run_directory / name).resolve().parent != run_directory.resolve():  # only the run's own steps are read
+        raise CheckpointError(f"{latest} names {name[:60]!r}, not one of the run's step directories; fix or remove "
+                              "that file")
+    return run_directory / name
 
 
 def looks_like_hub_id(source: str | Path) -> bool:

@@ -23,7 +23,7 @@ from PIL import Image
 from . import flow
 from .checkpoint import DEFAULT_REPO, load_model
 from .hub import resolve_source
-from .decode import compile_decode_step, generate
+from .decode import NonFiniteError, compile_decode_step, generate
 from .mmdit import MMDiT
 from .layers import pad_rows
 from .model import OvisU1, decode_image_tokens, encode_image_tokens
@@ -429,7 +429,10 @@ class Ovis:
         tokens = sample_latents(self.model.visual_generator.backbone, noise, self.schedule(steps, height, width),
                                 branches, combine, progress)
         self.use("vae")
-        return to_pil(decode_image_tokens(self.model.visual_generator.vae, tokens, height, width))
+        pixels = decode_image_tokens(self.model.visual_generator.vae, tokens, height, width)  # (B, 3, H, W)
+        if not torch.isfinite(pixels).all():  # the uint8 conversion would turn them into a black image
+            raise NonFiniteError("the generated image is NaN or infinite")
+        return to_pil(pixels)
 
 
 MIN_SIZE = 32  # pixels per side: at least 2x2 packed latent tokens (one token covers 16x16 pixels)

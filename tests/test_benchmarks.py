@@ -5,11 +5,17 @@ grid size), the PNG metadata that --from-png re-makes each image from, resuming 
 files of an uninterrupted one), 2 processes under torchrun (gloo, CPU) write the bytes of 1, batching within the
 golden tolerance, and bad rows counted. Runs are processes forked by tests/script_runner.py.
 """
+import argparse
+import io
 import json
+import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -318,11 +324,217 @@ def test_a_run_killed_midway_and_restarted_ends_with_the_uninterrupted_files(sam
 def test_two_processes_under_torchrun_write_the_files_of_one(sample, tmp_path, weights):
     metadata = geneval_file(tmp_path / "meta.jsonl", PROMPTS[:5])
     args = ["--prompts", metadata, *FAST, "--images-per-prompt", "1", "--batch-size", "1", "--weights", weights]
-    sample(*args[:-2], "--out", tmp_path / "one")
+    # the same number of CPU threads per process, as the README says a byte-for-byte comparison needs (script
+    # runs have OMP_NUM_THREADS=1, as torchrun gives each of its processes)
+    assert "on 1 process (1 CPU thread)" in sample(*args[:-2], "--out", tmp_path / "one").stderr
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(ROOT / "sample.py"), *map(str, args), "--out", str(tmp_path / "two")]
     result = subprocess.run(command, cwd=tmp_path, env=script_env({"HF_HUB_OFFLINE": "1"}), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert tree(tmp_path / "two") == tree(tmp_path / "one")
-    assert "on 2 processes" in result.stderr and "5/5 images" in result.stderr
+    assert "on 2 processes (1 CPU thread each)" in result.stderr and "5/5 images" in result.stderr
+
+
+# -- the README's commands, and their outputs read as each scorer reads them ------------------------------------------
+# The scorers need their detectors, VQA models and judges; these walks follow their published code instead, step by
+# step (folders listed, names matched, JSON fields read, images opened and cut), and their flags are parsed as
+# their argparse parsers declare them. The README's commands run as written, with the tiny checkpoint and a small
+# size added; python -c snippets run in this process (GEdit-Bench's with a stand-in for the datasets package).
+
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+TINY = ["--steps", "2", "--device", "cpu"]
+TILE = 64  # the test's image size, where the README's runs make the default 1024
+
+
+def readme_commands(heading: str) -> list[list[str]]:
+    """The commands under `# heading` in the README's Benchmarks block, as a POSIX shell splits them."""
+    block = README.split("## Benchmarks", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    paragraph = next(p for p in block.split("\n\n") if p.startswith(f"# {heading}"))
+    commands, pending = [], ""
+    for line in paragraph.splitlines():
+        pending += line + "\n"
+        if line.endswith("\\"):
+            continue
+        try:
+            words = shlex.split(pending.replace("\\\n", " "), comments=True)
+        except ValueError:  # a quote still open: the command goes on
+            continue
+        pending = ""
+        if words:
+            commands.append(words)
+    return commands
+
+
+def run_readme(commands: list[list[str]], weights: Path, extra: list[str], capsys) -> tuple[int, str]:
+    """The python -c snippets and the sample.py command among `commands`, in the current folder; the sample.py
+    status and stderr."""
+    import sample as sample_cli
+
+    status = None
+    for words in commands:
+        if words[:2] == ["python", "-c"]:
+            scope = {}
+            exec(compile(words[2], "<README>", "exec"), scope)
+            for value in scope.values():  # what the interpreter's exit would flush and close
+                if isinstance(value, io.IOBase):
+                    value.close()
+        elif words[:2] == ["python", "sample.py"]:
+            capsys.readouterr()
+            status = sample_cli.main([*words[2:], *extra, "--weights", str(weights)])
+    return status, capsys.readouterr().err
+
+
+def scorer_flags(commands: list[list[str]], script: str, declare) -> argparse.Namespace:
+    """The README's flags for `script`, parsed by a parser declared as the scorer declares its own."""
+    words = next(w for w in commands if any(word.endswith(script) for word in w))
+    parser = argparse.ArgumentParser()
+    declare(parser)
+    return parser.parse_args(words[[i for i, word in enumerate(words) if word.endswith(script)][0] + 1:])
+
+
+@pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
+def test_geneval_run_as_evaluate_images_reads_it(tmp_path, weights, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands("GenEval")
+    (tmp_path / "geneval" / "prompts").mkdir(parents=True)
+    rows = [{"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}],
+             "prompt": "a photo of a cat and a dog"},
+            {"tag": "counting", "include": [{"class": "bird", "count": 2}], "prompt": "bird " * 5000}]  # too long
+    write_lines(tmp_path / "geneval" / "prompts" / "evaluation_metadata.jsonl", rows)
+    status, err = run_readme(commands, weights, ["--width", str(TILE), "--height", str(TILE), *TINY], capsys)
+    assert status == 1 and "1 of 2 items unfinished" in err and "before scoring" in err, err
+    # evaluation/evaluate_images.py, main(): numeric folders, json.load of metadata.jsonl, samples/ names \d+\.png
+    imagedir = scorer_flags(commands, "evaluate_images.py", lambda p: (
+        p.add_argument("imagedir"), p.add_argument("--outfile"), p.add_argument("--model-config"),
+        p.add_argument("--model-path"), p.add_argument("--options", nargs="*", default=[]))).imagedir
+    read = []
+    for subfolder in sorted(os.listdir(imagedir)):
+        folder = os.path.join(imagedir, subfolder)
+        if not os.path.isdir(folder) or not subfolder.isdigit():
+            continue
+        with open(os.path.join(folder, "metadata.jsonl")) as fp:
+            metadata = json.load(fp)
+        for name in sorted(os.listdir(os.path.join(folder, "samples"))):
+            path = os.path.join(folder, "samples", name)
+            if os.path.isfile(path) and re.match(r"\d+\.png", name):
+                with Image.open(path) as image:
+                    assert image.size == (TILE, TILE)
+                read.append((subfolder, name, metadata["tag"], metadata["prompt"], metadata["include"]))
+    assert read == [("00000", f"{j:04d}.png", rows[0]["tag"], rows[0]["prompt"], rows[0]["include"])
+                    for j in range(4)]
+    # the unfinished item, its prompt shortened: a run stopped by Ctrl-C says it is still unfinished, the next
+    # one finishes it, and both folders are read
+    write_lines(tmp_path / "geneval" / "prompts" / "evaluation_metadata.jsonl", [rows[0], {**rows[1], "prompt": "birds"}])
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+        yield
+    with monkeypatch.context() as patch:
+        patch.setattr(benchmarks, "run_batch", ctrl_c)
+        status, err = run_readme(commands, weights, ["--width", str(TILE), "--height", str(TILE), *TINY], capsys)
+    assert status == 130 and "1 of 2 items unfinished" in err and "interrupted" in err, err
+    status, err = run_readme(commands, weights, ["--width", str(TILE), "--height", str(TILE), *TINY], capsys)
+    assert status == 0 and "all 2 items finished" in err, err
+    assert sorted(os.listdir(imagedir)) == ["00000", "00001"]
+
+
+@pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
+def test_dpg_bench_run_as_compute_dpg_bench_reads_it(tmp_path, weights, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands("DPG-Bench")
+    prompts = tmp_path / "ELLA" / "dpg_bench" / "prompts"
+    prompts.mkdir(parents=True)
+    (prompts / "partiprompts12.txt").write_text("a red cube on a wooden table\n")
+    status, err = run_readme(commands, weights, ["--width", str(TILE), "--height", str(TILE), *TINY], capsys)
+    assert status == 0, err
+    flags = scorer_flags(commands, "compute_dpg_bench.py", lambda p: (
+        p.add_argument("--image-root-path"), p.add_argument("--resolution", type=int), p.add_argument("--csv"),
+        p.add_argument("--res-path"), p.add_argument("--pic-num", type=int, default=1),
+        p.add_argument("--vqa-model", default="mplug")))
+    import sample as sample_cli
+    assert flags.resolution == sample_cli.DEFAULT_SIZE and flags.pic_num == benchmarks.DEFAULT_IMAGES_PER_PROMPT["dpg"]
+    assert not Path(flags.res_path).resolve().is_relative_to(Path(flags.image_root_path).resolve())
+    # compute_dpg_bench.py: every file of the folder, its key the name up to the first dot, cut into pic_num tiles
+    # of resolution x resolution, left to right and top to bottom
+    for name in os.listdir(flags.image_root_path):
+        assert name.split(".")[0] == "partiprompts12", name  # a key of its csv (the prompt file's name)
+        with Image.open(os.path.join(flags.image_root_path, name)) as image:
+            assert image.size == (2 * TILE, 2 * TILE)
+            corners = [(0, 0), (TILE, 0), (0, TILE), (TILE, TILE)][:flags.pic_num]
+            tiles = [image.crop((x, y, x + TILE, y + TILE)).tobytes() for x, y in corners]
+    assert len(set(tiles)) == 4  # four images of four seeds, none cut across two
+
+
+@pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
+def test_imgedit_run_as_basic_bench_reads_it(tmp_path, weights, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands("ImgEdit")
+    basic = tmp_path / "ImgEdit" / "Benchmark" / "Basic"
+    basic.mkdir(parents=True)
+    edits = {"1082": {"id": "animal/000342021.jpg", "prompt": "Change the shell to a smooth surface.",
+                      "edit_type": "adjust"},
+             "673": {"id": "style/000278574.jpg", "prompt": "Make it a woodblock print.", "edit_type": "style"}}
+    (basic / "basic_edit.json").write_text(json.dumps(edits))
+    (basic / "prompts.json").write_text(json.dumps({"adjust": "Rate: <edit_prompt>", "style": "Rate: <edit_prompt>"}))
+    for i, row in enumerate(edits.values()):
+        (tmp_path / "singleturn" / row["id"]).parent.mkdir(parents=True)
+        Image.open(input_image(tmp_path / "source.png", 80, 60, seed=i)).save(tmp_path / "singleturn" / row["id"])
+    status, err = run_readme(commands, weights, TINY, capsys)
+    assert status == 0, err
+    # Benchmark/Basic/basic_bench.py: its four flags are required; each key's result is <key>.png in the result
+    # folder, its source origin_img_root/<id>, its judge prompt prompts_json[edit_type]
+    flags = scorer_flags(commands, "basic_bench.py", lambda p: [
+        p.add_argument(name, type=str, required=True)
+        for name in ("--result_img_folder", "--edit_json", "--origin_img_root", "--prompts_json")]
+        + [p.add_argument("--num_processes", type=int, default=32)])
+    with open(flags.prompts_json) as f:
+        judges = json.load(f)
+    with open(flags.edit_json) as f:
+        for key, item in json.load(f).items():
+            for path in (os.path.join(flags.result_img_folder, f"{key}.png"),
+                         os.path.join(flags.origin_img_root, item["id"])):
+                with open(path, "rb") as image_file:  # it sends both files' bytes to the judge
+                    Image.open(image_file).load()
+            assert "<edit_prompt>" in judges[item["edit_type"]]
+
+
+@pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
+def test_gedit_bench_run_as_test_gedit_score_reads_it(tmp_path, weights, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    commands = readme_commands("GEdit-Bench")
+    rows = [{"key": "8f3a", "task_type": "color_alter", "instruction": "make the car blue",
+             "instruction_language": "en", "input_image": Image.open(input_image(tmp_path / "a.png", 80, 60))},
+            {"key": "77c0", "task_type": "subject-remove", "instruction": "去掉猫", "instruction_language": "cn",
+             "input_image": Image.open(input_image(tmp_path / "b.png", 64, 64, seed=1))}]
+
+    def load_dataset(name, split=None):  # the rows of the published dataset's one split
+        assert (name, split) == ("stepfun-ai/GEdit-Bench", "train")
+        return rows
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    scorer_folder = tmp_path / "Step1X-Edit" / "GEdit-Bench"
+    scorer_folder.mkdir(parents=True)
+    status, err = run_readme(commands, weights, TINY, capsys)
+    assert status == 0, err
+    # GEdit-Bench/test_gedit_score.py: run in its folder (`cd` in the README); save_path/model_name/fullset/
+    # <task_type>/<language>/<key>.png and <key>_SRCIMG.png, items without both skipped; the result resized to the
+    # source's size for the judge
+    cd = next(w for w in commands if w[0] == "cd")
+    assert cd[2] == "&&" and cd[4] == "test_gedit_score.py"
+    flags = scorer_flags(commands, "test_gedit_score.py", lambda p: (
+        p.add_argument("--model_name", type=str, default="gpt4o"), p.add_argument("--save_path", default="/results/"),
+        p.add_argument("--backbone", default="gpt4o", choices=["gpt4o", "qwen25vl"])))
+    save_path = os.path.join(tmp_path / cd[1] / flags.save_path, flags.model_name)
+    groups = ["background_change", "color_alter", "material_alter", "motion_change", "ps_human", "style_change",
+              "subject-add", "subject-remove", "subject-replace", "text_change", "tone_transfer"]
+    judged = 0
+    for group in groups:
+        for item in [row for row in rows if row["task_type"] == group]:
+            folder = f"{save_path}/fullset/{group}/{item['instruction_language']}"
+            source, result = f"{folder}/{item['key']}_SRCIMG.png", f"{folder}/{item['key']}.png"
+            assert os.path.exists(source) and os.path.exists(result), (source, result)  # else skipped
+            with Image.open(source) as raw, Image.open(result) as edited:
+                assert raw.tobytes() == item["input_image"].convert("RGB").tobytes()  # the image that was edited
+                edited.convert("RGB").resize(raw.size)
+            judged += 1
+    assert judged == len(rows)

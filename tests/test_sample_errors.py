@@ -55,6 +55,8 @@ BAD_INPUTS = [
     (["--prompt", "a cat", "--txt-cfg", "nan"], ["--txt-cfg", "finite"]),
     (["--prompt", "a cat", "--txt-cfg", "inf"], ["--txt-cfg", "finite"]),
     (["--prompt", "a cat", "--image", "{f}/photo.png", "--img-cfg", "nan"], ["--img-cfg", "finite"]),
+    (["--prompt", "a cat", "--txt-cfg=-1e30"], ["--txt-cfg", "[-1000, 1000]"]),
+    (["--prompt", "a cat", "--image", "{f}/photo.png", "--img-cfg", "1e30"], ["--img-cfg", "[-1000, 1000]"]),
     (["--prompt", "a cat", "--img-cfg", "2"], ["--img-cfg", "--image"]),
     (["--ask", "hi", "--temperature", "nan"], ["--temperature"]),
     (["--ask", "hi", "--temperature", "-1"], ["--temperature"]),
@@ -198,3 +200,47 @@ def test_leftovers_of_a_killed_run_are_removed(tmp_path, weights):
     assert run.returncode == 0, run.stderr
     assert not leftover.exists() and alive.exists()
     assert sorted(os.listdir(out)) == [alive.name, "t2i-0001.png"]
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory, weights) -> Path:
+    """Copies of the tiny checkpoint: every weight NaN; a preprocessor patch size its encoder was not built for."""
+    import json
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("damaged")
+    nan = shutil.copytree(weights, folder / "all-nan")
+    for shard in nan.glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        save_file({name: t.fill_(float("nan")) if t.is_floating_point() else t for name, t in tensors.items()},
+                  shard, metadata=metadata)
+    patch = shutil.copytree(weights, folder / "patch-size")
+    pre = json.loads((patch / "preprocessor_config.json").read_text())
+    pre["patch_size"] += 2
+    (patch / "preprocessor_config.json").write_text(json.dumps(pre))
+    return folder
+
+
+@pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
+def test_nan_weights_end_the_run_naming_the_checkpoint(tmp_path, monkeypatch, capsys, damaged):
+    """Silently black images (NaN pixels become 0) or token 0 repeated (NaN logits) would pass for results. In this
+    process: the checkpoint loads in a fraction of a second, a new process would import everything again."""
+    import sample as sample_cli
+
+    monkeypatch.chdir(tmp_path)
+    nan = str(damaged / "all-nan")
+    for task, what in ((["--prompt", "a cat", *FAST], "image"), (["--ask", "hi", "--max-new-tokens", "2"], "logits")):
+        assert sample_cli.main([*task, "--weights", nan]) == 1
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("sample.py: error: ") and all(n in error for n in (what, "NaN", nan)), error
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_a_preprocessor_patch_size_the_weights_do_not_have_is_one_line(tmp_path, damaged):
+    run = sample(tmp_path, "--prompt", "a cat", *FAST, "--weights", str(damaged / "patch-size"))
+    assert one_line_error(run, "preprocessor_config.json", "patch_size", "config.json"), run.stderr

@@ -61,12 +61,12 @@ def runs_dir(tmp_path: Path) -> Path:
         step = runs / name / "step-00000001"
         step.mkdir()
         (step / "trainer.pt").write_bytes(payload)
-        (step / "complete").write_text("")
+        (step / "complete").write_text('{"step": 1}\n')
         (runs / name / "latest").write_text("step-00000001\n")
     step = runs / "foreign" / "step-00000001"
     step.mkdir()
     torch.save({"weights": torch.zeros(2)}, step / "trainer.pt")  # a torch file, not train.py's state
-    (step / "complete").write_text("")
+    (step / "complete").write_text('{"step": 1}\n')
     return runs
 
 
@@ -109,6 +109,7 @@ BAD_INPUTS = [
     (["--data", "{d}/not-json.jsonl"], ["t2i"]),
     (["--init", "{d}/no-checkpoint"], ["no-checkpoint"]),
     (["--out", "{d}/a-file"], ["--out", "a-file"]),
+    (["--out", "{d}/a-file/run"], ["--out", "a-file", "not a folder"]),
     (["--resume", "{r}/nowhere"], ["--resume", "nowhere"]),
     (["--resume", "{r}/empty"], ["--resume", "empty"]),
     (["--resume", "{r}/dangling"], ["--resume", "latest"]),
@@ -186,6 +187,78 @@ def test_full_disk_in_process(tmp_path, ckpt, data, monkeypatch):
     with pytest.raises(SystemExit, match="disk is full.*--resume"):
         train.main([a.format(c=ckpt, d=data) for a in with_base(["--out", str(tmp_path / "run")])] + FAST)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["log.jsonl"]
+
+
+def test_out_on_a_read_only_file_system_is_one_line_before_loading(tmp_path, ckpt, data, monkeypatch, capsys):
+    """Root writes through permissions, so the read-only file system is the answer its probe file gets."""
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(train.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(train, "load_checkpoint", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(SystemExit):
+        train.main([a.format(c=ckpt, d=data) for a in with_base(["--out", str(tmp_path / "ro" / "run")])] + FAST)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --out" in last and "Read-only file system" in last, last  # argparse names the program
+    assert not (tmp_path / "ro").exists()
+
+
+def test_init_with_a_corrupt_tokenizer_is_one_line(tmp_path, ckpt, data, monkeypatch):
+    import shutil
+
+    init = shutil.copytree(ckpt, tmp_path / "init")
+    (init / "tokenizer.json").write_text("{not json")
+    monkeypatch.setattr(sys, "argv", ["train.py", *[a.format(c=init, d=data) for a in BASE], *FAST])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=f"^train.py: error: .*{init / 'tokenizer.json'}[^\n]*$"):
+        train.run_cli()  # what `python train.py` runs
+
+
+def test_resume_says_which_step_and_why_refuses_latest_outside_the_run_and_damaged_bytes(tmp_path, ckpt, data,
+                                                                                         capsys):
+    from ovis_min.checkpoint import CheckpointError
+    from ovis_min.hub import resolve_source
+
+    out = tmp_path / "run"
+    train.main(common(ckpt, data, out) + ["--stop-after", "2"])
+    step1, step2 = out / "step-00000001", out / "step-00000002"
+    for latest, why in (("step-00000002\n", "as 'latest' says"), (None, "no 'latest' file"), ("", "is empty"),
+                        ("step-00000009\n", "'step-00000009', which is not a complete checkpoint"),
+                        ("step-00000001\n", "'step-00000001', which is older")):
+        (out / "latest").unlink(missing_ok=True)
+        if latest is not None:
+            (out / "latest").write_text(latest)
+        capsys.readouterr()
+        assert train.parse_args(["--resume", str(out), *FAST])[1] == step2
+        assert f"resuming from {step2}: the newest complete checkpoint" in capsys.readouterr().err
+        assert why in train_checkpoint.resolve_resume(out)[1]
+    # `latest` naming a path outside the run: refused by --resume, export and sample.py --weights RUN
+    (out / "latest").write_text("../../../etc\n")
+    with pytest.raises(SystemExit, match="train.py: error: --resume .*'latest' file names '../../../etc', a path "
+                                         "outside the run"):
+        train.main(["--resume", str(out), *FAST])
+    with pytest.raises(SystemExit, match="outside the run"):
+        train.main(["export", str(out), "--out", str(tmp_path / "e")])
+    with pytest.raises(CheckpointError, match="../../../etc"):
+        resolve_source(out)
+    (out / "latest").write_text("step-00000002\n")
+    # one byte of a shard changed, its size kept: the marker's CRC-32 tells, and the step before is named
+    shard = next((step2 / "state").glob("*.distcp"))
+    data_bytes = bytearray(shard.read_bytes())
+    data_bytes[len(data_bytes) // 2] ^= 0x01
+    shard.write_bytes(bytes(data_bytes))
+    with pytest.raises(SystemExit, match=f"train.py: error: --resume: {shard}.*CRC-32.*damaged; resume from {step1}"):
+        train.main(["--resume", str(out), *FAST])
+    with pytest.raises(SystemExit, match="CRC-32"):
+        train.main(["export", str(out), "--out", str(tmp_path / "e")])
+    data_bytes[len(data_bytes) // 2] ^= 0x01
+    shard.write_bytes(bytes(data_bytes))
+    (step2 / "trainer.pt").write_bytes(b"")  # cut short: the size tells
+    with pytest.raises(SystemExit, match=f"trainer.pt has 0 bytes, not .*; resume from {step1}"):
+        train_checkpoint.resolve_resume(step2)
+    assert not (tmp_path / "e").exists()
 
 
 # -- resume, keep, kill ------------------------------------------------------------------------------------------

@@ -59,6 +59,8 @@ CHECK_CASES = [
     ("min > max", ("preprocessor_config.json", config_change("", "min_pixels", 10 ** 9)), ["preprocessor_config.json",
                                                                                             "min_pixels"]),
     ("std zero", ("preprocessor_config.json", config_change("", "image_std", [0, 1, 1])), ["image_std"]),
+    ("patch size of other weights", ("preprocessor_config.json", config_change("", "patch_size", 16)),
+     ["preprocessor_config.json", "patch_size 16", "config.json"]),
     ("preprocessor corrupt", ("preprocessor_config.json", "{nope"), ["preprocessor_config.json"]),
     ("preprocessor missing", ("preprocessor_config.json", None), ["preprocessor_config.json", "weights.py download"]),
     ("total_size abc", ("model.safetensors.index.json", config_change("metadata", "total_size", "abc")),

@@ -5,7 +5,8 @@
                   rank writing the shards it holds; any number of processes reads them back (DCP reshards)
     trainer.pt    the step, the arguments, the data position, each rank's RNG state, and where the frozen weights
                   come from (the run's --init, by path and fingerprint: they are never rewritten)
-    complete      written last: a step directory without it is an interrupted save and is never resumed from
+    complete      written last: a step directory without it is an interrupted save and is never resumed from; it
+                  lists the size and CRC-32 of each file above, checked before a resume or an export reads them
     config.json, model*.safetensors, tokenizer and preprocessor files: at the end of a run, the export below
   OUT/latest      the newest complete step directory (what sample.py --weights OUT and --init OUT read)
 
@@ -73,24 +74,89 @@ def complete_steps(out: Path) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # Finding and reading a checkpoint
 # ---------------------------------------------------------------------------------------------------------------
-def resolve_resume(path: Path, flag: str = "--resume") -> Path:
-    """A complete step directory, or a run directory's newest complete one."""
+def resolve_resume(path: Path, flag: str = "--resume") -> tuple[Path, str]:
+    """(a complete step directory whose files are as its marker lists them, why that one): the step directory
+    given, or a run directory's newest complete one."""
     if not path.is_dir():
         raise TrainError(f"{flag} {path}: no such run directory")
     if STEP_NAME.fullmatch(path.name) and ((path / TRAINER_FILE).exists() or (path / STATE_DIR).exists()):
         if not is_complete(path):
             raise TrainError(f"{flag} {path}: an interrupted save (no '{COMPLETE_FILE}' marker); give the run "
                              f"directory {path.parent}, which stands for its newest complete checkpoint")
-        return path
+        verify_step(path, flag)
+        return path, "the step directory given"
+    latest = read_latest(path, flag)
     steps = complete_steps(path)
     if steps:
-        return path / step_name(steps[-1])
-    if (path / LATEST_FILE).is_file():
-        name = (path / LATEST_FILE).read_text(errors="replace").strip()
-        raise TrainError(f"{flag} {path}: its 'latest' file names {name[:40]!r}, but the run holds no complete "
+        newest = step_name(steps[-1])
+        if latest == newest:
+            why = f"the newest complete checkpoint, as {LATEST_FILE!r} says"
+        elif latest is None:
+            why = f"the newest complete checkpoint; the run has no {LATEST_FILE!r} file"
+        elif not latest:
+            why = f"the newest complete checkpoint; its {LATEST_FILE!r} file is empty"
+        else:  # a kill between a step's marker and `latest`, or a step removed by hand
+            why = (f"the newest complete checkpoint; its {LATEST_FILE!r} file names {latest[:40]!r}, which is "
+                   f"{'older' if is_complete(path / latest) else 'not a complete checkpoint'}")
+        verify_step(path / newest, flag)
+        return path / newest, why
+    if latest is not None:
+        raise TrainError(f"{flag} {path}: its 'latest' file names {latest[:40]!r}, but the run holds no complete "
                          f"step-NNNNNNNN checkpoint (one with its '{COMPLETE_FILE}' marker); start a new run")
     raise TrainError(f"{flag} {path}: nothing to resume (no complete step-NNNNNNNN checkpoint): give a run "
                      "directory written by train.py --out, or one of its step directories")
+
+
+def read_latest(run: Path, flag: str) -> str | None:
+    """The step name in a run's `latest` file ("" when it is empty, None when there is none). A name reaching
+    outside the run (a path, "..") is refused: nothing but the run's own step directories is ever read."""
+    if not (run / LATEST_FILE).is_file():
+        return None
+    name = (run / LATEST_FILE).read_text(errors="replace").strip()
+    if name and (run / name).resolve().parent != run.resolve():
+        raise TrainError(f"{flag} {run}: its '{LATEST_FILE}' file names {name[:60]!r}, a path outside the run (it "
+                         "names one of the run's step-NNNNNNNN directories); fix or remove that file")
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The `complete` marker: the size and CRC-32 of every file of the step (DCP stores no checksums of its own)
+# ---------------------------------------------------------------------------------------------------------------
+def file_crc(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(2 ** 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def step_files(step_dir: Path) -> dict[str, list]:
+    """{path relative to the step directory: [size, CRC-32]} of every file in it but the marker."""
+    files = sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != COMPLETE_FILE)
+    return {p.relative_to(step_dir).as_posix(): [p.stat().st_size, file_crc(p)] for p in files}
+
+
+def write_marker(step_dir: Path, step: int) -> None:
+    write_atomic(step_dir / COMPLETE_FILE, json.dumps({"step": step, "files": step_files(step_dir)}) + "\n")
+
+
+def verify_step(step_dir: Path, flag: str) -> None:
+    """Every file the marker lists, at its size and CRC-32 (a marker of an older train.py lists none)."""
+    try:
+        listed = json.loads((step_dir / COMPLETE_FILE).read_text()).get("files", {})
+        listed = {str(name): (int(size), str(crc)) for name, (size, crc) in listed.items()}
+    except (ValueError, TypeError, AttributeError, OSError):
+        raise TrainError(f"{flag}: {step_dir / COMPLETE_FILE} is damaged (not the list of the step's files that "
+                         "train.py writes); resume from an earlier step directory") from None
+    for name, (size, crc) in listed.items():
+        path = step_dir / name
+        found = path.stat().st_size if path.is_file() else None
+        if found is None or found != size or file_crc(path) != crc:
+            what = "is missing" if found is None else f"has {found} bytes, not {size}" if found != size else \
+                "has other bytes than were saved (CRC-32 differs)"
+            earlier = [n for n in complete_steps(step_dir.parent) if step_name(n) < step_dir.name]
+            fallback = f"; resume from {step_dir.parent / step_name(earlier[-1])}" if earlier else ""
+            raise TrainError(f"{flag}: {path} {what}: the checkpoint is damaged{fallback}")
 
 
 def read_trainer_state(step_dir: Path) -> dict:
@@ -112,14 +178,7 @@ def read_trainer_state(step_dir: Path) -> dict:
 def source_fingerprint(source: Path) -> str:
     """The CRC-32 of each shard's bytes, by shard: tells a replaced or rewritten checkpoint from the original (it
     is no defence against a forged one) at about the speed the disk reads the shards."""
-    sums = []
-    for file in open_checkpoint(source).files:
-        crc = 0
-        with open(source / file, "rb") as f:
-            while chunk := f.read(2 ** 24):
-                crc = zlib.crc32(chunk, crc)
-        sums.append(f"{file}:{crc:08x}")
-    return " ".join(sums)
+    return " ".join(f"{file}:{file_crc(source / file)}" for file in open_checkpoint(source).files)
 
 
 def source_record(source: Path) -> dict:
@@ -280,7 +339,7 @@ class Saver:
         step_dir = self.out / step_name(step)
         if export:  # the run checked its source when it began; its frozen weights were read from it then
             write_export(step_dir, step_dir, ema=False, source=Path(self.source["path"]))
-        write_atomic(step_dir / COMPLETE_FILE, json.dumps({"step": step}) + "\n")
+        write_marker(step_dir, step)
         write_atomic(self.out / LATEST_FILE, step_dir.name + "\n")
         prune(self.out, step, self.args.keep)
         print(f"saved {step_dir}", flush=True)
@@ -410,7 +469,7 @@ def write_export(step_dir: Path, directory: Path, ema: bool, source: Path) -> No
 def export(run: Path, out: Path, ema: bool = False, step: int | None = None) -> Path:
     """`train.py export`: the run's newest complete checkpoint (or step `step`) in the official layout at `out`,
     written in a temporary directory beside it and renamed when complete."""
-    step_dir = resolve_resume(run if step is None else run / step_name(step), flag="export")
+    step_dir, _ = resolve_resume(run if step is None else run / step_name(step), flag="export")
     if out.exists():
         raise TrainError(f"export --out {out} already exists; choose another --out or remove it")
     tmp = out.parent / f"{temp_prefix()}{out.name}"
