@@ -85,9 +85,9 @@ def guided_velocity(decoder: MMDiT, branches: list["Condition | list[Condition]"
         vectors = decoder.text_vector(torch.cat([c.cls for c in distinct]))  # (U, H)
         row_of = {id(c): k for k, c in enumerate(distinct)}
         txt_vec = vectors[[row_of[id(c)] for c in row_conditions]]  # (G*B, H)
-        device, dtype = tokens.device, tokens.dtype
+        device = tokens.device
         ids = flow.sequence_position_ids(L, rows, cols, edit_image=has_cond, device=device)  # (1, S, 3)
-        rope = decoder.rope(ids, dtype)  # (cos, sin), (1, 1, S, hs)
+        rope = decoder.rope(ids)  # (cos, sin) float32, (1, 1, S, hs)
         cond_img = torch.cat([c.cond_img for c in row_conditions]) if has_cond else None
         key_mask = None
         if min(lengths) < L:  # (G*B, S): the padded text positions are not keys

@@ -96,7 +96,7 @@ def test_sampler_t2i_with_unequal_texts_equals_per_branch_sampling(model):
             v = []
             for b in branches:
                 ids = torch.cat([torch.zeros(1, b.tokens.shape[1], 3), flow.latent_position_ids(4, 4)], dim=1)
-                v.append(decoder.predict_velocity(x, b.tokens, decoder.text_vector(b.cls), decoder.rope(ids, x.dtype),
+                v.append(decoder.predict_velocity(x, b.tokens, decoder.text_vector(b.cls), decoder.rope(ids),
                                                   torch.tensor([t])))
             return combine(v)
         plain = flow.denoise(one_by_one, flow.pack_latents(noise), timesteps)

@@ -104,7 +104,7 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     if cond_img is not None:  # rows without a source image carry zeros there, hidden by the key mask
         key_mask.append(batch.has_source[:, None].expand(batch_size, num_img))
     rope = decoder.rope(flow.sequence_position_ids(num_txt, rows, cols, edit_image=cond_img is not None,
-                                                   device=device), x_t.dtype)
+                                                   device=device))
     velocity = decoder.predict_velocity(x_t, txt_tokens, decoder.text_vector(cls), rope, t, cond_img=cond_img,
                                         key_mask=torch.cat(key_mask, dim=1))
     tokens = int(txt_mask.sum()) + batch_size * num_img + (int(batch.has_source.sum()) * num_img

@@ -71,7 +71,7 @@ def check_mmdit(case):
         pred = model(img, img_ids, txt, txt_ids, t, cond_img=cond_img, cond_img_ids=cond_ids)
         # ... and the split form a sampler uses, whose intermediates are compared
         txt_tokens, cls = model.encode_text(txt)
-        rope = model.rope(ids, img.dtype)
+        rope = model.rope(ids)
         with recording(blocks) as outputs, recording({"final": model.final_layer}, inputs=True) as inputs:
             pred_split = model.predict_velocity(img, txt_tokens, model.text_vector(cls), rope, t, cond_img=cond_img)
 
