@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import flow
@@ -137,14 +137,15 @@ class CaseWriter:
         self.written: list[str] = []
 
     @staticmethod
-    def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    def cpu(tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().to("cpu")
-        # a copy of its own: one output can be a view of another, and safetensors refuses shared storage
+        # a copy of its own: one output can be a view of another (or a tied weight the same tensor), and
+        # safetensors refuses shared storage
         return (tensor.float() if tensor.is_floating_point() else tensor).clone(memory_format=torch.contiguous_format)
 
     def write(self, name: str, kind: str, meta: dict, inputs: dict, outputs: dict) -> None:
-        inputs = {k: self._cpu(v) for k, v in inputs.items()}
-        outputs = {k: self._cpu(v) for k, v in outputs.items()}
+        inputs = {k: self.cpu(v) for k, v in inputs.items()}
+        outputs = {k: self.cpu(v) for k, v in outputs.items()}
         describe = lambda tensors: {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                                     for k, v in tensors.items()}
         meta = {**self.common, **meta, "case": kind, "inputs": describe(inputs), "outputs": describe(outputs),
@@ -166,13 +167,10 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def write_reference_files(model: nn.Module, checkpoint: Path, out: Path) -> None:
-    """The weights in one file (official names; tied tensors stored under each name), the checkpoint's
-    config.json, and its tokenizer with preprocessor_config.json in tokenizer/."""
-    seen, state = set(), {}
-    for name, tensor in model.state_dict().items():
-        tensor = tensor.detach().to("cpu")
-        state[name] = tensor.clone() if tensor.data_ptr() in seen else tensor  # safetensors refuses shared storage
-        seen.add(tensor.data_ptr())
+    """The weights the outputs were computed with in one float32 file (official names, tied tensors under each
+    name; a bf16 value is exact in float32, and NumPy has no bf16), the checkpoint's config.json, and its
+    tokenizer with preprocessor_config.json in tokenizer/."""
+    state = {name: CaseWriter.cpu(tensor) for name, tensor in model.state_dict().items()}
     save_tensors(state, out / WEIGHTS_FILE)
     shutil.copyfile(checkpoint / CONFIG_FILE, out / CONFIG_FILE)
     (out / TOKENIZER_DIR).mkdir(exist_ok=True)
@@ -556,6 +554,38 @@ class Exporter:
                            "seed's noise, final tokens, the VAE decoder's input, the decoded image, uint8.",
             "prompt": prompt, "txt_cfg": 6.0, "img_cfg": 1.5, "input_image": "edit_input.png"},
             inputs, outputs, branches, lambda v: flow.edit_guidance(v[0], v[1], v[2], 1.5, 6.0))
+
+
+def compare_golden(reference: Path | str, other: Path | str) -> dict[str, dict[str, float]]:
+    """How far the outputs of one golden directory are from another's (e.g. a bf16 export on a GPU against the
+    same export on the CPU): case -> output -> error. Float outputs give their max abs difference divided by the
+    reference's max abs value, uint8 images the mean difference in levels, other integer and boolean outputs 0.0
+    when equal and 1.0 when not."""
+    reference, other = Path(reference), Path(other)
+    report = {}
+    for json_file in sorted(reference.glob("*.json")):
+        meta = json.loads(json_file.read_text())
+        if not isinstance(meta, dict) or "case" not in meta:
+            continue
+        tensors_file = meta.get("files", {}).get("tensors", f"{json_file.stem}.safetensors")
+        if not (other / tensors_file).is_file():
+            raise FileNotFoundError(f"{other / tensors_file}: the other directory lacks case {json_file.stem}")
+        want, got = load_file(str(reference / tensors_file)), load_file(str(other / tensors_file))
+        errors = {}
+        for key in sorted(k for k in want if k.startswith("out.")):
+            a, b = want[key], got.get(key)
+            if b is None or a.shape != b.shape:
+                errors[key[4:]] = float("inf")
+            elif a.is_floating_point():
+                scale = a.double().abs().max().item() if a.numel() else 0.0
+                diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+                errors[key[4:]] = diff / scale if scale else diff
+            elif a.dtype == torch.uint8:
+                errors[key[4:]] = (a.double() - b.double()).abs().mean().item() if a.numel() else 0.0
+            else:
+                errors[key[4:]] = 0.0 if torch.equal(a, b) else 1.0
+        report[json_file.stem] = errors
+    return report
 
 
 @torch.no_grad()
