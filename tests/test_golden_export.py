@@ -2,6 +2,7 @@
 every stored output (the extra intermediates included) is compared, a one-weight change is caught, and the shared
 cases in tests/golden/ are left as they were."""
 import hashlib
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from safetensors.torch import load_file, save_file
 import test_golden
 from golden_case import REPO_GOLDEN, GoldenCase, case_metas
 from golden_checks import decoder, encoder, generation, llm, pipelines, prompts, understanding
+from ovis_min.golden import compare_golden
 from ovis_min.tiny import write_tiny_checkpoint
 from script_runner import one_line_error, run_script
 
@@ -82,3 +84,32 @@ def test_a_gpu_export_without_a_gpu_is_one_line(tmp_path):
         pytest.skip("this machine has a GPU")
     result = run_script("weights.py", "golden", "--weights", tmp_path, "--out", tmp_path / "out", "--device", "cuda")
     assert one_line_error(result, "--device cuda", "--device cpu"), result.stderr[-2000:]
+
+
+def test_compare_golden_reports_each_output(exported, tmp_path):
+    out, _ = exported
+    assert all(error == 0.0 for errors in compare_golden(out, out).values() for error in errors.values())
+    for file in out.iterdir():
+        if file.name != "e2e_t2i.safetensors":
+            (tmp_path / file.name).symlink_to(file)
+    tensors = load_file(str(out / "e2e_t2i.safetensors"))
+    tensors["out.decoded"] = tensors["out.decoded"] * 1.01
+    image = tensors["out.image_uint8_hwc"]
+    image[0, 0, 0] = image[0, 0, 0] + 10 if image[0, 0, 0] < 128 else image[0, 0, 0] - 10
+    save_file(tensors, str(tmp_path / "e2e_t2i.safetensors"))
+    errors = compare_golden(out, tmp_path)["e2e_t2i"]
+    assert errors["decoded"] == pytest.approx(0.01, rel=1e-3)
+    assert errors["image_uint8_hwc"] == pytest.approx(10 / image.numel())
+    assert errors["final_latent_tokens"] == 0.0
+
+
+def test_the_readme_numpy_example_runs(monkeypatch):
+    readme = (REPO_GOLDEN / "README.md").read_text()
+    section = readme[readme.index("## Checking a port without torch"):]
+    monkeypatch.chdir(REPO_GOLDEN.parent.parent)
+    exec(re.search(r"```python\n(.*?)```", section, re.S).group(1), {})
+
+
+def test_an_image_size_the_edit_case_cannot_keep_is_one_line(tmp_path):
+    result = run_script("weights.py", "golden", "--weights", tmp_path, "--out", tmp_path / "out", "--height", "48")
+    assert one_line_error(result, "48x256", "multiples of 32"), result.stderr[-2000:]
