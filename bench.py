@@ -479,6 +479,8 @@ def gpu_check(json_path: Path) -> dict:
             result = run_part(part.command, min(part.budget_s, left))
             if result["status"] == "ok" and part.result_file is not None:
                 result["summary"] = bench_summary(json.loads(part.result_file.read_text()))
+            if part.name == "train_memory":  # one line per stage, flushed as each ends: kept even past a timeout
+                result["stages"] = [line for line in result["output_tail"].splitlines() if line.startswith("stage ")]
         report["parts"][part.name] = result
         print(f"{part.name}: {result['status']} ({result.get('seconds', 0)} s)", flush=True)
         write_atomic(json_path, json.dumps(report, indent=2))
