@@ -5,6 +5,7 @@
     python weights.py check ckpt/ovis-u1              # files, names, shapes and sizes against the model
     python weights.py tiny /tmp/tiny-ovis             # a tiny random checkpoint in the official layout
     python weights.py manifest --compare tests/golden/full_manifest.json
+    python weights.py golden --weights ckpt/ovis-u1 --out golden-full --dtype bfloat16 --device cuda
 """
 from ovis_min.cli import ctrl_c_quits_quietly, ctrl_c_raises
 
@@ -80,6 +81,22 @@ def cmd_manifest(args) -> int:
     return 0
 
 
+def cmd_golden(args) -> int:
+    import torch  # only this command computes
+    from ovis_min.golden import export_golden
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"--device {args.device}: torch sees no CUDA GPU; use --device cpu")
+    directory = resolve_source(args.weights, revision=args.revision, download=True)
+    try:
+        names = export_golden(directory, args.out, dtype=getattr(torch, args.dtype), device=args.device,
+                              height=args.height, width=args.width, steps=args.steps)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+    print(f"wrote {len(names)} golden cases ({args.dtype} on {args.device}) to {args.out}: {', '.join(names)}")
+    print(f"check ovis-min against them with: OVIS_GOLDEN_DIR={args.out} python -m pytest tests/test_golden.py")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -137,6 +154,26 @@ def main(argv: list[str] | None = None) -> int:
     manifest.add_argument("--config", type=Path, metavar="DIR",
                           help="build from DIR/config.json instead of the built-in full-size configuration")
     manifest.set_defaults(run=cmd_manifest)
+
+    golden = commands.add_parser(
+        "golden", help="write golden cases (inputs, outputs, intermediates) from a checkpoint, for ports",
+        description="Run ovis-min on inputs made here (drawn images, the official scripts' prompts, the "
+                    "checkpoint's preprocessing sizes) and write every case of tests/golden/ in its format, with "
+                    "the weights, config and tokenizer they need and extra intermediates (adapter input, timestep "
+                    "embedding, every decoder block, each Euler step, the VAE decoder's input). See "
+                    "tests/golden/README.md. The official checkpoint in bfloat16 on a GPU gives the full-size "
+                    "reference (about 8 GB of files: the weights are stored once in the export dtype).")
+    golden.add_argument("--weights", required=True, metavar="DIR_OR_ID",
+                        help="checkpoint directory, or a hub id (from the cache, downloaded if missing)")
+    golden.add_argument("--out", required=True, type=Path, help="output directory (created; cases are replaced)")
+    golden.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and compute (default float32)")
+    golden.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    golden.add_argument("--height", type=int, default=256, help="generated image height, a multiple of 32 (256)")
+    golden.add_argument("--width", type=int, default=256, help="generated image width, a multiple of 32 (256)")
+    golden.add_argument("--steps", type=int, default=3, help="Euler steps of the sampler cases (default 3)")
+    golden.add_argument("--revision", default="main", help="revision of a hub id (default main)")
+    golden.set_defaults(run=cmd_golden)
 
     args = parser.parse_args(argv)
     try:

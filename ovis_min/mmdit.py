@@ -16,7 +16,9 @@ Facts from the report (Sec. 2, Table 1: "Vision Decoder" 1046M + "Refiner" 81M) 
 
 The work that does not change during sampling (refining the text, its CLS vector, RoPE tables) is split out
 (`encode_text`, `text_vector`, `rope`) so a sampler does it once; `forward` is the official one-call form.
-Speed (the maths is the official one): q and k are rotated in the activation dtype with precomputed tables.
+RoPE is float32 in any model dtype, as in the official code: the tables are built in float64 and rounded once,
+and q and k are rotated in float32 (bf16 tables would lose the angle's precision as the position grows, and a
+1024x1024 image has 64 rows and columns of tokens).
 """
 import math
 
@@ -44,31 +46,33 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_0
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rope_tables(ids: torch.Tensor, axes_dim: tuple, theta: float,
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, n_axes) position ids -> the tables (cos, sin), each (B, 1, S, D) in `dtype`, D = sum(axes_dim), that
-    `apply_rope` rotates with; made once per generation, so no attention upcasts q and k to float32.
+def rope_tables(ids: torch.Tensor, axes_dim: tuple, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, n_axes) position ids -> the float32 tables (cos, sin), each (B, 1, S, D), D = sum(axes_dim), that
+    `apply_rope` rotates with; made once per generation.
 
-    Axis a owns axes_dim[a]/2 consecutive channel pairs; pair j of that axis turns by pos_a * theta^(-2j/axes_dim[a])
-    (computed in float32, as the official code does). Pair i holds (cos_i, cos_i) and (-sin_i, sin_i): the rows of
+    Axis a owns axes_dim[a]/2 consecutive channel pairs; pair j of that axis turns by pos_a * theta^(-2j/axes_dim[a]).
+    The angles and their cos/sin are computed in float64 and rounded to float32 once, as the official `rope` does
+    (its float64 frequencies promote the float32 ids). Pair i holds (cos_i, cos_i) and (-sin_i, sin_i): the rows of
     its rotation matrix [[cos, -sin], [sin, cos]].
     """
     if ids.shape[-1] != len(axes_dim):
         raise ValueError(f"position ids have {ids.shape[-1]} axes but axes_dim {tuple(axes_dim)} has {len(axes_dim)}")
     angles = []
     for axis, dim in enumerate(axes_dim):
-        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=ids.device) / dim)  # (dim/2,)
-        angles.append(ids[..., axis].float()[..., None] * freqs)  # (B, S, dim/2)
-    angles = torch.cat(angles, dim=-1)[:, None]  # (B, 1, S, D/2)
-    cos, sin = angles.cos(), angles.sin()
-    return cos.repeat_interleave(2, dim=-1).to(dtype), torch.stack([-sin, sin], dim=-1).flatten(-2).to(dtype)
+        freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=ids.device) / dim)  # (dim/2,)
+        angles.append(ids[..., axis].double()[..., None] * freqs)  # (B, S, dim/2)
+    angles = torch.cat(angles, dim=-1)[:, None]  # (B, 1, S, D/2) float64
+    cos, sin = angles.cos().float(), angles.sin().float()
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the adjacent channel pairs (2i, 2i+1) of x (B, nh, L, D) by the tables of `rope_tables`:
-    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), computed in x's dtype."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
-    return torch.addcmul(x * cos, swapped, sin)
+    """Rotate the adjacent channel pairs (2i, 2i+1) of x (B, nh, L, D) by the float32 tables of `rope_tables`:
+    (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin), computed in float32 and returned in x's dtype, as the
+    official `apply_rope` does."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return torch.addcmul(x32 * cos, swapped, sin).to(x.dtype)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -280,10 +284,10 @@ class MMDiT(nn.Module):
         """
         return self.txt_in(txt, txt_mask)
 
-    def rope(self, ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Position ids (B, S, 3) of the whole sequence [txt, img(, cond_img)] -> the (cos, sin) tables
-        (B, 1, S, hs) in `dtype` that every attention of `predict_velocity` applies."""
-        return rope_tables(ids, self.config.axes_dim, self.config.theta, dtype)
+    def rope(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids (B, S, 3) of the whole sequence [txt, img(, cond_img)] -> the float32 (cos, sin) tables
+        (B, 1, S, hs) that every attention of `predict_velocity` applies."""
+        return rope_tables(ids, self.config.axes_dim, self.config.theta)
 
     def text_vector(self, cls: torch.Tensor) -> torch.Tensor:
         """The CLS part of the modulation vector, vector_in(cls) (B, H): it does not change with the step."""
@@ -296,7 +300,7 @@ class MMDiT(nn.Module):
         """One decoder evaluation -> velocity (B, N, out_channels) for the N noise tokens.
 
         img (B, N, in_channels) noise tokens; txt_tokens from `encode_text` and txt_vec = `text_vector(cls)`;
-        rope = `rope(ids, img.dtype)` over the sequence [txt (L), img (N), cond_img (Nc)], batch B or 1;
+        rope = `rope(ids)` over the sequence [txt (L), img (N), cond_img (Nc)], batch B or 1;
         timesteps (B,) in [0, 1], in the latent dtype as the official sampler passes it; cond_img (B, Nc,
         in_channels) VAE tokens of the edited image.
         key_mask (B, L+N+Nc) bool, True for real tokens: lets rows with padded text (or without a cond image,
@@ -330,5 +334,5 @@ class MMDiT(nn.Module):
         """The official call: raw LLM condition txt (B, L, context_in_dim) and position ids -> velocity (B, N, C)."""
         txt_tokens, cls = self.encode_text(txt)
         ids = [txt_ids, img_ids] if cond_img is None else [txt_ids, img_ids, cond_img_ids]
-        rope = self.rope(torch.cat(ids, dim=1), img.dtype)
+        rope = self.rope(torch.cat(ids, dim=1))
         return self.predict_velocity(img, txt_tokens, self.text_vector(cls), rope, timesteps, cond_img)

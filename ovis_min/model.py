@@ -188,8 +188,25 @@ def encode_image_tokens(vae: AutoencoderKL, pixels: torch.Tensor, generator: tor
     return posterior_tokens(vae, *encode_posterior(vae, pixels), generator=generator, noise=noise)
 
 
+def in_float32(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) computed in float32 over float32 copies of the module's weights. The copies are exact (bf16 to
+    float32 loses nothing) and live only for this call, so a bf16 module computes as it does under the official
+    code's `torch.autocast(dtype=torch.float32)`; a float32 module runs on its own weights."""
+    weights = {name: weight.float() for name, weight in module.named_parameters()}
+    return torch.func.functional_call(module, weights, (x.float(),))
+
+
 def decode_image_tokens(vae: AutoencoderKL, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(B, N, 16) packed latent tokens -> (B, 3, H, W) pixels, nominally in [-1, 1] (not clamped yet)."""
-    latents = flow.unpack_latents(tokens.float(), height, width)  # (B, 4, H/8, W/8)
-    latents = vae.from_latent_space(latents.to(next(vae.parameters()).dtype))
-    return channels_last(vae).decode(latents.contiguous(memory_format=torch.channels_last)).float()
+    """(B, N, 16) packed latent tokens -> (B, 3, H, W) float32 pixels, nominally in [-1, 1] (not clamped yet).
+
+    Decoded in float32 whatever the VAE's dtype, as the official `generate_image` does (it unscales and decodes
+    under autocast to float32); a decode in bf16 lands about twice as far from the float32 image. These are
+    `vae.decode`'s two steps, each through `in_float32`.
+    """
+    weight = next(vae.parameters())
+    latents = flow.unpack_latents(tokens.to(weight.device).float(), height, width)  # (B, 4, H/8, W/8)
+    latents = vae.from_latent_space(latents).contiguous(memory_format=torch.channels_last)
+    vae = channels_last(vae)
+    if vae.post_quant_conv is not None:
+        latents = in_float32(vae.post_quant_conv, latents)
+    return in_float32(vae.decoder, latents)

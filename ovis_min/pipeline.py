@@ -77,7 +77,7 @@ def denoise_one_image(decoder: MMDiT, noise: torch.Tensor, timesteps: list[float
                                              edit_image=branch.cond_img is not None, device=x.device)  # (1, S, 3)
             t = torch.full((1,), t_cur, dtype=x.dtype, device=x.device)
             v.append(decoder.predict_velocity(x, branch.tokens, decoder.text_vector(branch.cls),
-                                              decoder.rope(ids, x.dtype), t, cond_img=branch.cond_img))
+                                              decoder.rope(ids), t, cond_img=branch.cond_img))
         if img_cfg is None:  # text-to-image
             velocity = flow.text_guidance(v[0], v[1], txt_cfg)
         else:  # editing
@@ -117,9 +117,9 @@ def guided_velocity(decoder: MMDiT, branches: list["Condition | list[Condition]"
         vectors = decoder.text_vector(torch.cat([c.cls for c in distinct]))  # (U, H)
         row_of = {id(c): k for k, c in enumerate(distinct)}
         txt_vec = vectors[[row_of[id(c)] for c in row_conditions]]  # (G*B, H)
-        device, dtype = tokens.device, tokens.dtype
+        device = tokens.device
         ids = flow.sequence_position_ids(L, rows, cols, edit_image=has_cond, device=device)  # (1, S, 3)
-        rope = decoder.rope(ids, dtype)  # (cos, sin), (1, 1, S, hs)
+        rope = decoder.rope(ids)  # (cos, sin) float32, (1, 1, S, hs)
         cond_img = torch.cat([c.cond_img for c in row_conditions]) if has_cond else None
         key_mask = None
         if min(lengths) < L:  # (G*B, S): the padded text positions are not keys

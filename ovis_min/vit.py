@@ -247,6 +247,10 @@ def position_embeddings(pos_embed: torch.Tensor, layout: VisionLayout, method: s
 def rope_angles(grid_thws: torch.Tensor, head_dim: int, hidden_stride: int) -> torch.Tensor:
     """Rotary angles of every patch in input (unit) order: (N, head_dim/2) float32, [row freqs | col freqs]."""
     dim = head_dim // 2
+    # float32 in any model dtype. The official scripts' `model.to(torch.bfloat16)` also rounds the reference code's
+    # inv_freq buffer to bf16 and multiplies the positions in bf16 (8 significant bits), which turns a patch by up
+    # to 0.4% of its angle, tenths of a radian at row 100; the float32 angles are the rotations the encoder was
+    # defined with, so this is the more exact choice.
     inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))  # (head_dim/4,)
     positions = []
     for t, h, w in _grids(grid_thws, hidden_stride):

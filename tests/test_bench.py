@@ -138,3 +138,48 @@ def test_only_selects_workloads():
     assert names == ["vit_448", "vae_decode_32"]
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "W9"])
+
+
+def test_offloaded_generations_compute_what_resident_ones_do(model):
+    """--offload's stage moves (here to the CPU itself, a no-op) leave a generation's result unchanged; editing
+    uses every stage, the VAE twice."""
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    resident = bench.e2e_workloads(model, gen(), 32, 1, torch.device("cpu"))[1]
+    offloaded = bench.e2e_workloads(model, gen(), 32, 1, torch.device("cpu"), offload=True)[1]
+    assert resident.name == offloaded.name == "edit_32_1"
+    with torch.no_grad():
+        assert torch.equal(resident.run(), offloaded.run())
+
+
+def test_gpu_check_and_offload_refuse_cleanly_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--gpu-check", "--json", "gpu.json"])
+    assert "--gpu-check needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--e2e", "--offload"])
+    assert "--offload moves stages to a GPU" in capsys.readouterr().err
+
+
+def test_gpu_check_parts_fail_loudly_and_never_hang():
+    started = bench.time.perf_counter()
+    hung = bench.run_part(["sh", "-c", "sleep 30 & sleep 30"], timeout=0.5)  # a child of its own too
+    assert hung["status"] == "timeout" and bench.time.perf_counter() - started < 10
+    broken = bench.run_part(["sh", "-c", "echo boom; exit 3"], timeout=10)
+    assert broken["status"] == "failed" and broken["returncode"] == 3 and "boom" in broken["output_tail"]
+    assert bench.run_part(["true"], timeout=10)["status"] == "ok"
+
+
+def test_gpu_check_summary_and_goals():
+    workload = lambda name, s, mem, tokens=None: {"name": name, "seconds": s, "min_s": s, "peak_mem_gb": mem,  # noqa: E731
+                                                  "peak_pct": 40.0, "tokens_per_s": tokens}
+    resident = bench.bench_summary({"workloads": [workload("t2i_1024_50", 2.5, 9.0), workload("edit_1024_50", 4, 11),
+                                                  workload("llm_decode", 0.05, 8.0, 640.0)]})
+    assert resident["t2i_1024_50"]["steps_per_s"] == 20.0 and resident["llm_decode"]["tokens_per_s"] == 640.0
+    offloaded = bench.bench_summary({"workloads": [workload("t2i_1024_50", 3.0, 5.5)]})
+    goals = bench.goals(resident, offloaded)
+    assert goals["t2i_1024_50_seconds"] == {"value": 2.5, "goal": 2.0, "met": False}
+    assert goals["decode_tokens_per_s"]["met"] and goals["offload_peak_memory_gb"]["met"]
+    assert goals["peak_memory_gb"] == {"value": 11, "goal": 10.5, "met": False}
+    assert bench.goals({}, {})["t2i_1024_50_seconds"]["met"] is None  # a part that gave no numbers

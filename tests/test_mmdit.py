@@ -51,7 +51,7 @@ def test_forward_equals_split_calls(edit):
         full = model(img, img_ids, txt, txt_ids, t, cond_img=cond, cond_img_ids=cond_ids)
         tokens, cls = model.encode_text(txt)
         # the RoPE table is the same for every row: a batch-1 table must broadcast
-        rope = model.rope(torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1)[:1], img.dtype)
+        rope = model.rope(torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1)[:1])
         split = model.predict_velocity(img, tokens, model.text_vector(cls), rope, t, cond_img=cond)
     assert full.shape == (B, N, 16)
     torch.testing.assert_close(split, full, rtol=0, atol=1e-6)
@@ -63,8 +63,32 @@ def test_rope_tables_rotate_like_the_official_matrices():
     x = torch.randn(2, 3, 17, 32)
     pairs = x.unflatten(-1, (-1, 1, 2))
     official = (pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]).flatten(-2)  # the official apply_rope
-    torch.testing.assert_close(apply_rope(x, *rope_tables(ids, (4, 14, 14), 10_000, x.dtype)), official,
+    torch.testing.assert_close(apply_rope(x, *rope_tables(ids, (4, 14, 14), 10_000)), official,
                                rtol=0, atol=1e-6)
+
+
+def test_rope_is_built_and_applied_in_float32_as_the_official_code():
+    """At the positions of a 1024x1024 edit (64x64 tokens twice): the tables are float32, equal to the official `rope`
+    (float64 angles and cos/sin, rounded once), and a bf16 q is rotated in float32 and rounded once."""
+    ids = torch.cat([torch.zeros(1, 7, 3), flow.latent_position_ids(64, 64),
+                     flow.latent_position_ids(64, 64, time_index=1)], dim=1)
+    axes_dim, theta = (16, 56, 56), 10_000
+    cos, sin = rope_tables(ids, axes_dim, theta)
+    assert cos.dtype == sin.dtype == torch.float32
+    angles = []
+    for axis, dim in enumerate(axes_dim):  # the official construction: float64 frequencies promote the ids
+        omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        angles.append(torch.einsum("...n,d->...nd", ids[..., axis], omega))
+    angles = torch.cat(angles, dim=-1)[:, None]  # (1, 1, S, 64) float64
+    assert torch.equal(cos[..., 0::2], angles.cos().float()) and torch.equal(sin[..., 1::2], angles.sin().float())
+
+    x = torch.randn(1, 1, ids.shape[1], 128).bfloat16()
+    pairs = x.float().unflatten(-1, (-1, 2))
+    c, s = angles.cos().float(), angles.sin().float()
+    official = torch.stack([c * pairs[..., 0] - s * pairs[..., 1], s * pairs[..., 0] + c * pairs[..., 1]], -1)
+    rotated = apply_rope(x, cos, sin)
+    assert rotated.dtype == torch.bfloat16
+    torch.testing.assert_close(rotated.float(), official.flatten(-2), rtol=2 ** -8, atol=1e-6)  # one bf16 rounding
 
 
 def test_refiner_key_mask_reproduces_unpadded_rows():
@@ -111,7 +135,7 @@ def test_batched_guidance_branches_with_key_mask_equal_separate_calls():
         key_mask = torch.cat([txt_mask, torch.ones(B, N, dtype=torch.bool),
                               torch.tensor(with_cond)[:, None].expand(B, N)], dim=1)  # (B, L+N+N)
         tokens, cls = model.encode_text(txt, txt_mask)
-        rope = model.rope(torch.cat([torch.zeros(1, L, 3), img_ids, cond_ids], dim=1), img.dtype)
+        rope = model.rope(torch.cat([torch.zeros(1, L, 3), img_ids, cond_ids], dim=1))
         txt_vec = model.text_vector(cls)
         batched = model.predict_velocity(img.expand(B, -1, -1), tokens, txt_vec, rope, t.expand(B),
                                          cond_img=cond.expand(B, -1, -1), key_mask=key_mask)

@@ -122,3 +122,21 @@ def test_channels_last_pixel_token_paths_equal_plain_calls():
         mean, logvar = plain.encode(pixels)
         expected = flow.pack_latents(plain.to_latent_space(plain.sample_latent(mean, logvar, noise=eps)))
         torch.testing.assert_close(encode_image_tokens(vae, pixels, noise=eps), expected, rtol=0, atol=1e-5)
+
+
+def test_a_bf16_vae_decodes_in_float32_over_its_bf16_weights():
+    """As the official generate_image (autocast to float32): the image a bf16 VAE decodes equals a float32 decode
+    with the same bf16-rounded weights, not a bf16 decode, and the VAE keeps its bf16 weights."""
+    vae = tiny_vae(3).to(torch.bfloat16)
+    same_weights = AutoencoderKL(TINY).eval()
+    same_weights.load_state_dict({k: v.float() for k, v in vae.state_dict().items()})
+    tokens = torch.randn(1, 4, 16)  # a 32x32 image: bf16 convolutions are slow on CPUs without it
+    with torch.no_grad():
+        decoded = decode_image_tokens(vae, tokens, 32, 32)
+        assert decoded.dtype == torch.float32
+        assert torch.equal(decoded, decode_image_tokens(same_weights, tokens, 32, 32))
+        plain = same_weights.decode(same_weights.from_latent_space(flow.unpack_latents(tokens, 32, 32)))
+        torch.testing.assert_close(decoded, plain, rtol=0, atol=1e-5)
+        in_bf16 = vae.decode(vae.from_latent_space(flow.unpack_latents(tokens, 32, 32)).bfloat16())
+        assert (in_bf16.float() - plain).abs().max() > 1e-3  # what the test tells apart
+    assert all(p.dtype == torch.bfloat16 for p in vae.parameters())

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from golden_checks.encoder import window_partition
+from ovis_min.golden import window_partition
 from ovis_min.adapter import VisualEmbedding, VisualHead
 from ovis_min.config import AdapterConfig, OvisConfig, VitConfig
 from ovis_min.vit import VisionEncoder, attention_runs, position_embeddings, segment_attention, vision_layout

@@ -117,7 +117,7 @@ def generation_loss(model: OvisU1, batch: Batch, condition_grad: bool) -> tuple[
     if cond_img is not None:  # rows without a source image carry zeros there, hidden by the key mask
         key_mask.append(batch.has_source.to(device, non_blocking=True)[:, None].expand(batch_size, num_img))
     rope = decoder.rope(flow.sequence_position_ids(num_txt, rows, cols, edit_image=cond_img is not None,
-                                                   device=device), x_t.dtype)
+                                                   device=device))
     velocity = decoder.predict_velocity(x_t, txt_tokens, decoder.text_vector(cls), rope, t, cond_img=cond_img,
                                         key_mask=torch.cat(key_mask, dim=1))
     # counted on the host (the condition mask and has_source stay there): no wait for the device

@@ -2,12 +2,10 @@
 
 The intermediates the cases store are taken with forward hooks on the blocks, so the model has no test hooks.
 """
-from contextlib import contextmanager
-
 import torch
-from torch import nn
 
-from ovis_min.mmdit import MMDiT
+from ovis_min.golden import recording
+from ovis_min.mmdit import MMDiT, timestep_embedding
 from ovis_min.refiner import TokenRefiner
 
 
@@ -21,22 +19,6 @@ def rope_rotations(ids: torch.Tensor, axes_dim: tuple, theta: float) -> torch.Te
         cos, sin = torch.cos(angles), torch.sin(angles)
         rotations.append(torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)))  # (B, S, dim/2, 2, 2)
     return torch.cat(rotations, dim=-3).unsqueeze(1)
-
-
-@contextmanager
-def recording(modules: dict[str, nn.Module], inputs: bool = False):
-    """Record what each named module returns (or, with `inputs`, the positional arguments it is called with)
-    during the `with` body: yields the dict that fills with name -> output (or argument tuple)."""
-    seen, handles = {}, []
-    for name, module in modules.items():
-        def record(module, args, output=None, name=name):
-            seen[name] = args if inputs else output
-        handles.append(module.register_forward_pre_hook(record) if inputs else module.register_forward_hook(record))
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def check_refiner(case):
@@ -64,14 +46,15 @@ def check_mmdit(case):
     cond_img = case.input("cond_img") if edit else None
     cond_ids = case.input("cond_img_ids") if edit else None
     ids = torch.cat([txt_ids, img_ids] + ([cond_ids] if edit else []), dim=1)
-    blocks = {"double0": model.double_blocks[0], "single0": model.single_blocks[0], "final": model.final_layer}
+    blocks = {f"double{i}": block for i, block in enumerate(model.double_blocks)}
+    blocks.update({f"single{i}": block for i, block in enumerate(model.single_blocks)}, final=model.final_layer)
 
     with torch.no_grad():
         # the official-shaped call ...
         pred = model(img, img_ids, txt, txt_ids, t, cond_img=cond_img, cond_img_ids=cond_ids)
         # ... and the split form a sampler uses, whose intermediates are compared
         txt_tokens, cls = model.encode_text(txt)
-        rope = model.rope(ids, img.dtype)
+        rope = model.rope(ids)
         with recording(blocks) as outputs, recording({"final": model.final_layer}, inputs=True) as inputs:
             pred_split = model.predict_velocity(img, txt_tokens, model.text_vector(cls), rope, t, cond_img=cond_img)
 
@@ -82,8 +65,16 @@ def check_mmdit(case):
     # the official RoPE form, 2x2 matrices (test_mmdit checks that our tables rotate as these do)
     case.expect("intermediate.pe", rope_rotations(ids, config.mmdit.axes_dim, config.mmdit.theta))
     case.expect("vec", inputs["final"][1])  # the modulation vector every block (and the final layer) gets
-    case.expect("intermediate.double0_img", outputs["double0"][0])
-    case.expect("intermediate.double0_txt", outputs["double0"][1])
-    case.expect("intermediate.single0_out", outputs["single0"])
+    # every block's output where the case stores it (the shared set: the first of each kind)
+    stored = set(case.outputs())
+    for i in range(len(model.double_blocks)):
+        for j, stream in enumerate(("img", "txt")):
+            if f"intermediate.double{i}_{stream}" in stored or i == 0:
+                case.expect(f"intermediate.double{i}_{stream}", outputs[f"double{i}"][j])
+    for i in range(len(model.single_blocks)):
+        if f"intermediate.single{i}_out" in stored or i == 0:
+            case.expect(f"intermediate.single{i}_out", outputs[f"single{i}"])
     case.expect("intermediate.final_layer_out", outputs["final"])
+    if "intermediate.timestep_embedding" in stored:
+        case.expect("intermediate.timestep_embedding", timestep_embedding(t))
 

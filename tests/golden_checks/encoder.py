@@ -4,29 +4,10 @@ import dataclasses
 import torch
 
 from ovis_min.adapter import VisualEmbedding, VisualHead
-from ovis_min.vit import VisionEncoder, rope_angles, window_table
+from ovis_min.golden import window_partition
+from ovis_min.vit import VisionEncoder, rope_angles
 
 BACKBONE = "visual_tokenizer.backbone."
-
-
-def window_partition(grid_thws: torch.Tensor, window_units: int,
-                     hidden_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official window order of the merged units and its cumulative window lengths in patches, from the
-    encoder's own `window_table`.
-
-    Returns `window_index` (N/s^2,), the unit at each window-ordered position, and `cu_seqlens` with one entry
-    per window including the empty padding windows (so boundaries repeat). The encoder itself uses the same
-    windows but sorts them by size within each frame (see `vit.vision_layout`).
-    """
-    units = hidden_stride * hidden_stride
-    window_index, cu_seqlens, offset = [], [0], 0
-    for t, h, w in grid_thws.tolist():
-        table = window_table(t, h // hidden_stride, w // hidden_stride, window_units)
-        window_index.append(table[table >= 0] + offset)
-        for length in ((table >= 0).sum(-1).flatten() * units).tolist():
-            cu_seqlens.append(cu_seqlens[-1] + length)
-        offset += t * (h // hidden_stride) * (w // hidden_stride)
-    return torch.cat(window_index), torch.tensor(cu_seqlens, dtype=torch.long)
 
 
 def _encoder(case, cfg) -> VisionEncoder:
@@ -74,3 +55,6 @@ def check_visual_tokenizer(case):
     case.expect("tokens", tokens.probs)
     case.expect("vte_embeds", vte(tokens.probs))
     case.expect("indicator_embeds", vte.indicator_embeds())
+    if "in.adapter_input" in case.tensors:  # exported sets: the adapter alone, from the stored encoder output
+        case.expect("tokens", head.tokenize(case.input("adapter_input")).probs)
+        case.expect("features", head.tokenize(case.input("adapter_input")).features)

@@ -3,6 +3,7 @@ import torch
 
 from ovis_min.flow import (edit_guidance, latent_position_ids, pack_latents, text_guidance, time_schedule,
                            unpack_latents)
+from ovis_min.golden import sample_with_steps
 from ovis_min.mmdit import MMDiT
 from ovis_min.model import decode_image_tokens
 from ovis_min.pipeline import Condition, denoise_one_image, sample_latents
@@ -72,7 +73,13 @@ def check_sampler(case):
             branches = [branch("cond_txt"), branch("no_both_txt")]
             combine = lambda v: text_guidance(v[0], v[1], meta["txt_cfg"])
             img_cfg = None
-        final = sample_latents(decoder, noise, timesteps, branches, combine)
+        if "out.step0.velocity" in case.tensors:  # exported sets: the latent entering each step, its velocity
+            final, steps = sample_with_steps(decoder, noise, timesteps, branches, combine)
+            for i, (x, v) in enumerate(steps):
+                case.expect(f"step{i}.latent_in", x)
+                case.expect(f"step{i}.velocity", v)
+        else:
+            final = sample_latents(decoder, noise, timesteps, branches, combine)
         case.expect("final_latent_tokens", final)
         # the plain loop, the spec of the batched one, gives the official latents too
         case.expect("final_latent_tokens", denoise_one_image(decoder, noise, timesteps, branches, meta["txt_cfg"],
