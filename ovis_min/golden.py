@@ -29,7 +29,7 @@ from . import flow
 from .checkpoint import CONFIG_FILE, PREPROCESSOR_FILE, load_model
 from .config import PreprocessConfig
 from .files import default_mode, temp_prefix, write_atomic
-from .generate import generate
+from .decode import generate
 from .mmdit import timestep_embedding
 from .model import decode_image_tokens, encode_posterior
 from .pipeline import Condition, Ovis, guided_velocity
@@ -208,7 +208,7 @@ class Exporter:
             encoder = encoder.to(self.device, self.dtype)
             pixels = self.on_device(pixel_values)
             outputs[f"{method}.preprocessor_out"] = encoder.preprocessor(pixels, encoder.layout(grid_thws))
-            result = encoder(pixels, grid_thws)
+            result = encoder(pixels, grid_thws, all_hidden_states=True)
             for i, hidden in enumerate(result.hidden_states):
                 outputs[f"{method}.hidden_states.{i}"] = hidden
             outputs[f"{method}.last_hidden_state"] = result.last_hidden_state
@@ -224,7 +224,7 @@ class Exporter:
 
     def visual_tokenizer(self):
         pixel_values, grid_thws = self.two_images()
-        features = self.model.visual_tokenizer.backbone(self.on_device(pixel_values), grid_thws).hidden_states[-1]
+        features = self.model.visual_tokenizer.backbone(self.on_device(pixel_values), grid_thws).last_block
         tokens = self.model.visual_tokenizer.head.tokenize(features)
         self.writer.write("visual_tokenizer", "visual_tokenizer", {
             "description": "The adapter (adapter.py) on the encoder's last block output (in.adapter_input, before "
