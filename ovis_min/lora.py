@@ -176,16 +176,16 @@ def read_adapter_file(path: Path) -> AdapterFile:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except (SafetensorError, OSError) as error:
         raise AdapterError(f"{what}: not a readable safetensors file ({error})") from None
+    strays = [name for name in shapes if not is_adapter(name)]
+    if strays or not shapes:
+        raise AdapterError(f"{what}: {len(strays)} tensors are not LoRA adapters (NAME.lora_A.weight, "
+                           f"NAME.lora_B.weight): {few_names(strays)}" if strays else f"{what}: holds no adapters")
     try:
         rank, alpha = int(metadata["lora_rank"]), float(metadata["lora_alpha"])
         targets = json.loads(metadata.get("lora_targets", "[]"))
     except (KeyError, ValueError):
         raise AdapterError(f"{what}: no lora_rank and lora_alpha in its metadata: not an adapter file of train.py "
                            "export --lora-only") from None
-    strays = [name for name in shapes if not is_adapter(name)]
-    if strays or not shapes:
-        raise AdapterError(f"{what}: {len(strays)} tensors are not LoRA adapters (NAME.lora_A.weight, "
-                           f"NAME.lora_B.weight): {few_names(strays)}" if strays else f"{what}: holds no adapters")
     unpaired = [m for m in adapted_modules(shapes) if any(m + s not in shapes for s in SUFFIXES)]
     bad_rank = [m for m in adapted_modules(shapes) if m not in unpaired and (
         len(shapes[m + SUFFIXES[0]]) != 2 or len(shapes[m + SUFFIXES[1]]) != 2
@@ -207,7 +207,7 @@ def check_fits(adapters: AdapterFile, model: nn.Module) -> None:
             continue
         a, b = adapters.shapes[module + SUFFIXES[0]], adapters.shapes[module + SUFFIXES[1]]
         if (b[0], a[1]) != tuple(layers[module].weight.shape):
-            wrong.append(f"{module}: adapter {b[0]}x{a[1]} vs model {tuple(layers[module].weight.shape)}")
+            wrong.append(f"{module}: adapter {(b[0], a[1])} vs model {tuple(layers[module].weight.shape)}")
     if unknown or wrong:
         raise AdapterError(f"--lora {adapters.path} does not fit these weights (" + "; ".join(
             f"{len(names)} {why}: {few_names(names, 3)}" for names, why in
