@@ -208,3 +208,27 @@ def test_lora_options_that_cannot_work_are_one_line(ckpt, manifest, tmp_path, ca
         train.main(["--help"])
     text = capsys.readouterr().out
     assert "--lora 32 --out runs/edit-lora" in text and "--lora 16" in text and "--lora-only" in text
+
+
+def test_fsdp_lora_with_validation_and_samples_resumes_on_one_process(ckpt, manifest, tmp_path):
+    """Stage 3 shards the LLM's blocks (FSDP), adapters with them; validation and sampled answers gather them."""
+    row = json.loads(manifest.read_text().splitlines()[0])
+    row["images"] = [str(manifest.parent / name) for name in row["images"]]
+    (tmp_path / "val.jsonl").write_text(json.dumps(row) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"question": "What is it?", "image": str(manifest.parent /
+                                                        "red_square.png"), "max_new_tokens": 3}) + "\n")
+    common = [str(a) for a in ["--stage", 3, "--init", ckpt, "--data", manifest, "--steps", 4, "--batch", 2,
+                               "--micro-batch", 1, "--lr", 1e-2, "--overfit", 1, "--lora", 4, "--save-every", 1,
+                               "--val-data", tmp_path / "val.jsonl", "--val-every", 2, *FAST]]
+    whole = train.main([*common, "--out", str(tmp_path / "whole")])
+    out = tmp_path / "run"
+    two_processes([*common, "--out", str(out), "--stop-after", "2", "--sample-prompts",
+                   str(tmp_path / "prompts.jsonl"), "--sample-every", "2"], tmp_path)
+    answer, = json.loads((out / "samples" / "step-00000002" / "samples.json").read_text())
+    assert isinstance(answer["answer"], str)
+    train.main(["--resume", str(out), *FAST])
+    assert_same_losses([r for r in logged(out) if "loss" in r], [r for r in whole if "loss" in r])
+    validated = [r for r in logged(out) if "val_loss" in r]
+    assert [r["step"] for r in validated] == [2, 4]
+    torch.testing.assert_close(torch.tensor([r["val_loss"]["understanding"] for r in validated]),
+                               torch.tensor([r["val_loss"]["understanding"] for r in whole if "val_loss" in r]))
