@@ -7,6 +7,7 @@ made for other weights is refused in one line.
 """
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,19 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import train
-from ovis_min.checkpoint import load_model
+from ovis_min.checkpoint import build_model, load_model
+from ovis_min.config import OvisConfig
 from ovis_min.lora import LoRALinear, add_adapters
-from ovis_min.train import losses
+from ovis_min.tiny import tiny_config
+from ovis_min.train import losses, memory
+from ovis_min.train.adapters import DEFAULT_TARGETS
 from ovis_min.train.checkpoint import saved_metadata
 from ovis_min.train.data import MicroBatch, collate, t2i_example, understanding_example
 from ovis_min.train.stages import make_optimizer
 from test_train import RESOLUTION, manifest, run, tiny  # noqa: F401  (fixtures)
 from test_train_checkpoint import FAST, arguments, assert_same_losses, data, logged, two_processes  # noqa: F401
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("single_thread")  # ckpt: the tiny checkpoint of conftest.py
 
 # The layers each stage's adapters go on by default, written out here rather than taken from ovis_min/lora.py:
@@ -232,3 +237,29 @@ def test_fsdp_lora_with_validation_and_samples_resumes_on_one_process(ckpt, mani
     assert [r["step"] for r in validated] == [2, 4]
     torch.testing.assert_close(torch.tensor([r["val_loss"]["understanding"] for r in validated]),
                                torch.tensor([r["val_loss"]["understanding"] for r in whole if "val_loss" in r]))
+
+
+def test_a_lora_run_from_the_cache_has_the_losses_of_one_without(ckpt, data, tmp_path):
+    """The cache holds the frozen LLM's and VAE's work; the adapters are on the decoder, which the cache leaves out."""
+    cache = tmp_path / "cache"
+    train.main([str(a) for a in ["cache", "--stage", 0, "--init", ckpt, "--data", data, "--out", cache,
+                                 "--resolution", 32]])
+    uncached = train.main(arguments(ckpt, data, tmp_path / "a", "--lora", "4", "--steps", "3"))
+    cached = train.main(arguments(ckpt, data, tmp_path / "b", "--lora", "4", "--steps", "3", "--cache", str(cache)))
+    assert_same_losses(cached, uncached)
+
+
+def test_the_readme_quotes_the_lora_memory_rows_and_the_measurement_runs_lora_steps(ckpt, tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    assert memory.lora_table() in readme
+    # the estimate's adapter count is the count of the adapters train.py puts on the full-size model
+    for stage in (5, 3):
+        model = build_model(OvisConfig())
+        adapters = add_adapters(model, DEFAULT_TARGETS[stage], memory.LORA_RANK, 1.0, seed=0)
+        count = sum(model.get_parameter(name).numel() for name in adapters)
+        assert memory.lora_estimate(stage, True).optimizer == 8 * count
+    assert memory.lora_estimate(5, checkpointing=True).total < 16e9  # the editing fine-tune: a 16 GB GPU
+    short = replace(tiny_config(), multimodal_max_length=memory.SUPERVISED_TOKENS + 128)  # fast on a CPU
+    result = memory.measure(3, ckpt, torch.device("cpu"), tmp_path, config=short, micro_batch=1, steps=1, lora=4)
+    assert set(result["peak_bytes"]) == {"understanding"}
+    assert result["estimate_bytes"] == memory.lora_estimate(3, True, rank=4, micro_batch=1).total
