@@ -157,7 +157,7 @@ from ovis_min.train.checkpoint import (Saver, StopRequest, abandon_later, checke
                                        read_trainer_state, resolve_resume, restore, source_record, trim_log)
 from ovis_min.train.validation import format_validation, load_held_out, validate  # noqa: E402
 from ovis_min.lora import TARGETS as LORA_TARGETS, add_adapters  # noqa: E402
-from ovis_min.train.adapters import check_resume_lora, export_adapters, fill_lora_defaults  # noqa: E402
+from ovis_min.train.adapters import export_adapters, fill_lora_defaults  # noqa: E402
 
 ctrl_c_raises()
 
@@ -238,8 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(e.g. --ema-decay 0.9999 for stages 4-5; export it with train.py export RUN --ema)")
     lora = parser.add_argument_group("LoRA (ovis_min/lora.py)")
     lora.add_argument("--lora", type=whole_number(1), metavar="RANK", help="train low-rank adapters of this rank on "
-                      "the stage's linear layers instead of the layers themselves, which stay frozen (in bf16 on a GPU); "
-                      "export them with train.py export RUN --lora-only, e.g. --lora 16")
+                      "the stage's linear layers instead of the layers themselves, which stay frozen (in bf16 on a "
+                      "GPU); export them with train.py export RUN --lora-only, e.g. --lora 16")
     lora.add_argument("--lora-alpha", type=real(0, open_low=True), metavar="A", help="the adapters' output is scaled "
                       "by A / RANK (default A = RANK)")
     lora.add_argument("--lora-targets", nargs="+", choices=tuple(LORA_TARGETS), metavar="PART", help="the parts "
@@ -447,9 +447,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     args, resume_dir, trainer_state = parse_args(argv)
     fill_defaults(args)
-    fill_lora_defaults(args)
-    if trainer_state is not None:
-        check_resume_lora(args, trainer_state["args"])
+    fill_lora_defaults(args, trainer_state)
     if trainer_state is not None:
         changed = [f"{k} {trainer_state['args'][k]} -> {vars(args)[k]}" for k in RESUME_CHECKED
                    if trainer_state["args"].get(k) != vars(args)[k]]

@@ -98,7 +98,7 @@ def target_layers(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
     """The official names of the Linear layers that `targets` adapt, in model order."""
     names = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear:  # an adapted layer is not adapted twice
             continue
         prefix = official_part(name + ".weight")[0]
         if any(prefix == TARGETS[t][0] and name.endswith(TARGETS[t][1]) for t in targets):

@@ -26,7 +26,7 @@ from ovis_min.train.adapters import DEFAULT_TARGETS
 from ovis_min.train.checkpoint import saved_metadata
 from ovis_min.train.data import MicroBatch, collate, t2i_example, understanding_example
 from ovis_min.train.stages import make_optimizer
-from test_train import RESOLUTION, manifest, run, tiny  # noqa: F401  (fixtures)
+from test_train import manifest, run, tiny  # noqa: F401  (fixtures)
 from test_train_checkpoint import FAST, arguments, assert_same_losses, data, logged, two_processes  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +49,8 @@ def stage_batch(stage: int, cfg, folder: Path) -> MicroBatch:
         example = t2i_example({"image": "red_square.png", "caption": "a red square"}, folder, 0, cfg)
     else:
         example = understanding_example({"images": ["red_square.png"], "conversations": [
-            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a red square"}]}, folder, 0, cfg)
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a red square"}]},
+            folder, 0, cfg)
     return MicroBatch([collate([example], cfg.tokenizer.pad_token_id)], {})
 
 
@@ -159,6 +160,14 @@ def test_the_adapter_file_samples_the_image_of_the_merged_export_and_a_wrong_one
     assert images["lora"] != images["base"] and images["none"] == images["base"]
     assert images["lora"] != images["lora-ema"]
     assert Image.open(tmp_path / "lora.png").text["lora"] == str(path.resolve())
+    prompts = tmp_path / "prompts.jsonl"  # a benchmark set loads its weights the same way
+    prompts.write_text(json.dumps({"prompt": "a red square", "id": "a", "width": 32, "height": 32}) + "\n")
+    for name, flags in (("set-lora", ["--weights", ckpt, "--lora", path]), ("set-merged", ["--weights", out])):
+        assert sample.main(["--device", "cpu", "--steps", "2", "--prompts", str(prompts), *map(str, flags),
+                            "--out", str(tmp_path / name)]) == 0
+    produced = [sorted(p for p in (tmp_path / name).rglob("*.png")) for name in ("set-lora", "set-merged")]
+    assert [len(files) for files in produced] == [1, 1]
+    assert Image.open(produced[0][0]).tobytes() == Image.open(produced[1][0]).tobytes()
     capsys.readouterr()
 
     adapters = load_file(path)
@@ -182,13 +191,14 @@ def test_the_adapter_file_samples_the_image_of_the_merged_export_and_a_wrong_one
 
 def test_lora_resumes_from_two_processes_on_one_with_the_same_losses(ckpt, data, tmp_path):
     """DDP on two processes, stopped, continued on one: the adapters, their AdamW state and EMA reshard."""
-    lora = ["--lora", "4", "--ema-decay", "0.5"]
+    lora = ["--lora", "4", "--ema-decay", "0.5", "--steps", "4"]
     whole = train.main(arguments(ckpt, data, tmp_path / "whole", *lora))
     out = tmp_path / "run"
-    two_processes(arguments(ckpt, data, out, *lora, "--stop-after", "3"), tmp_path)
+    two_processes(arguments(ckpt, data, out, *lora, "--stop-after", "2"), tmp_path)
+    assert [r["replicas_identical"] for r in logged(out) if "replicas" in r] == [True]  # DDP kept them in step
     train.main(["--resume", str(out), *FAST])
     assert_same_losses(logged(out), whole)
-    a, b = (load_file(run / "step-00000006" / "model.safetensors") for run in (tmp_path / "whole", out))
+    a, b = (load_file(run / "step-00000004" / "model.safetensors") for run in (tmp_path / "whole", out))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 

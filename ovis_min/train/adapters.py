@@ -26,35 +26,34 @@ DEFAULT_TARGETS = {0: ("decoder", "refiner"), 1: ("head",), 2: ("encoder", "head
 LORA_ARGS = ("lora", "lora_alpha", "lora_targets")
 
 
-def fill_lora_defaults(args) -> None:
+def fill_lora_defaults(args, trainer_state: dict | None) -> None:
     """--lora-alpha defaults to the rank (scale 1) and --lora-targets to the stage's part; what does not fit the
-    stage is refused."""
+    stage is refused, and so is a resume with other LoRA settings: a run's adapters are its trained weights."""
     stage = STAGES[args.stage]
-    if not args.lora:
+    if args.lora:
+        if args.scratch:
+            raise TrainError("--lora with --scratch: adapters fine-tune trained weights, which --scratch replaces "
+                             "with random ones; leave one of them out")
+        args.lora_alpha = float(args.lora) if args.lora_alpha is None else args.lora_alpha
+        args.lora_targets = list(args.lora_targets or DEFAULT_TARGETS[args.stage])
+        stray = [t for t in args.lora_targets if not TARGETS[t][0].startswith(stage.trains)]
+        if stray:
+            trained = [t for t in TARGETS if TARGETS[t][0].startswith(stage.trains)]
+            raise TrainError(f"--lora-targets {' '.join(stray)}: stage {args.stage} ({stage.name}) trains "
+                             f"{', '.join(trained)}, not {', '.join(stray)}")
+    else:
         given = [flag for flag, value in (("--lora-alpha", args.lora_alpha), ("--lora-targets", args.lora_targets))
                  if value is not None]
         if given:
             raise TrainError(f"{' and '.join(given)} without --lora RANK: give the adapters' rank, e.g. --lora 16")
-        return
-    if args.scratch:
-        raise TrainError("--lora with --scratch: adapters fine-tune trained weights, which --scratch replaces with "
-                         "random ones; leave one of them out")
-    args.lora_alpha = float(args.lora) if args.lora_alpha is None else args.lora_alpha
-    args.lora_targets = list(args.lora_targets or DEFAULT_TARGETS[args.stage])
-    stray = [t for t in args.lora_targets if not TARGETS[t][0].startswith(stage.trains)]
-    if stray:
-        trained = [t for t in TARGETS if TARGETS[t][0].startswith(stage.trains)]
-        raise TrainError(f"--lora-targets {' '.join(stray)}: stage {args.stage} ({stage.name}) trains "
-                         f"{', '.join(trained)}, not {', '.join(stray)}")
-
-
-def check_resume_lora(args, saved_args: dict) -> None:
-    """A run's adapters are its trained weights: a resume must keep them as they are."""
-    changed = [f"{key} {saved_args.get(key)} -> {vars(args)[key]}" for key in LORA_ARGS
-               if saved_args.get(key) != vars(args)[key]]
-    if changed:
-        raise TrainError(f"--resume: the run's adapters were made with other LoRA settings ({'; '.join(changed)}); "
-                         "resume with the run's own, or start a new run with --init from an export of it")
+    if trainer_state is not None:
+        saved = trainer_state["args"]
+        changed = [f"{key} {saved.get(key)} -> {vars(args)[key]}" for key in LORA_ARGS
+                   if saved.get(key) != vars(args)[key]]
+        if changed:
+            raise TrainError(f"--resume: the run's adapters were made with other LoRA settings "
+                             f"({'; '.join(changed)}); resume with the run's own, or start a new run with --init "
+                             "from an export of it")
 
 
 def export_adapters(run: Path, out: Path, ema: bool = False, step: int | None = None) -> Path:
