@@ -71,6 +71,7 @@ class LoRALinear(nn.Linear):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in) -> (..., out); the adapter's path goes through (..., rank)."""
         out = super().forward(x)
         if self.merged:
             return out
