@@ -117,6 +117,7 @@ def test_a_lora_run_overfits_and_its_export_changes_only_the_adapted_layers(stag
     out, records = runs[stage]
     loss = [r["loss"] for r in records]
     assert loss[-1] < 0.5 * loss[0], loss
+    assert all(r["tflops"] > 0 and r["memory_gb"] > 0 for r in records)  # the speed and memory of the log line
     step_dir = out / "step-00000008"
     saved = saved_metadata(step_dir)  # the checkpoint: the adapters, their AdamW moments and EMA, nothing else
     adapters = {k[len("weights."):] for k in saved if k.startswith("weights.") and ".lora_" in k}
