@@ -12,6 +12,7 @@ The flags say which task to run:
 
 --weights is a checkpoint directory or a hub id. The default, AIDC-AI/Ovis-U1-3B, is read from the Hugging Face
 cache, or downloaded into it on first use (about 7.3 GB; `python weights.py download` does the same up front).
+--lora FILE merges LoRA adapters trained on those weights (train.py --lora, then export --lora-only) into them.
 Images are PNGs that carry their settings (prompt, seed, steps, guidance, size, model) in their text metadata;
 files are never replaced, new ones get the next free number. The same flags and seed on the same device give
 the same image, byte for byte.
@@ -36,13 +37,14 @@ import torch  # noqa: E402
 from PIL import Image, PngImagePlugin, UnidentifiedImageError  # noqa: E402
 
 from ovis_min import benchmarks, perf  # noqa: E402
-from ovis_min.checkpoint import DEFAULT_REPO, CheckpointError  # noqa: E402
+from ovis_min.checkpoint import DEFAULT_REPO, CheckpointError, build_model, read_config  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.config import LLMConfig  # noqa: E402
 from ovis_min.files import disk_full, remove_leftovers, temp_prefix, write_atomic  # noqa: E402
 from ovis_min.decode import NonFiniteError  # noqa: E402
 from ovis_min.pipeline import MAX_SIZE, MIN_SIZE, Ovis, round_to_16  # noqa: E402
 from ovis_min.preprocess import SMART_RESIZE_MAX_PIXELS, ImageError, edit_target_size, load_image  # noqa: E402
+from ovis_min.lora import AdapterError, check_fits, merge_adapter_file, read_adapter_file  # noqa: E402
 
 ctrl_c_raises()
 
@@ -65,7 +67,8 @@ TASK_NAMES = {"t2i": "text-to-image", "edit": "editing", "understanding": "under
 GENERATION_FLAGS = ("width", "height", "steps", "txt_cfg", "img_cfg", "num_images", "out")
 ANSWER_FLAGS = ("max_new_tokens", "temperature", "top_p")
 # The settings an image's PNG metadata records, and --from-png restores unless the command line sets them.
-RECORDED = ("task", "prompt", "seed", "steps", "txt_cfg", "img_cfg", "width", "height", "model", "source")
+RECORDED = ("task", "prompt", "seed", "steps", "txt_cfg", "img_cfg", "width", "height", "model", "source", "lora",
+            "lora_scale")
 
 
 class UsageError(Exception):
@@ -165,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the model in CPU memory and move only the part in use to the GPU (condition: "
                           "LLM + visual encoder, then the image decoder, then the VAE): slower, and the GPU holds "
                           "the largest part instead of the whole model")
+    run.add_argument("--lora", metavar="FILE",
+                     help="LoRA adapters (train.py export RUN --lora-only) merged into the weights as they load, so "
+                          "sampling costs nothing extra; the file must be made for these --weights")
+    run.add_argument("--lora-scale", type=float, metavar="S",
+                     help="how much of the adapters' trained effect to merge (default 1; 0: none, 2: twice)")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the image decoder blocks and the LLM decode step (the first run compiles)")
     return parser
@@ -214,7 +222,8 @@ def apply_png_settings(args: argparse.Namespace, settings: dict[str, str]) -> No
     """Fill every flag the command line left unset from the PNG's settings."""
     if args.ask is not None:
         raise UsageError("--from-png re-makes an image; it cannot be combined with --ask")
-    convert = {"seed": int, "steps": int, "width": int, "height": int, "txt_cfg": float, "img_cfg": float}
+    convert = {"seed": int, "steps": int, "width": int, "height": int, "txt_cfg": float, "img_cfg": float,
+               "lora_scale": float}
     for key, value in settings.items():
         name = {"model": "weights", "source": "image"}.get(key, key)
         if key == "task" or getattr(args, name) is not None:
@@ -278,6 +287,9 @@ def check_range(args: argparse.Namespace) -> None:
             raise UsageError(f"{flag(name)} {value:g}: guidance must be in [{-MAX_GUIDANCE:g}, {MAX_GUIDANCE:g}], "
                              "which float32 can combine (the official scales are 5 and 6 for text, 1.5 for the "
                              "image)")
+    if args.lora_scale is not None and (args.lora is None or not math.isfinite(args.lora_scale)):
+        raise UsageError(f"--lora-scale {args.lora_scale:g}: " + ("give the adapters with --lora FILE" if
+                                                                 args.lora is None else "must be a finite number"))
     if args.temperature is not None and args.temperature < 0:
         raise UsageError(f"--temperature {args.temperature:g}: must be 0 (greedy) or more")
     if args.top_p is not None and not 0 < args.top_p <= 1:
@@ -420,12 +432,23 @@ def find_weights(source: str, revision: str = "main") -> Path:
 
 def load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Ovis:
     start = time.perf_counter()
-    directory = find_weights(args.weights, args.revision)
+    try:  # the adapter file is checked against the weights' shapes before minutes of downloading and loading
+        adapters = read_adapter_file(Path(args.lora).expanduser()) if args.lora is not None else None
+        directory = find_weights(args.weights, args.revision)
+        if adapters is not None:
+            check_fits(adapters, build_model(read_config(directory)))
+    except AdapterError as error:
+        raise RunError(str(error)) from None
     log(f"loading {directory} ({str(dtype).removeprefix('torch.')} on {device}"
         f"{', offloaded to CPU between parts' if args.offload else ''})")
     ovis = Ovis.from_pretrained(directory, device=device, dtype=dtype, offload=args.offload, download=False)
     # The metadata names the model as the user did: a hub id stays a hub id, a directory becomes absolute.
     ovis.model_id = args.weights if not Path(args.weights).expanduser().is_dir() else str(directory.resolve())
+    if adapters is not None:
+        scale = 1.0 if args.lora_scale is None else args.lora_scale
+        merge_adapter_file(ovis.model, adapters, scale)
+        log(f"merged {len(adapters.shapes) // 2} LoRA adapters of rank {adapters.rank} from {adapters.path}"
+            + (f" at scale {scale:g}" if scale != 1 else ""))
     if args.compile:
         ovis.compile()
     log(f"loaded in {time.perf_counter() - start:.1f} s")
@@ -440,7 +463,9 @@ def generate(ovis: Ovis, args: argparse.Namespace, task: str, source: Image.Imag
     default_edit_size = task == "edit" and size == edit_target_size(source.width, source.height)
     settings = {"task": task, "prompt": args.prompt, "steps": args.steps, "txt_cfg": args.txt_cfg,
                 "img_cfg": args.img_cfg if task == "edit" else None, "width": width, "height": height,
-                "model": ovis.model_id, "source": str(Path(args.image[0]).resolve()) if task == "edit" else None}
+                "model": ovis.model_id, "source": str(Path(args.image[0]).resolve()) if task == "edit" else None,
+                "lora": str(Path(args.lora).expanduser().resolve()) if args.lora else None,
+                "lora_scale": args.lora_scale}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()

@@ -115,6 +115,18 @@ rows of the stage's tasks, P = sample prompts):
       --ema-decay 0.999 --out runs/ft                # a small fine-tune on one GPU, with an EMA
   python train.py --resume runs/ft                   # continue an interrupted run with its arguments
   python train.py export runs/ft --ema --out ft-ema  # the EMA of the newest checkpoint, for sample.py --weights
+
+LoRA (--lora RANK): low-rank adapters on the attention and MLP layers of the stage's part (--lora-targets), the
+  rest frozen in bf16: only the adapters have gradients, AdamW state and EMA, so a fine-tune fits one smaller GPU.
+  Checkpoints, --resume, DDP/FSDP, --cache, validation and samples work as without it. The run's last step (and
+  `train.py export RUN --out DIR`) holds the adapters merged into the official layout; --lora-only exports them
+  alone, for sample.py --lora FILE:
+  python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 2000 --batch 8 --micro-batch 1 --lr 1e-4 \
+      --lora 32 --out runs/edit-lora                 # an editing fine-tune on one GPU
+  python train.py --stage 3 --init CKPT --data U --steps 2000 --batch 16 --micro-batch 1 --lr 1e-4 --lora 16 \
+      --out runs/vqa-lora                            # an understanding fine-tune on one GPU (the LLM's layers)
+  python train.py export runs/edit-lora --lora-only --out edit-lora.safetensors
+  python sample.py --lora edit-lora.safetensors --image photo.jpg --prompt "make it snow"
 """
 import sys
 
@@ -160,6 +172,8 @@ from ovis_min.train.checkpoint import (FINITE_CHECKPOINTS, Saver, StopRequest, a
                                        checked_source, export, read_trainer_state, resolve_resume, restore,
                                        source_record, trim_log)
 from ovis_min.train.validation import format_validation, load_held_out, validate  # noqa: E402
+from ovis_min.lora import TARGETS as LORA_TARGETS, add_adapters  # noqa: E402
+from ovis_min.train.adapters import export_adapters, fill_lora_defaults  # noqa: E402
 
 ctrl_c_raises()
 
@@ -249,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ema-decay", type=real(0, 1, open_high=True), metavar="D", help="keep a float32 EMA of the "
                         "trained weights, ema = D*ema + (1-D)*weights after every step, saved with the checkpoints "
                         "(e.g. --ema-decay 0.9999 for stages 4-5; export it with train.py export RUN --ema)")
+    lora = parser.add_argument_group("LoRA (ovis_min/lora.py)")
+    lora.add_argument("--lora", type=whole_number(1), metavar="RANK", help="train low-rank adapters of this rank on "
+                      "the stage's linear layers instead of the layers themselves, which stay frozen (in bf16 on a "
+                      "GPU); export them with train.py export RUN --lora-only, e.g. --lora 16")
+    lora.add_argument("--lora-alpha", type=real(0, open_low=True), metavar="A", help="the adapters' output is scaled "
+                      "by A / RANK (default A = RANK)")
+    lora.add_argument("--lora-targets", nargs="+", choices=tuple(LORA_TARGETS), metavar="PART", help="the parts "
+                      "whose attention and MLP layers get adapters: decoder, refiner, llm, encoder, head (default: "
+                      "decoder refiner for stages 0, 4, 5; llm for stage 3; encoder head for stage 2; head for 1)")
     watch = parser.add_argument_group("watching a run")
     watch.add_argument("--val-data", type=Path, metavar="ROWS", help="held-out manifest (the --data format): its "
                        "loss per task is logged every --val-every steps, with fixed seeds and no prompt/image drops")
@@ -269,7 +292,10 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument("run", type=Path, help="run directory (its newest complete checkpoint) or step directory")
     parser.add_argument("--step", type=whole_number(1), help="the step to export (default: the newest)")
     parser.add_argument("--ema", action="store_true", help="the EMA of the weights (a run with --ema-decay)")
-    parser.add_argument("--out", type=Path, required=True, help="new directory to write")
+    parser.add_argument("--lora-only", action="store_true", help="a --lora run's adapters alone, as one "
+                        "safetensors file for sample.py --lora (without it: merged into the official layout)")
+    parser.add_argument("--out", type=Path, required=True, help="new directory to write (with --lora-only: the "
+                        "file, e.g. style.safetensors)")
     return parser
 
 
@@ -468,10 +494,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return cache_main(argv[1:])
     if argv[:1] == ["export"]:
         options = build_export_parser().parse_args(argv[1:])
-        print(f"wrote {export(options.run, options.out, options.ema, options.step)}")
+        write = export_adapters if options.lora_only else export
+        print(f"wrote {write(options.run, options.out, options.ema, options.step)}")
         return []
     args, resume_dir, trainer_state = parse_args(argv)
     fill_defaults(args)
+    fill_lora_defaults(args, trainer_state)
     if trainer_state is not None:
         changed = [f"{k} {trainer_state['args'][k]} -> {vars(args)[k]}" for k in RESUME_CHECKED
                    if trainer_state["args"].get(k) != vars(args)[k]]
@@ -560,6 +588,8 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
             init_decoder_(model.visual_generator.backbone)
         else:
             init_adapter_(model)
+    if args.lora:  # only the adapters train; every process draws the same ones
+        trained = set(add_adapters(model, tuple(args.lora_targets), args.lora, args.lora_alpha, args.seed))
     torch.manual_seed(args.seed + runtime.rank)
     if args.grad_checkpointing:
         enable_gradient_checkpointing(model)

@@ -43,6 +43,7 @@ from .data import Mixture
 from .distributed import WAIT_TIMEOUT, Runtime, all_finite, all_gather, all_reduce_sum, wait_for_every_rank
 from .ema import EMA
 from ..files import disk_full, temp_prefix, write_atomic
+from ..lora import is_adapter, merge_into
 
 # DCP warns at every save and load without a process group that it assumes a single process: it is one.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -462,6 +463,9 @@ def write_export(step_dir: Path, directory: Path, ema: bool, source: Path) -> No
         with safe_open(source / file, framework="pt") as shard:
             for name in stored.names_in(file):
                 state[name] = trained[name] if name in trained else shard.get_tensor(name)
+    if any(map(is_adapter, trained)):  # a LoRA run: its adapters merged into the frozen weights, now trained ones
+        args = read_trainer_state(step_dir)["args"]
+        merge_into(state, trained, args["lora_alpha"] / args["lora"], dtype=torch.float32)
     total = sum(t.numel() * t.element_size() for t in state.values())
     save_checkpoint(state, directory, shards=max(1, math.ceil(total / SHARD_BYTES)))
 

@@ -35,11 +35,13 @@ from PIL import Image
 
 from ..checkpoint import build_model
 from ..config import OvisConfig
+from ..lora import TARGETS, adapter_bytes, add_adapters
+from .adapters import DEFAULT_TARGETS
 from .data import DataConfig, SkipRow, collate, edit_example, t2i_example, understanding_example
 from .losses import LossScale, TrainStep
 from ..model import OvisU1
 from ..prompt import Tokenizer
-from .stages import (DEFAULT_MICRO_BATCH, STAGES, apply_memory_policy, enable_gradient_checkpointing,
+from .stages import (DECODER, DEFAULT_MICRO_BATCH, STAGES, apply_memory_policy, enable_gradient_checkpointing,
                      make_optimizer, set_trainable, uses_generator)
 
 PROCESSES = 8
@@ -76,9 +78,11 @@ def encoder_tokens(pixels: int, config: OvisConfig) -> int:
     return min(max(pixels, pre.min_pixels), pre.max_pixels) // pre.patch_size ** 2
 
 
-def activation_bytes(task: str, stage: int, micro_batch: int, checkpointing: bool, config: OvisConfig) -> float:
+def activation_bytes(task: str, stage: int, micro_batch: int, checkpointing: bool, config: OvisConfig,
+                     trains: tuple[str, ...] | None = None) -> float:
+    """`trains`: the state-dict prefixes whose weights (or adapters) train (default: the stage's)."""
     llm, vit, mm = config.llm, config.vit, config.mmdit
-    trains = STAGES[stage].trains
+    trains = STAGES[stage].trains if trains is None else trains
     upstream_trains = any(not prefix.startswith("visual_generator.") for prefix in trains)
     resolution = STAGES[stage].resolution
     image_tokens = (resolution // 16) ** 2
@@ -160,6 +164,49 @@ def table() -> str:
     return "\n".join(lines)
 
 
+# LoRA rows: one GPU, micro-batch 1, the default targets and a rank of LORA_RANK.
+LORA_RANK = 32
+LORA_ROWS = ((5, "edit"), (3, "understanding"))
+
+
+def lora_estimate(stage: int, checkpointing: bool, rank: int = LORA_RANK, micro_batch: int = 1,
+                  ema: bool = True) -> Estimate:
+    """One process of train.py --lora RANK with the stage's default targets: every base weight frozen in bf16 (the
+    decoder and VAE off the GPU when unused), the adapters trained in float32 with their bf16 autocast copies.
+    Activations as for full training of the parts the adapters are on: a frozen layer's input is kept all the
+    same, for its adapter's gradient. With --cache the frozen LLM and VAE encoder do not run, but stay on the GPU
+    (validation and samples use them), and their no-grad forward passes are over before the decoder's
+    activations build up: the cache saves time, not peak memory, and its rows equal the ones without it."""
+    config = OvisConfig()
+    model = full_size_model()
+    targets = DEFAULT_TARGETS[stage]
+    n_adapters = adapter_bytes(model, targets, rank) // 4
+    generator = uses_generator(STAGES[stage].mix)
+    frozen = sum(p.numel() for name, p in model.named_parameters()
+                 if generator or not name.startswith("visual_generator."))
+    activations = max(activation_bytes(task, stage, micro_batch, checkpointing, config,
+                                       trains=tuple(TARGETS[t][0] for t in targets))
+                      for task, ratio in STAGES[stage].mix.items() if ratio)
+    return Estimate(2 * frozen + (4 + 2) * n_adapters, 4 * n_adapters, 8 * n_adapters,
+                    4 * n_adapters if ema else 0, activations)
+
+
+def lora_table() -> str:
+    """LoRA fine-tunes on one GPU, in GB: the README's second table."""
+    lines = ["| stage | fine-tune | --cache | grad ckpt | adapters (rank " + str(LORA_RANK) + ") | weights | grads + "
+             "AdamW + EMA | activations | total |", "|---|---|---|---|---|---|---|---|---|"]
+    for stage, what in LORA_ROWS:
+        for cache in ((False, True) if STAGES[stage].trains == DECODER else (False,)):
+            for checkpointing in (True, False):
+                row = lora_estimate(stage, checkpointing)
+                adapters = adapter_bytes(full_size_model(), DEFAULT_TARGETS[stage], LORA_RANK)
+                lines.append(f"| {stage} | {what} | {'yes' if cache else 'no'} | {'on' if checkpointing else 'off'} | "
+                             f"{adapters / 1e6:.0f} MB | {row.weights / 1e9:.1f} | "
+                             f"{(row.gradients + row.optimizer + row.ema) / 1e9:.2f} | "
+                             f"{row.activations / 1e9:.1f} | {row.total / 1e9:.1f} |")
+    return "\n".join(lines)
+
+
 def random_image(width: int, height: int, seed: int) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
@@ -203,13 +250,16 @@ def assumed_examples(task: str, stage: int, count: int, cfg: DataConfig, folder:
 
 
 def measure(stage: int, tokenizer_dir: Path, device: torch.device, folder: Path, config: OvisConfig | None = None,
-            micro_batch: int = DEFAULT_MICRO_BATCH, steps: int = 2) -> dict:
+            micro_batch: int = DEFAULT_MICRO_BATCH, steps: int = 2, lora: int | None = None) -> dict:
     """Peak allocated memory (bytes; None off CUDA) of `steps` bf16 optimizer steps per task of the stage on one
-    device, with random weights of `config` (default: full size) and an EMA, as train.py runs them."""
+    device, with random weights of `config` (default: full size) and an EMA, as train.py runs them (with `lora`:
+    as train.py --lora RANK does, its default targets)."""
     config = config or OvisConfig()
     with torch.device(device):
         model = OvisU1(config)
     trained = set(set_trainable(model, stage))
+    if lora:
+        trained = set(add_adapters(model, DEFAULT_TARGETS[stage], lora, float(lora), seed=0))
     spec = STAGES[stage]
     apply_memory_policy(model, spec.mix, "bf16", device)
     if spec.grad_checkpointing:
@@ -240,8 +290,9 @@ def measure(stage: int, tokenizer_dir: Path, device: torch.device, folder: Path,
             with torch.no_grad():
                 torch._foreach_lerp_(ema, params, 1e-3)
         peaks[task] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return {"stage": stage, "peak_bytes": peaks, "estimate_bytes": estimate(stage, processes=1,
-                                                                            micro_batch=micro_batch).total}
+    expected = lora_estimate(stage, spec.grad_checkpointing, lora, micro_batch) if lora else \
+        estimate(stage, processes=1, micro_batch=micro_batch)
+    return {"stage": stage, "peak_bytes": peaks, "estimate_bytes": expected.total}
 
 
 def main() -> None:
@@ -250,16 +301,21 @@ def main() -> None:
     parser.add_argument("--measure", type=int, nargs="+", choices=sorted(STAGES), metavar="STAGE")
     parser.add_argument("--tokenizer", type=Path, help="a checkpoint directory with the tokenizer (--measure)")
     parser.add_argument("--micro-batch", type=int, default=DEFAULT_MICRO_BATCH)
+    parser.add_argument("--lora", type=int, metavar="RANK", help="--measure a LoRA run of this rank (the table's "
+                        "LoRA rows: --lora 32 --micro-batch 1)")
     parser.add_argument("--work", type=Path, default=Path("memory-images"), help="folder for the sample images")
     args = parser.parse_args()
     if not args.measure:
         print(table())
+        print()
+        print(lora_table())
         return
     if args.tokenizer is None or not torch.cuda.is_available():
         parser.error("--measure needs a CUDA GPU and --tokenizer DIR")
     args.work.mkdir(parents=True, exist_ok=True)
     for stage in args.measure:
-        result = measure(stage, args.tokenizer, torch.device("cuda"), args.work, micro_batch=args.micro_batch)
+        result = measure(stage, args.tokenizer, torch.device("cuda"), args.work, micro_batch=args.micro_batch,
+                         lora=args.lora)
         peaks = ", ".join(f"{task} {peak / 1e9:.1f}" for task, peak in result["peak_bytes"].items())
         print(f"stage {stage}: measured peak GB {peaks}; estimated for one GPU {result['estimate_bytes'] / 1e9:.1f}",
               flush=True)
