@@ -24,7 +24,7 @@ from ovis_min.tiny import tiny_config
 from ovis_min.train import losses, memory
 from ovis_min.train.adapters import DEFAULT_TARGETS
 from ovis_min.train.checkpoint import saved_metadata
-from ovis_min.train.data import MicroBatch, collate, t2i_example, understanding_example
+from ovis_min.train.data import Batch, collate, t2i_example, understanding_example
 from ovis_min.train.stages import make_optimizer
 from test_train import manifest, run, tiny  # noqa: F401  (fixtures)
 from test_train_checkpoint import FAST, arguments, assert_same_losses, data, logged, two_processes  # noqa: F401
@@ -44,27 +44,27 @@ LAYERS = {5: 32, 3: 14}  # of the tiny model: 2 double blocks x 10, 2 single x 2
 TARGETS = {5: ("decoder", "refiner"), 3: ("llm",)}
 
 
-def stage_batch(stage: int, cfg, folder: Path) -> MicroBatch:
+def stage_batch(stage: int, cfg, folder: Path) -> Batch:
     if stage == 5:
         example = t2i_example({"image": "red_square.png", "caption": "a red square"}, folder, 0, cfg)
     else:
         example = understanding_example({"images": ["red_square.png"], "conversations": [
             {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a red square"}]},
             folder, 0, cfg)
-    return MicroBatch([collate([example], cfg.tokenizer.pad_token_id)], {})
+    return collate([example], cfg.tokenizer.pad_token_id)
 
 
-def step_loss(step: losses.TrainStep, micro: MicroBatch) -> torch.Tensor:
+def step_loss(step: losses.TrainStep, batch: Batch) -> torch.Tensor:
     torch.manual_seed(0)  # the flow loss's noise and time
-    return step(micro, losses.LossScale(per_token=1.0, per_sample=1.0))[0]
+    return step(batch, losses.LossScale(per_token=1.0, per_sample=1.0))[0]
 
 
 @pytest.mark.parametrize("stage", sorted(ADAPTED))
 def test_zero_adapters_change_nothing_merged_equal_unmerged_and_only_adapters_train(stage, ckpt, tiny, manifest):
     _, cfg = tiny
     model = load_model(ckpt, dtype=torch.float32).model.train()
-    micro = stage_batch(stage, cfg, manifest.parent)
-    base = step_loss(losses.TrainStep(model), micro).detach()
+    batch = stage_batch(stage, cfg, manifest.parent)
+    base = step_loss(losses.TrainStep(model), batch).detach()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     trained = add_adapters(model, TARGETS[stage], rank=4, alpha=8.0, seed=0)
@@ -72,7 +72,7 @@ def test_zero_adapters_change_nothing_merged_equal_unmerged_and_only_adapters_tr
     assert len(adapted) == LAYERS[stage] and all(ADAPTED[stage].fullmatch(name) for name in adapted)
     assert sorted(trained) == sorted(f"{name}.lora_{ab}.weight" for name in adapted for ab in "AB")
     step = losses.TrainStep(model)
-    loss = step_loss(step, micro)
+    loss = step_loss(step, batch)
     assert torch.equal(loss.detach(), base)  # B = 0: exactly the base model
 
     loss.backward()  # only the adapters get gradients, and only they are in the optimizer
@@ -86,10 +86,10 @@ def test_zero_adapters_change_nothing_merged_equal_unmerged_and_only_adapters_tr
     with torch.no_grad():
         for name in trained:  # an adapter that does something
             params[name].normal_(std=0.3)
-        unmerged = step_loss(step, micro)
+        unmerged = step_loss(step, batch)
         for name in adapted:
             model.get_submodule(name).merge()
-        merged = step_loss(step, micro)
+        merged = step_loss(step, batch)
         for name in adapted:
             model.get_submodule(name).unmerge()
     assert abs(float(unmerged) - float(base)) > 1e-3

@@ -59,7 +59,7 @@ def fill_lora_defaults(args, trainer_state: dict | None) -> None:
 def export_adapters(run: Path, out: Path, ema: bool = False, step: int | None = None) -> Path:
     """`train.py export RUN --lora-only --out X.safetensors`: the adapters of the run's newest complete checkpoint
     (or of step `step`, or their EMA) as an adapter file."""
-    step_dir = resolve_resume(run if step is None else run / step_name(step), flag="export")
+    step_dir, _ = resolve_resume(run if step is None else run / step_name(step), flag="export")
     args = read_trainer_state(step_dir)["args"]
     if not args.get("lora"):
         raise TrainError(f"export --lora-only: {step_dir} is not a LoRA run (trained without --lora); export it "
