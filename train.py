@@ -121,9 +121,9 @@ LoRA (--lora RANK): low-rank adapters on the attention and MLP layers of the sta
   Checkpoints, --resume, DDP/FSDP, --cache, validation and samples work as without it. The run's last step (and
   `train.py export RUN --out DIR`) holds the adapters merged into the official layout; --lora-only exports them
   alone, for sample.py --lora FILE:
-  python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 2000 --batch 8 --micro-batch 1 --lr 1e-4 \
+  python train.py --stage 5 --init CKPT --data E --mix edit=1 --steps 2000 --batch 8 --micro-batch 1 --lr 1e-4 \\
       --lora 32 --out runs/edit-lora                 # an editing fine-tune on one GPU
-  python train.py --stage 3 --init CKPT --data U --steps 2000 --batch 16 --micro-batch 1 --lr 1e-4 --lora 16 \
+  python train.py --stage 3 --init CKPT --data U --steps 2000 --batch 16 --micro-batch 1 --lr 1e-4 --lora 16 \\
       --out runs/vqa-lora                            # an understanding fine-tune on one GPU (the LLM's layers)
   python train.py export runs/edit-lora --lora-only --out edit-lora.safetensors
   python sample.py --lora edit-lora.safetensors --image photo.jpg --prompt "make it snow"

@@ -3,8 +3,7 @@ data as users have it: images of mixed aspect ratios (so micro-batches of differ
 and several tasks (so they hold different tasks).
 
 FSDP on the decoder stages gives the losses of one process; every example command of `train.py --help` runs, in
-order (each stage starts from the previous one's output; the suite runs the stage-4 cache rows, `python -m pytest
--m "" tests/test_train_fsdp.py` all of them); and the properties behind FSDP at scale that a CPU can check: the
+order (each stage starts from the previous one's output; LoRA's examples too); and the properties behind FSDP at scale that a CPU can check: the
 zero-weight passes that keep ranks in step, micro-batches left in host memory until their pass, the model reaching
 the accelerator only in its run's dtypes (as shards under FSDP), passes that never read back from the device, and
 stage 3's batch on 8 to 64 processes.
@@ -101,20 +100,27 @@ def test_fsdp_on_two_processes_gives_the_losses_of_one(stage, data, ckpt, mixed,
 # -- every example of train.py --help ------------------------------------------------------------------------------
 
 def help_examples() -> list[str]:
-    """The example commands of train.py's docstring, continuation lines joined, comments dropped."""
-    text = train.__doc__.split("\nExamples (", 1)[1].split("):\n", 1)[1]
-    commands = [" ".join(line.split("#")[0].split()) for line in text.replace("\\\n", " ").splitlines()]
-    return [command for command in commands if command]
+    """The example commands of train.py's docstring (the stages' and LoRA's), continuation lines joined, comments
+    dropped."""
+    text = train.__doc__.split("\nExamples (", 1)[1].replace("\\\n", " ")
+    commands = [" ".join(line.split("#")[0].split()) for line in text.splitlines()]
+    return [c for c in commands if c.startswith(("RUN ", "python ")) and not c.startswith("RUN =")]
 
 
-def scaled(example: str, ckpt: Path, mixed: dict[str, Path], root: Path) -> tuple[int, list[str]]:
-    """(processes, train.py arguments): the example on the tiny checkpoint and the mixed data, 3 steps, validation
+def scaled(example: str, ckpt: Path, mixed: dict[str, Path], root: Path) -> tuple[int, str, list[str]]:
+    """(processes, script, arguments): the example on the tiny checkpoint and the mixed data, 3 steps, validation
     and samples at step 3, small images and batches; every other flag as written, --workers included."""
     words = shlex.split(example)
     processes = 2 if words[0] == "RUN" else 1
-    words = words[1:] if processes == 2 else words[2:]  # RUN ... / python train.py ...
-    names = {"CKPT": str(ckpt), **{k: str(v) for k, v in mixed.items()}}
-    words = [names.get(w, str(root / w) if re.fullmatch(r"(runs|cache)/\w+|ft-ema", w) else w) for w in words]
+    script = "train.py" if processes == 2 else words[1]
+    words = words[1:] if processes == 2 else words[2:]  # RUN ... / python train.py ... / python sample.py ...
+    names = {"CKPT": str(ckpt), "photo.jpg": str(mixed["T"].parent / "img" / "0a.png"),
+             **{k: str(v) for k, v in mixed.items()}}
+    words = [names.get(w, str(root / w) if re.fullmatch(r"(runs|cache)/[\w-]+|ft-ema|[\w-]+\.safetensors", w) else w)
+             for w in words]
+    if script == "sample.py":  # on the tiny checkpoint the adapters were trained on, a few steps
+        return processes, script, [*words, "--weights", str(ckpt), "--steps", "2", "--seed", "0",
+                                   "--out", str(root / "sampled.png")]
     if "--init" in words and not Path(words[words.index("--init") + 1]).exists():  # its row was not run
         words[words.index("--init") + 1] = str(ckpt)
     flags = dict(zip(words, words[1:]))
@@ -122,29 +128,28 @@ def scaled(example: str, ckpt: Path, mixed: dict[str, Path], root: Path) -> tupl
         if flag in flags:
             words[words.index(flag) + 1] = str(value)
     if words[0] in ("export",) or "--resume" in words:
-        return processes, words
+        return processes, script, words
     if "--resolution" not in words:
         words += ["--resolution", str(RESOLUTION)]
     if words[0] == "cache":
-        return processes, words
+        return processes, script, words
     if "--steps" not in words:
         words += ["--steps", "3"]
     if "--batch" not in words:  # micro-batches of 2, which often hold two buckets or tasks
         words += ["--batch", "4", "--micro-batch", "2"]
-    if processes == 1:  # the fine-tune stops early, as an interrupted run does, so that --resume has a step left
+    if processes == 1:  # the fine-tunes stop early, as an interrupted run does, so that --resume has a step left
         words += ["--stop-after", "2"]
-    return processes, words
+    return processes, script, words
 
 
 EXAMPLES = help_examples()
-# In the suite: the stage-4 example on the cache under FSDP, with its cache (about 15 s); the other rows take about
-# 20 s each on two cores, so they run on demand: python -m pytest -m "" tests/test_train_fsdp.py runs them all.
-IN_SUITE = ("RUN cache --stage 4", "RUN --stage 4")
 
 
 def test_the_help_has_the_examples_this_matrix_runs():
-    assert len(EXAMPLES) == 10 and [e.split()[:3] for e in EXAMPLES][-3:] == [
-        ["python", "train.py", "--stage"], ["python", "train.py", "--resume"], ["python", "train.py", "export"]]
+    assert len(EXAMPLES) == 14 and [e.split()[:3] for e in EXAMPLES][-7:] == [
+        ["python", "train.py", "--stage"], ["python", "train.py", "--resume"], ["python", "train.py", "export"],
+        ["python", "train.py", "--stage"], ["python", "train.py", "--stage"], ["python", "train.py", "export"],
+        ["python", "sample.py", "--lora"]]
 
 
 @pytest.fixture(scope="module")
@@ -152,20 +157,23 @@ def example_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("examples")
 
 
-@pytest.mark.parametrize("example", [pytest.param(e, id=" ".join(e.split()[:4]), marks=[] if e.startswith(IN_SUITE)
-                                                  else [pytest.mark.help_examples]) for e in EXAMPLES])
+@pytest.mark.parametrize("example", [pytest.param(e, id=" ".join(e.split()[:4])) for e in EXAMPLES])
 def test_each_help_example_runs_on_two_processes(example, ckpt, mixed, example_root):
     """In the order of the help: each stage's --init is the previous one's --out (the tiny checkpoint where that
     row did not run)."""
-    processes, args = scaled(example, ckpt, mixed, example_root)
+    processes, script, args = scaled(example, ckpt, mixed, example_root)
     if processes == 2:
         output = two_process_run(args, example_root)
     else:
-        run = run_script("train.py", *args, cwd=example_root, timeout=RUN_TIMEOUT)
+        run = run_script(script, *args, cwd=example_root, timeout=RUN_TIMEOUT)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         output = run.stdout
+    if script == "sample.py":
+        assert Image.open(args[args.index("--out") + 1]).info["lora"]  # the adapters were merged
+        return
     if args[0] == "export":
-        assert (Path(args[args.index("--out") + 1]) / "model.safetensors").is_file()
+        out = Path(args[args.index("--out") + 1])
+        assert (out if "--lora-only" in args else out / "model.safetensors").is_file()
         return
     if args[0] == "cache":
         assert "cache " in output
