@@ -160,7 +160,8 @@ from ovis_min.decode import NonFiniteError  # noqa: E402
 from ovis_min.hub import resolve_source  # noqa: E402
 from ovis_min.train.frozen_cache import (CacheError, FrozenCache, build_cache, settings,  # noqa: E402
                                          weights_fingerprint)
-from ovis_min.train.losses import TrainStep, backward_window, summary  # noqa: E402
+from ovis_min.train.accumulation import backward_window, summary  # noqa: E402
+from ovis_min.train.losses import TrainStep  # noqa: E402
 from ovis_min.perf import peak_memory_gb  # noqa: E402
 from ovis_min.train.samples import read_sample_prompts, write_samples  # noqa: E402
 from ovis_min.train.stages import (DECODER, DEFAULT_MICRO_BATCH, SCRATCH_STAGES, STAGES, apply_memory_policy,  # noqa: E402

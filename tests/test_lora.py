@@ -21,7 +21,7 @@ from ovis_min.checkpoint import build_model, load_model
 from ovis_min.config import OvisConfig
 from ovis_min.lora import LoRALinear, add_adapters
 from ovis_min.tiny import tiny_config
-from ovis_min.train import losses, memory
+from ovis_min.train import accumulation, losses, memory
 from ovis_min.train.adapters import DEFAULT_TARGETS
 from ovis_min.train.checkpoint import saved_metadata
 from ovis_min.train.data import Batch, collate, t2i_example, understanding_example
@@ -56,7 +56,7 @@ def stage_batch(stage: int, cfg, folder: Path) -> Batch:
 
 def step_loss(step: losses.TrainStep, batch: Batch) -> torch.Tensor:
     torch.manual_seed(0)  # the flow loss's noise and time
-    return step(batch, losses.LossScale(per_token=1.0, per_sample=1.0))[0]
+    return step(batch, accumulation.LossScale(per_token=1.0, per_sample=1.0))[0]
 
 
 @pytest.mark.parametrize("stage", sorted(ADAPTED))

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 import train
-from ovis_min.train import losses
+from ovis_min.train import accumulation, losses
 from ovis_min.checkpoint import load_model, open_checkpoint
 from ovis_min import vae
 from ovis_min.train import data, frozen_cache
@@ -334,7 +334,7 @@ def test_text_only_batches_still_give_every_trained_weight_a_gradient(ckpt, tiny
     example = understanding_example({"conversations": [{"from": "human", "value": "hi"},
                                                        {"from": "gpt", "value": "hello"}]}, Path("."), 0, cfg)
     batch = collate([example], cfg.tokenizer.pad_token_id)
-    loss, _ = losses.TrainStep(model)(batch, losses.LossScale(per_token=1.0, per_sample=1.0))
+    loss, _ = losses.TrainStep(model)(batch, accumulation.LossScale(per_token=1.0, per_sample=1.0))
     loss.backward()
     params = dict(model.named_parameters())
     assert all(params[name].grad is not None for name in trained)
@@ -356,7 +356,7 @@ def window_gradients(ckpt: Path, manifest: Path, batch: int, micro_batch: int, r
     step = losses.TrainStep(loaded.model)
     module = torch.nn.parallel.DistributedDataParallel(step) if world > 1 else step
     micro_batches = [next(loader) for _ in range(batch // (micro_batch * world))]
-    losses.backward_window(module, micro_batches, runtime, contextlib.nullcontext(), Throughput(None))
+    accumulation.backward_window(module, micro_batches, runtime, contextlib.nullcontext(), Throughput(None))
     params = dict(loaded.model.named_parameters())
     return {name: params[name].grad for name in sorted(trained)}
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import train
-from ovis_min.train import losses
+from ovis_min.train import accumulation, losses
 from ovis_min.prompt import Tokenizer
 from ovis_min.train.data import (Batch, DataConfig, Frozen, MicroBatch, bucket_table, collate, edit_example,
                                  understanding_example)
@@ -197,9 +197,9 @@ def test_every_rank_makes_the_same_passes_padded_with_zero_weight_ones(monkeypat
 
     mine = [MicroBatch([batch("t2i", 2)], {}), MicroBatch([batch("understanding"), batch("t2i"), batch("edit")], {})]
     theirs = [[0, 3], [1, 1]]  # another rank's passes per micro-batch: (understanding, generation)
-    monkeypatch.setattr(losses, "all_reduce_max",
+    monkeypatch.setattr(accumulation, "all_reduce_max",
                         lambda values, runtime: [max(a, b) for a, b in zip(values, sum(theirs, []))])
-    monkeypatch.setattr(losses, "all_reduce_sum", lambda values, runtime: [float(v) for v in values])
+    monkeypatch.setattr(accumulation, "all_reduce_sum", lambda values, runtime: [float(v) for v in values])
     made, ran = [], []
 
     def placeholder(kind):
@@ -208,9 +208,9 @@ def test_every_rank_makes_the_same_passes_padded_with_zero_weight_ones(monkeypat
 
     def module(one: Batch, scale):
         ran.append((one.task, len(one), scale.per_sample))
-        return torch.zeros((), requires_grad=True) * 1.0, losses.Tally({one.task: torch.zeros(())}, tokens=1)
+        return torch.zeros((), requires_grad=True) * 1.0, accumulation.Tally({one.task: torch.zeros(())}, tokens=1)
 
-    losses.backward_window(module, mine, Runtime(0, 2, torch.device("cpu")), torch.autocast("cpu", enabled=False),
+    accumulation.backward_window(module, mine, Runtime(0, 2, torch.device("cpu")), torch.autocast("cpu", enabled=False),
                            Throughput(None), placeholder)
     assert made == ["generation"]
     assert [(task, n, scale > 0) for task, n, scale in ran] == [
@@ -229,11 +229,11 @@ def test_micro_batches_reach_the_device_one_pass_at_a_time(monkeypatch):
 
     def module(one: Batch, scale):
         events.append(("forward", int(one.seeds[0])))
-        return torch.zeros((), requires_grad=True) * 1.0, losses.Tally({}, tokens=1)
+        return torch.zeros((), requires_grad=True) * 1.0, accumulation.Tally({}, tokens=1)
 
     micro_batches = [MicroBatch([Watched("t2i", None, None, None, None, None, torch.tensor([2 * i + j]))
                                  for j in range(2)], {}) for i in range(2)]
-    losses.backward_window(module, micro_batches, Runtime(0, 1, torch.device("cpu")),
+    accumulation.backward_window(module, micro_batches, Runtime(0, 1, torch.device("cpu")),
                            torch.autocast("cpu", enabled=False), Throughput(None))
     assert events == [e for n in range(4) for e in (("to", n, True), ("forward", n))]
 
@@ -293,5 +293,5 @@ def test_a_training_pass_never_waits_for_the_device(task, ckpt, mixed):
     model = build_model(config)  # on the meta device
     set_trainable(model, 2 if task == "understanding" else 5)
     batch = collate(examples, cfg.tokenizer.pad_token_id).to(torch.device("meta"))
-    loss, tally = losses.TrainStep(model)(batch, losses.LossScale(per_token=1.0, per_sample=1.0))
+    loss, tally = losses.TrainStep(model)(batch, accumulation.LossScale(per_token=1.0, per_sample=1.0))
     assert loss.device.type == "meta" and tally.tokens > 0

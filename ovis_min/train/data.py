@@ -703,8 +703,8 @@ class MicroBatchData(torch.utils.data.Dataset):
 
     def placeholder(self, kind: str) -> Batch:
         """A one-sample Batch of `kind` ("understanding" or "generation": what its pass runs) for the zero-weight
-        passes that keep FSDP ranks in step (losses.backward_window): the first sample of the mix's first task of
-        that kind, loaded once per process."""
+        passes that keep FSDP ranks in step (accumulation.backward_window): the first sample of the mix's first task
+        of that kind, loaded once per process."""
         task = next(task for task in self.streams if (task == "understanding") == (kind == "understanding"))
         make = lambda: collate([self.example(Draw(task, 0), dict.fromkeys(SKIP_REASONS, 0))],  # noqa: E731
                                self.cfg.tokenizer.pad_token_id)

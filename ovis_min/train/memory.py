@@ -36,9 +36,10 @@ from PIL import Image
 from ..checkpoint import build_model
 from ..config import OvisConfig
 from ..lora import TARGETS, adapter_bytes, add_adapters
+from .accumulation import LossScale
 from .adapters import DEFAULT_TARGETS
 from .data import DataConfig, SkipRow, collate, edit_example, t2i_example, understanding_example
-from .losses import LossScale, TrainStep
+from .losses import TrainStep
 from ..model import OvisU1
 from ..prompt import Tokenizer
 from .stages import (DECODER, DEFAULT_MICRO_BATCH, STAGES, apply_memory_policy, enable_gradient_checkpointing,

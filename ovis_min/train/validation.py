@@ -20,7 +20,7 @@ from torch import nn
 
 from .data import SKIP_REASONS, TASKS, Batch, DataConfig, Manifests, SkipRow, collate, index_manifests, load_example
 from .distributed import Runtime, all_reduce_sum
-from .losses import LossScale
+from .accumulation import LossScale
 
 
 @dataclass
