@@ -393,11 +393,17 @@ def scorer_flags(commands: list[list[str]], script: str, declare) -> argparse.Na
     return parser.parse_args(words[[i for i, word in enumerate(words) if word.endswith(script)][0] + 1:])
 
 
+def scorer_checkout(tmp_path: Path, monkeypatch, heading: str, folder: str) -> tuple[list[list[str]], Path]:
+    """The README's commands under `heading`, to run in tmp_path, and the scorer's input folder there, made."""
+    monkeypatch.chdir(tmp_path)
+    made = tmp_path / folder
+    made.mkdir(parents=True)
+    return readme_commands(heading), made
+
+
 @pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
 def test_geneval_run_as_evaluate_images_reads_it(tmp_path, weights, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    commands = readme_commands("GenEval")
-    (tmp_path / "geneval" / "prompts").mkdir(parents=True)
+    commands, _ = scorer_checkout(tmp_path, monkeypatch, "GenEval", "geneval/prompts")
     rows = [{"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}],
              "prompt": "a photo of a cat and a dog"},
             {"tag": "counting", "include": [{"class": "bird", "count": 2}], "prompt": "bird " * 5000}]  # too long
@@ -441,10 +447,7 @@ def test_geneval_run_as_evaluate_images_reads_it(tmp_path, weights, monkeypatch,
 
 @pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
 def test_dpg_bench_run_as_compute_dpg_bench_reads_it(tmp_path, weights, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    commands = readme_commands("DPG-Bench")
-    prompts = tmp_path / "ELLA" / "dpg_bench" / "prompts"
-    prompts.mkdir(parents=True)
+    commands, prompts = scorer_checkout(tmp_path, monkeypatch, "DPG-Bench", "ELLA/dpg_bench/prompts")
     (prompts / "partiprompts12.txt").write_text("a red cube on a wooden table\n")
     status, err = run_readme(commands, weights, ["--width", str(TILE), "--height", str(TILE), *TINY], capsys)
     assert status == 0, err
@@ -468,10 +471,7 @@ def test_dpg_bench_run_as_compute_dpg_bench_reads_it(tmp_path, weights, monkeypa
 
 @pytest.mark.usefixtures("single_thread")  # one thread, as script runs have
 def test_imgedit_run_as_basic_bench_reads_it(tmp_path, weights, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    commands = readme_commands("ImgEdit")
-    basic = tmp_path / "ImgEdit" / "Benchmark" / "Basic"
-    basic.mkdir(parents=True)
+    commands, basic = scorer_checkout(tmp_path, monkeypatch, "ImgEdit", "ImgEdit/Benchmark/Basic")
     edits = {"1082": {"id": "animal/000342021.jpg", "prompt": "Change the shell to a smooth surface.",
                       "edit_type": "adjust"},
              "673": {"id": "style/000278574.jpg", "prompt": "Make it a woodblock print.", "edit_type": "style"}}

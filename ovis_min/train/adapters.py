@@ -9,13 +9,12 @@ official release loads.
 """
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 
 from ..cli import TrainError
 from ..lora import TARGETS, is_adapter, save_adapters
-from .checkpoint import load_state, read_trainer_state, resolve_resume, save_error, saved_metadata, step_name
+from .checkpoint import read_trained, read_trainer_state, resolve_resume, save_error, step_name
 from .stages import STAGES
 
 # The parts a LoRA run of each stage adapts by default (--lora-targets): what the stage trains. An understanding
@@ -66,14 +65,8 @@ def export_adapters(run: Path, out: Path, ema: bool = False, step: int | None = 
                          "without --lora-only")
     if out.exists():
         raise TrainError(f"export --out {out} already exists; choose another --out or remove it")
-    key = "ema" if ema else "weights"
-    saved = {fqn[len(key) + 1:]: torch.empty(info.size, dtype=torch.float32)
-             for fqn, info in saved_metadata(step_dir).items() if fqn.startswith(key + ".")}
-    if not saved:
-        raise TrainError(f"{step_dir} holds no EMA: the run was trained without --ema-decay; export it without --ema")
-    load_state(step_dir, {key: saved}, no_dist=True)
     # DCP also saves a frozen weight that is tied to another (lm_head): not an adapter
-    adapters = {name: tensor for name, tensor in saved.items() if is_adapter(name)}
+    adapters = {name: tensor for name, tensor in read_trained(step_dir, ema).items() if is_adapter(name)}
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         save_adapters(out, adapters, args["lora"], args["lora_alpha"], args["lora_targets"])

@@ -443,16 +443,22 @@ def restore(step_dir: Path, trainer_state: dict, step_module: nn.Module, optimiz
 # ---------------------------------------------------------------------------------------------------------------
 # The official-layout export
 # ---------------------------------------------------------------------------------------------------------------
-def write_export(step_dir: Path, directory: Path, ema: bool, source: Path) -> None:
-    """Fill `directory` with the official layout of `step_dir`'s weights (or their EMA), the frozen ones copied from
-    `source` (the run's checked --init), on this process alone."""
+def read_trained(step_dir: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """The trained weights saved in `step_dir` (or their EMA), float32 under the model's names, on this process
+    alone."""
     key = "ema" if ema else "weights"
     trained = {fqn[len(key) + 1:]: torch.empty(info.size, dtype=torch.float32)
                for fqn, info in saved_metadata(step_dir).items() if fqn.startswith(key + ".")}
     if not trained:
         raise TrainError(f"{step_dir} holds no EMA: the run was trained without --ema-decay; export it without --ema")
     load_state(step_dir, {key: trained}, no_dist=True)
+    return trained
 
+
+def write_export(step_dir: Path, directory: Path, ema: bool, source: Path) -> None:
+    """Fill `directory` with the official layout of `step_dir`'s weights (or their EMA), the frozen ones copied from
+    `source` (the run's checked --init), on this process alone."""
+    trained = read_trained(step_dir, ema)
     stored = open_checkpoint(source)  # the same names as the source (e.g. no tied lm_head)
     directory.mkdir(parents=True, exist_ok=True)
     for file in REQUIRED_FILES + OPTIONAL_FILES:
