@@ -174,7 +174,7 @@ from ovis_min.train.checkpoint import (FINITE_CHECKPOINTS, Saver, StopRequest, a
                                        source_record, trim_log)
 from ovis_min.train.validation import format_validation, load_held_out, validate  # noqa: E402
 from ovis_min.lora import TARGETS as LORA_TARGETS, add_adapters  # noqa: E402
-from ovis_min.train.adapters import export_adapters, fill_lora_defaults  # noqa: E402
+from ovis_min.train.adapters import MAX_LORA_ALPHA, export_adapters, fill_lora_defaults  # noqa: E402
 
 ctrl_c_raises()
 
@@ -210,11 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--micro-batch", type=whole_number(1), help="samples per forward pass per process "
                         f"(default {DEFAULT_MICRO_BATCH}, or the largest below it that splits --batch evenly over "
                         "the processes)")
-    parser.add_argument("--lr", type=real(0, open_low=True), help="peak learning rate (default: the stage's)")
-    parser.add_argument("--min-lr", type=real(0), help="final learning rate of the cosine (default lr/10)")
+    parser.add_argument("--lr", type=real(0, 1, open_low=True), help="peak learning rate, at most 1 (default: the "
+                        "stage's)")
+    parser.add_argument("--min-lr", type=real(0, 1), help="final learning rate of the cosine, at most --lr (default "
+                        "lr/10)")
     parser.add_argument("--warmup", type=whole_number(1), help="linear warmup steps (default 2%% of steps, at least 1, at most "
                         "2000)")
-    parser.add_argument("--weight-decay", type=real(0), default=0.01, help="AdamW weight decay (default 0.01)")
+    parser.add_argument("--weight-decay", type=real(0), default=0.01, help="AdamW weight decay, below 1 / lr "
+                        "(default 0.01)")
     parser.add_argument("--beta1", type=real(0, 1, open_high=True), default=0.9, help="AdamW beta1 (default 0.9)")
     parser.add_argument("--beta2", type=real(0, 1, open_high=True), default=0.95, help="AdamW beta2 (default 0.95)")
     parser.add_argument("--grad-clip", type=real(0), default=1.0, help="max gradient norm (default 1; 0: no "
@@ -268,8 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--lora", type=whole_number(1), metavar="RANK", help="train low-rank adapters of this rank on "
                       "the stage's linear layers instead of the layers themselves, which stay frozen (in bf16 on a "
                       "GPU); export them with train.py export RUN --lora-only, e.g. --lora 16")
-    lora.add_argument("--lora-alpha", type=real(0, open_low=True), metavar="A", help="the adapters' output is scaled "
-                      "by A / RANK (default A = RANK)")
+    lora.add_argument("--lora-alpha", type=real(0, MAX_LORA_ALPHA, open_low=True), metavar="A", help="the adapters' "
+                      f"output is scaled by A / RANK (default A = RANK, at most {MAX_LORA_ALPHA:g})")
     lora.add_argument("--lora-targets", nargs="+", choices=tuple(LORA_TARGETS), metavar="PART", help="the parts "
                       "whose attention and MLP layers get adapters: decoder, refiner, llm, encoder, head (default: "
                       "decoder refiner for stages 0, 4, 5; llm for stage 3; encoder head for stage 2; head for 1)")
@@ -455,6 +458,13 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.batch = stage.batch if args.batch is None else args.batch
     args.lr = stage.lr if args.lr is None else args.lr
     args.min_lr = args.lr / 10 if args.min_lr is None else args.min_lr
+    if args.min_lr > args.lr:
+        raise TrainError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the cosine decays from --lr to "
+                         "--min-lr; give a smaller --min-lr")
+    if args.lr * args.weight_decay >= 1:  # AdamW multiplies the weights by 1 - lr * weight decay each step
+        raise TrainError(f"--weight-decay {args.weight_decay:g} at --lr {args.lr:g} would flip the weights' sign "
+                         "every step (AdamW scales them by 1 - lr x weight decay); give a weight decay below "
+                         f"{1 / args.lr:g}")
     args.warmup = min(2000, max(1, args.steps // 50)) if args.warmup is None else args.warmup
     args.resolution = stage.resolution if args.resolution is None else args.resolution
     args.mix = args.mix or dict(stage.mix)

@@ -23,6 +23,9 @@ from .stages import STAGES
 DEFAULT_TARGETS = {0: ("decoder", "refiner"), 1: ("head",), 2: ("encoder", "head"), 3: ("llm",),
                    4: ("decoder", "refiner"), 5: ("decoder", "refiner")}
 LORA_ARGS = ("lora", "lora_alpha", "lora_targets")
+# --lora-alpha's ceiling: common values are 1 to 2 x the rank (ranks up to a few hundred); far beyond, the scale
+# alpha / rank overflows the adapters' bf16 outputs.
+MAX_LORA_ALPHA = 4096.0
 
 
 def fill_lora_defaults(args, trainer_state: dict | None) -> None:
