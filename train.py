@@ -550,7 +550,7 @@ def run_cli() -> None:
 
 def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict | None) -> list[dict]:
     stage = STAGES[args.stage]
-    source = checked_source(trainer_state) if trainer_state is not None else resolve_source(args.init)
+    source = checked_source(trainer_state, runtime) if trainer_state is not None else resolve_source(args.init)
     try:
         args.micro_batch = micro_batch_for(args.batch, runtime.world, args.micro_batch)
     except ValueError as error:
@@ -609,7 +609,7 @@ def train(args, runtime: Runtime, resume_dir: Path | None, trainer_state: dict |
     wrapped = wrap(step_module, runtime, parallel, precision, uses_generator(mixture.ratios))
     optimizer = make_optimizer(step_module, args)
     ema = EMA(model, args.ema_decay) if args.ema_decay else None
-    frozen = trainer_state["source"] if trainer_state is not None else source_record(source)
+    frozen = trainer_state["source"] if trainer_state is not None else source_record(source, runtime)
 
     start = 0
     if trainer_state is not None:

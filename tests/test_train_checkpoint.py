@@ -323,14 +323,14 @@ def saved_state(step_dir: Path, tmp_path: Path) -> dict:
 
 
 def test_a_diverging_run_skips_non_finite_steps_keeps_finite_checkpoints_and_stops(ckpt, data, tmp_path, capsys):
-    """The learning rate of a run that diverges at once (as in `--stage 4 --lr 1e12 --ema-decay 0.9 --save-every
-    1`): a step with a non-finite loss leaves the weights, the optimizer state and the EMA as they were, every
+    """The learning rate of a run that diverges at once (as in `--stage 4 --lr 1 --grad-clip 0 --ema-decay 0.9
+    --save-every 1`): a step with a non-finite loss leaves the weights, the optimizer state and the EMA as they were, every
     checkpoint holds finite tensors only, and --max-nonfinite such steps in a row stop the run with one line (a
     TrainError: exit status 1, no traceback)."""
     out = tmp_path / "run"
     steps, limit = 12, 3
     with pytest.raises(SystemExit) as stop:
-        train.main(arguments(ckpt, data, out, "--stage", 4, "--lr", "1e12", "--ema-decay", 0.9, "--steps", steps,
+        train.main(arguments(ckpt, data, out, "--stage", 4, "--lr", "1", "--grad-clip", "0", "--ema-decay", 0.9, "--steps", steps,
                              "--keep", 0, "--max-nonfinite", limit))
     error, stderr = stop.value.code, capsys.readouterr().err
     records = [r for r in logged(out) if "loss" in r]
@@ -381,3 +381,23 @@ def test_resuming_an_older_step_makes_latest_name_it(tmp_path):
     assert [p.name for p in abandoned] == ["step-00000003", "step-00000004"]
     assert not any(train_checkpoint.is_complete(p) for p in abandoned)
     assert (tmp_path / "latest").read_text() == "step-00000002\n"
+
+
+def test_only_the_first_process_reads_the_source_shards(ckpt, monkeypatch):
+    """--init's fingerprint (a CRC of every shard) is read by rank 0 and sent to the others, for a new run and
+    for a resume's check: on rank 1 reading the shards fails the test, and rank 0's verdict is what rank 1 says."""
+    def read_shards(source):
+        raise AssertionError("rank 1 read the source's shards")
+
+    sent = []
+    monkeypatch.setattr(train_checkpoint, "source_fingerprint", read_shards)
+    monkeypatch.setattr(train_checkpoint, "broadcast", lambda obj, runtime: sent.pop(0))
+    second = Runtime(1, 2, torch.device("cpu"))
+    sent.append("model-00001-of-00002.safetensors:1234")
+    record = train_checkpoint.source_record(ckpt, second)
+    assert record == {"path": str(ckpt.resolve()), "fingerprint": "model-00001-of-00002.safetensors:1234"}
+    sent.append(None)  # rank 0 found the source unchanged
+    assert train_checkpoint.checked_source({"source": record}, second) == Path(record["path"])
+    sent.append("has changed since the run began; put the original back")
+    with pytest.raises(SystemExit, match="has changed since the run began"):
+        train_checkpoint.checked_source({"source": record}, second)

@@ -40,7 +40,8 @@ from ..checkpoint import (LATEST_FILE, OPTIONAL_FILES, REQUIRED_FILES, TRAINER_F
                           open_checkpoint, save_checkpoint)
 from ..cli import TrainError
 from .data import Mixture
-from .distributed import WAIT_TIMEOUT, Runtime, all_finite, all_gather, all_reduce_sum, wait_for_every_rank
+from .distributed import (WAIT_TIMEOUT, Runtime, all_finite, all_gather, all_reduce_sum, broadcast,
+                          wait_for_every_rank)
 from .ema import EMA
 from ..files import disk_full, temp_prefix, write_atomic
 from ..lora import is_adapter, merge_into
@@ -182,20 +183,30 @@ def source_fingerprint(source: Path) -> str:
     return " ".join(f"{file}:{file_crc(source / file)}" for file in open_checkpoint(source).files)
 
 
-def source_record(source: Path) -> dict:
-    return {"path": str(source.resolve()), "fingerprint": source_fingerprint(source)}
+def source_record(source: Path, runtime: Runtime | None = None) -> dict:
+    """What a run records of its --init. The first process reads the shards and sends the fingerprint to the
+    others: reading every shard on every process would only repeat it. Collective under torchrun."""
+    fingerprint = source_fingerprint(source) if runtime is None or runtime.main else None
+    return {"path": str(source.resolve()), "fingerprint": fingerprint if runtime is None
+            else broadcast(fingerprint, runtime)}
 
 
-def checked_source(trainer_state: dict) -> Path:
-    """The checkpoint the run's frozen weights (and config, tokenizer) come from, as it was when the run began."""
+def checked_source(trainer_state: dict, runtime: Runtime | None = None) -> Path:
+    """The checkpoint the run's frozen weights (and config, tokenizer) come from, as it was when the run began.
+    Checked by the first process, which sends the verdict to the others. Collective under torchrun."""
     path = Path(trainer_state["source"]["path"])
-    what = f"{path}, where the run's frozen weights, config and tokenizer come from (its --init),"
-    try:
-        fingerprint = source_fingerprint(path)
-    except (CheckpointError, OSError):
-        raise TrainError(f"{what} is missing or damaged; put it back where it was") from None
-    if fingerprint != trainer_state["source"]["fingerprint"]:
-        raise TrainError(f"{what} has changed since the run began; put the original back")
+    problem = None
+    if runtime is None or runtime.main:
+        try:
+            if source_fingerprint(path) != trainer_state["source"]["fingerprint"]:
+                problem = "has changed since the run began; put the original back"
+        except (CheckpointError, OSError):
+            problem = "is missing or damaged; put it back where it was"
+    if runtime is not None:
+        problem = broadcast(problem, runtime)
+    if problem is not None:
+        raise TrainError(f"{path}, where the run's frozen weights, config and tokenizer come from (its --init), "
+                         + problem)
     return path
 
 
