@@ -463,9 +463,7 @@ def generate(ovis: Ovis, args: argparse.Namespace, task: str, source: Image.Imag
     default_edit_size = task == "edit" and size == edit_target_size(source.width, source.height)
     settings = {"task": task, "prompt": args.prompt, "steps": args.steps, "txt_cfg": args.txt_cfg,
                 "img_cfg": args.img_cfg if task == "edit" else None, "width": width, "height": height,
-                "model": ovis.model_id, "source": str(Path(args.image[0]).resolve()) if task == "edit" else None,
-                "lora": str(Path(args.lora).expanduser().resolve()) if args.lora else None,
-                "lora_scale": args.lora_scale}
+                "source": str(Path(args.image[0]).resolve()) if task == "edit" else None, **made_with(ovis, args)}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -615,6 +613,12 @@ def choose_benchmark(args: argparse.Namespace) -> str:
     return kind
 
 
+def made_with(ovis: Ovis, args: argparse.Namespace) -> dict:
+    """What a PNG records of the model its image came from: the weights, and the LoRA merged into them."""
+    return {"model": ovis.model_id, "lora": str(Path(args.lora).expanduser().resolve()) if args.lora else None,
+            "lora_scale": args.lora_scale}
+
+
 def write_png(image: Image.Image, path: Path, settings: dict) -> None:
     """A benchmark image with this script's metadata (so --from-png re-makes it), written whole, never over a file."""
     try:
@@ -670,7 +674,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 log(f"{TASK_NAMES[task]}, {bench.kind} set, base seed {seed}, {size}, {settings.steps} steps, "
                     f"txt_cfg {settings.txt_cfg:g}" + (f", img_cfg {settings.img_cfg:g}" if task == "edit" else ""))
             try:
-                failed = benchmarks.generate_set(ovis, bench, out, settings, write_png, ranks, log)
+                model = made_with(ovis, args)
+                failed = benchmarks.generate_set(
+                    ovis, bench, out, settings, lambda image, path, made: write_png(image, path, {**made, **model}),
+                    ranks, log)
             except KeyboardInterrupt:
                 if ranks.rank == 0:
                     log(benchmarks.finished_note(bench, out, settings.images_per_prompt))

@@ -416,13 +416,13 @@ def batches_of(jobs: list[Job], batch_size: int) -> list[list[Job]]:
     return [group[i:i + batch_size] for group in by_size.values() for i in range(0, len(group), batch_size)]
 
 
-def png_settings(bench: BenchmarkSet, job: Job, settings: GenerationSettings, model_id: str) -> dict:
-    """What sample.py records in a PNG, so `sample.py --from-png FILE` re-makes the image alone."""
+def png_settings(bench: BenchmarkSet, job: Job, settings: GenerationSettings) -> dict:
+    """What a PNG records of how its image was made, so `sample.py --from-png FILE` re-makes it alone (`save_png`
+    adds what it was made with: the weights and any LoRA)."""
     edit = bench.kind == "edits"
     return {"task": "edit" if edit else "t2i", "prompt": job.item.text, "seed": job.seed, "steps": settings.steps,
             "txt_cfg": settings.txt_cfg, "img_cfg": settings.img_cfg if edit else None, "width": job.size[0],
-            "height": job.size[1], "model": model_id,
-            "source": str(job.item.images[0].resolve()) if edit else None}
+            "height": job.size[1], "source": str(job.item.images[0].resolve()) if edit else None}
 
 
 def make_images(ovis: Ovis, bench: BenchmarkSet, batch: list[Job], settings: GenerationSettings) -> list[Image.Image]:
@@ -463,7 +463,7 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
         if file is not None:
             (out / file).parent.mkdir(parents=True, exist_ok=True)
             remove_cut_short(out / file)
-            save_png(image, out / file, png_settings(bench, job, settings, ovis.model_id))
+            save_png(image, out / file, png_settings(bench, job, settings))
         if bench.kind == "geneval" and samples_complete(item, out, n):
             # written last: a folder with its metadata.jsonl holds all its samples
             write_atomic(out / item.id / "metadata.jsonl", item.raw + "\n")
@@ -474,7 +474,7 @@ def generate_set(ovis: Ovis, bench: BenchmarkSet, out: Path, settings: Generatio
                 remove_cut_short(out / f"{item.id}.png")
                 images = tiles.pop(item.id)
                 save_png(grid([images[j] for j in range(n)]), out / f"{item.id}.png",
-                         png_settings(bench, first, settings, ovis.model_id))
+                         png_settings(bench, first, settings))
 
     if bench.kind == "geneval":  # killed between a folder's last sample and its metadata: nothing left to make
         for item in mine:

@@ -169,6 +169,10 @@ def test_the_adapter_file_samples_the_image_of_the_merged_export_and_a_wrong_one
     produced = [sorted(p for p in (tmp_path / name).rglob("*.png")) for name in ("set-lora", "set-merged")]
     assert [len(files) for files in produced] == [1, 1]
     assert Image.open(produced[0][0]).tobytes() == Image.open(produced[1][0]).tobytes()
+    # a set's PNG records its LoRA as a single image's does, so --from-png re-makes it with the adapters
+    assert Image.open(produced[0][0]).text["lora"] == str(path.resolve())
+    assert sample.main(["--from-png", str(produced[0][0]), "--out", str(tmp_path / "again.png")]) == 0
+    assert Image.open(tmp_path / "again.png").tobytes() == Image.open(produced[0][0]).tobytes()
     capsys.readouterr()
 
     adapters = load_file(path)
